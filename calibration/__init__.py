@@ -1,0 +1,1 @@
+"""Data for calibration and validation: sources and a seeded, disjoint split."""

@@ -1,0 +1,100 @@
+"""ONNX: `torch.onnx.export(..., dynamo=True)` at the profile's opset; FP16 by converting the graph's floats
+(IO kept float32, so the artifact takes what the user declared)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import torch
+
+from edgeq.converters.base import Artifact, ConversionRequest, Converter
+from edgeq.converters.failures import explain_failure
+from edgeq.converters.tracing import dynamic_examples, static_examples
+from edgeq.targets import Precision, Runtime
+
+
+class OnnxConverter(Converter):
+    runtime = Runtime.ONNX
+    filename = "model.onnx"
+
+    def convert(self, request: ConversionRequest, dest: Path) -> Artifact:
+        import onnx
+
+        model, profile = request.model, request.profile
+        opset = profile.runtime_options.get("opset", 18)
+        notes = []
+        if profile.dynamic_shapes:
+            examples, dynamic_shapes = dynamic_examples(model)
+        else:
+            examples, dynamic_shapes = static_examples(model), None
+            if any(spec.dynamic_axes for spec in model.inputs):
+                notes.append("dynamic axes frozen at their example sizes (the profile asks for static shapes)")
+        try:
+            # The exporter prints progress to stdout; edgeq's own output stays readable without it.
+            with contextlib.redirect_stdout(io.StringIO()):
+                program = torch.onnx.export(
+                    model.module,
+                    examples,
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=model.input_names,
+                    output_names=model.outputs,
+                    dynamic_shapes=dynamic_shapes,
+                    verbose=False,
+                )
+            proto = program.model_proto
+        except Exception as exc:
+            raise explain_failure(profile.id, exc, model.module, static_examples(model)) from exc
+        proto = name_outputs(proto, model.outputs)
+        if request.precision == Precision.FP16:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            # keep_io_types: inputs/outputs stay float32 with Cast nodes at the boundary.
+            proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+        onnx.checker.check_model(proto)
+        onnx.save_model(proto, str(dest))
+        return Artifact(dest, self.runtime, request.precision, profile.id, self.versions(), notes=notes)
+
+    @staticmethod
+    def versions() -> dict[str, str]:
+        import onnx
+        import onnxscript
+
+        return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
+
+
+def name_outputs(proto, names: list[str]):
+    """Give graph outputs the model's output names, renaming any internal value that already holds one.
+
+    ONNX is single-assignment: an output called like an internal value (e.g. 'add') makes the model invalid.
+    """
+    graph = proto.graph
+    current = [output.name for output in graph.output]
+    if current == names:
+        return proto
+    taken = {v for node in graph.node for v in (*node.input, *node.output)} | {i.name for i in graph.initializer}
+    renames: dict[str, str] = {}
+    for old, new in zip(current, names):
+        if old == new:
+            continue
+        if new in taken and new not in current:
+            renames[new] = _fresh(new, taken)  # move the internal value out of the way
+        renames[old] = new
+    for node in graph.node:
+        node.input[:] = [renames.get(v, v) for v in node.input]
+        node.output[:] = [renames.get(v, v) for v in node.output]
+    for initializer in graph.initializer:
+        initializer.name = renames.get(initializer.name, initializer.name)
+    for value in list(graph.output) + list(graph.value_info):
+        value.name = renames.get(value.name, value.name)
+    return proto
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    index = 0
+    while f"{name}__{index}" in taken:
+        index += 1
+    taken.add(f"{name}__{index}")
+    return f"{name}__{index}"

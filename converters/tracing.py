@@ -1,0 +1,33 @@
+"""Example inputs and dynamic-shape specs for tracing, shared by the converters."""
+
+from __future__ import annotations
+
+import torch
+
+from edgeq.load import LoadedModel
+
+
+def static_examples(model: LoadedModel) -> tuple[torch.Tensor, ...]:
+    """Example inputs at their declared (example) sizes: what static-shape targets are traced with."""
+    return model.example_inputs
+
+
+def dynamic_examples(model: LoadedModel) -> tuple[tuple[torch.Tensor, ...], tuple[dict, ...] | None]:
+    """Examples and torch.export dynamic_shapes for the declared dynamic axes.
+
+    torch.export specialises axes of size 0 or 1, so a dynamic axis whose example size is 1 is traced at
+    size 2 (its values repeated); the artifact still accepts size 1.
+    """
+    if not any(spec.dynamic_axes for spec in model.inputs):
+        return model.example_inputs, None
+    dims: dict[str, torch.export.Dim] = {}
+    tensors, shapes = [], []
+    for spec, tensor in zip(model.inputs, model.example_inputs):
+        axes = {}
+        for axis, name in spec.dynamic_axes.items():
+            axes[axis] = dims.setdefault(name, torch.export.Dim(name))
+            if tensor.shape[axis] == 1:
+                tensor = torch.cat([tensor, tensor], dim=axis)
+        tensors.append(tensor)
+        shapes.append(axes or None)
+    return tuple(tensors), tuple(shapes)

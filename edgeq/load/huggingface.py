@@ -1,0 +1,140 @@
+"""Model source: a Hugging Face model folder (config.json + safetensors), loaded offline.
+
+`--task` picks the head: feature-extraction (last_hidden_state), sentence-embedding (attention-masked mean
+pooling + L2 normalisation, as sentence-transformers does), text-classification (logits) and
+image-classification (logits). Text models get tokenizer-made example inputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+
+from edgeq.errors import SourceError, UsageError
+from edgeq.signature import Dim, TensorSpec
+
+DEFAULT_SEQUENCE_LENGTH = 128  # fits STS-style sentences; override with --input input_ids:1xN:int64
+EXAMPLE_SENTENCE = "edgeq proves every artifact against the PyTorch model it came from."
+
+
+class Task(StrEnum):
+    FEATURE_EXTRACTION = "feature-extraction"
+    SENTENCE_EMBEDDING = "sentence-embedding"
+    TEXT_CLASSIFICATION = "text-classification"
+    IMAGE_CLASSIFICATION = "image-classification"
+
+
+TEXT_TASKS = {Task.FEATURE_EXTRACTION, Task.SENTENCE_EMBEDDING, Task.TEXT_CLASSIFICATION}
+
+
+class HiddenState(torch.nn.Module):
+    """Feature extraction: only last_hidden_state (a pooler head may be untrained in embedding checkpoints)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        return {"last_hidden_state": self.model(**inputs).last_hidden_state}
+
+
+class MeanPooledEmbedding(torch.nn.Module):
+    """Sentence embedding: mean of token states weighted by the attention mask, then L2-normalised."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        states = self.model(**inputs).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return {"sentence_embedding": torch.nn.functional.normalize(pooled, p=2, dim=-1)}
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs):
+        return {"logits": self.model(**inputs).logits}
+
+
+def load_huggingface(folder: Path, task: str | None, declared: list[TensorSpec]):
+    """Return (module taking keyword inputs, input specs, example tensors, tokenizer)."""
+    if not (folder / "config.json").is_file():
+        raise SourceError(f"{folder}: a Hugging Face model folder needs config.json")
+    if task is None:
+        raise UsageError(
+            f"{folder} is a Hugging Face model folder: say what to export with --task "
+            f"({', '.join(t.value for t in Task)})"
+        )
+    try:
+        task = Task(task)
+    except ValueError:
+        raise UsageError(f"--task {task!r} is not one of {', '.join(t.value for t in Task)}") from None
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: the folder is the source
+    import transformers
+
+    auto = {
+        Task.FEATURE_EXTRACTION: transformers.AutoModel,
+        Task.SENTENCE_EMBEDDING: transformers.AutoModel,
+        Task.TEXT_CLASSIFICATION: transformers.AutoModelForSequenceClassification,
+        Task.IMAGE_CLASSIFICATION: transformers.AutoModelForImageClassification,
+    }[task]
+    head = {
+        Task.FEATURE_EXTRACTION: HiddenState,
+        Task.SENTENCE_EMBEDDING: MeanPooledEmbedding,
+        Task.TEXT_CLASSIFICATION: Logits,
+        Task.IMAGE_CLASSIFICATION: Logits,
+    }[task]
+    try:
+        # Eager attention exports to every runtime the same way; SDPA's fused kernel is a torch detail.
+        model = auto.from_pretrained(folder, local_files_only=True, attn_implementation="eager").eval()
+    except Exception as exc:
+        raise SourceError(f"{folder}: transformers could not load it for {task}: {exc}") from exc
+
+    declared_by_name = {spec.name: spec for spec in declared}
+    if task in TEXT_TASKS:
+        tokenizer = _load_tokenizer(folder)
+        accepted = set(inspect.signature(model.forward).parameters)
+        names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
+        length = declared_by_name["input_ids"].shape[-1] if "input_ids" in declared_by_name else DEFAULT_SEQUENCE_LENGTH
+        encoded = tokenizer(
+            [EXAMPLE_SENTENCE], padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+        )
+        specs, examples = [], []
+        for name in names:
+            spec = declared_by_name.get(name) or TensorSpec(name, (Dim(1), Dim(length)), "int64")
+            tensor = encoded[name] if name in encoded else torch.zeros(spec.shape, dtype=torch.int64)
+            specs.append(spec)
+            examples.append(tensor.to(torch.int64).expand(spec.shape).contiguous())
+    else:
+        tokenizer = None
+        size = getattr(model.config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        channels = getattr(model.config, "num_channels", 3)
+        spec = declared_by_name.get("pixel_values") or TensorSpec(
+            "pixel_values", (Dim(1), Dim(channels), Dim(size), Dim(size)), "float32"
+        )
+        specs = [spec]
+        examples = [torch.randn(spec.shape, generator=torch.Generator().manual_seed(0))]
+    unknown = sorted(set(declared_by_name) - {s.name for s in specs})
+    if unknown:
+        raise UsageError(f"--input names {', '.join(unknown)}, which this {task} model does not take")
+    return head(model).eval(), specs, tuple(examples), tokenizer
+
+
+def _load_tokenizer(folder: Path):
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise SourceError(f"{folder}: a text model needs its tokenizer files in the folder: {exc}") from exc

@@ -1,0 +1,184 @@
+"""The flow of `edgeq convert`: load -> validation data -> FP32 reference -> per target and precision:
+check -> convert -> validate in the runtime -> budget -> bundle."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeq.bundle import REJECTED_SUFFIX, bundle_path, publish, size_bytes, staging, write_golden, write_json
+from edgeq.calibration.data import InputShape, load_samples, split
+from edgeq.converters import ConversionRequest, get_converter
+from edgeq.errors import ConversionError, EdgeqError, UsageError
+from edgeq.load import LoadedModel
+from edgeq.manifest import build_manifest
+from edgeq.targets import Precision, TargetProfile, list_profiles, load_profile
+from edgeq.validate.budget import BudgetSyntaxError, parse_budget
+from edgeq.validate.check import run_and_compare, runner_settings
+from edgeq.validate.drift import DriftReport, Status
+
+
+class Verdict(StrEnum):
+    PASSED = "passed"  # validated in the runtime and within budget
+    NOT_VALIDATED = "not_validated"  # converted, but this machine cannot run the runtime
+    OVER_BUDGET = "over_budget"  # validated, drift over budget: kept as <precision>.rejected
+    VALIDATION_FAILED = "validation_failed"  # the runtime could not run the artifact
+    CONVERSION_FAILED = "conversion_failed"  # refused or failed before an artifact existed
+
+    @property
+    def exit_code(self) -> int:
+        return {"passed": 0, "not_validated": 0, "over_budget": 6, "validation_failed": 5, "conversion_failed": 4}[self]
+
+
+@dataclass
+class ConvertOptions:
+    targets: list[str]
+    out: Path
+    precisions: list[str] | None = None  # None: each profile's default
+    budget: str | None = None  # None: each profile's default budget for the precision
+    data: Path | None = None
+    text_column: str | None = None
+    samples: int = 32
+    seed: int = 0
+
+
+@dataclass
+class Outcome:
+    target: str
+    precision: str
+    verdict: Verdict
+    path: Path | None = None
+    report: DriftReport | None = None
+    violations: list[str] = field(default_factory=list)
+    error: str | None = None
+    size_bytes: int | None = None
+
+
+def expand_targets(targets: list[str]) -> list[str]:
+    """`all` means the generic onnx, tflite and coreml profiles."""
+    expanded = []
+    for target in targets:
+        for item in ["onnx", "tflite", "coreml"] if target == "all" else [target]:
+            if item not in expanded:
+                expanded.append(item)
+    return expanded
+
+
+def convert(model: LoadedModel, options: ConvertOptions, on_step: Callable[[str], None] = lambda _: None) -> list[Outcome]:
+    """Convert `model` for every requested target and precision; one Outcome each, failures included."""
+    profiles = [load_profile(t) for t in expand_targets(options.targets)]
+    plans = [(p, Precision(x)) for p in profiles for x in _precisions(p, options.precisions)]
+    _check_budget(options.budget)
+
+    on_step("preparing validation data")
+    shapes = [InputShape(s.name, s.shape, s.dtype) for s in model.inputs]
+    example = {s.name: t.numpy() for s, t in zip(model.inputs, model.example_inputs)}
+    samples = load_samples(
+        shapes, example, data=options.data, tokenizer=model.tokenizer,
+        text_column=options.text_column, count=options.samples, seed=options.seed,
+    )
+    _, validation = split(samples, calibration_count=0, seed=options.seed)  # calibration arrives with quantization
+    references = reference_outputs(model, validation)
+
+    outcomes = []
+    for profile, precision in plans:
+        on_step(f"{profile.id} {precision}: converting")
+        outcomes.append(_convert_one(model, profile, precision, validation, references, options))
+    return outcomes
+
+
+def _precisions(profile: TargetProfile, requested: list[str] | None) -> list[str]:
+    if not requested:
+        return [profile.default_precision.value]
+    unknown = [p for p in requested if p not in {x.value for x in Precision}]
+    if unknown:
+        raise UsageError(f"--precision {', '.join(unknown)}: not one of {', '.join(p.value for p in Precision)}")
+    return requested
+
+
+def _check_budget(text: str | None) -> None:
+    try:
+        parse_budget(text)
+    except BudgetSyntaxError as exc:
+        raise UsageError(f"--budget: {exc}") from exc
+
+
+def reference_outputs(model: LoadedModel, samples: list[dict]) -> list[dict[str, np.ndarray]]:
+    """FP32 PyTorch outputs for each sample: the reference every artifact is held to."""
+    results = []
+    with torch.no_grad():
+        for sample in samples:
+            tensors = tuple(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in model.input_names)
+            outputs = model.module(*tensors)
+            results.append({name: out.detach().float().numpy() for name, out in zip(model.outputs, outputs)})
+    return results
+
+
+def _convert_one(model, profile, precision, validation, references, options) -> Outcome:
+    converter = get_converter(profile.runtime)
+    request = ConversionRequest(model, profile, precision)
+    refusals = converter.check(request)
+    if refusals:
+        message = f"target {profile.id} refuses {precision}:\n" + "\n".join(f"  - {r}" for r in refusals)
+        return Outcome(profile.id, precision.value, Verdict.CONVERSION_FAILED, error=message)
+    budget = parse_budget(options.budget if options.budget is not None else profile.budget_for(precision))
+    settings = runner_settings(profile.runtime.value, profile.runtime_options)
+    dest = bundle_path(options.out, model.name, profile.id, precision.value)
+    try:
+        with staging(dest) as stage:
+            artifact = converter.convert(request, stage / converter.filename)
+            report, signature = run_and_compare(
+                artifact.path, profile.runtime.value, settings, validation, references, model.outputs
+            )
+            violations = budget.violations(report) if report.status == Status.VALIDATED else []
+            verdict = _verdict(report, violations)
+            golden = stage / "golden.npz"
+            write_golden(golden, validation, references)
+            manifest = build_manifest(
+                model=model, profile=profile, artifact=artifact, report=report, budget=budget,
+                violations=violations, verdict=verdict.value, signature=signature, settings=settings, golden=golden,
+            )
+            write_json(stage / "report.json", _report_json(manifest))
+            write_json(stage / "manifest.json", manifest)
+            size = size_bytes(artifact.path)
+            final = dest if verdict in (Verdict.PASSED, Verdict.NOT_VALIDATED) else dest.with_name(dest.name + REJECTED_SUFFIX)
+            publish(stage, final)
+    except ConversionError as exc:
+        return Outcome(profile.id, precision.value, Verdict.CONVERSION_FAILED, error=str(exc))
+    error = report.reason if report.status == Status.ERROR else None
+    return Outcome(profile.id, precision.value, verdict, final, report, violations, error, size)
+
+
+def _verdict(report: DriftReport, violations: list[str]) -> Verdict:
+    if report.status == Status.NOT_EXECUTED:
+        return Verdict.NOT_VALIDATED
+    if report.status == Status.ERROR:
+        return Verdict.VALIDATION_FAILED
+    return Verdict.OVER_BUDGET if violations else Verdict.PASSED
+
+
+def _report_json(manifest: dict) -> dict:
+    """report.json: the drift part of the manifest, for tools that read only reports."""
+    keys = ("model", "target", "precision", "artifact", "validation", "budget")
+    return {key: manifest[key] for key in keys}
+
+
+def exit_code(outcomes: list[Outcome]) -> int:
+    """The most severe outcome decides: conversion (4) > validation (5) > budget (6) > success (0)."""
+    codes = {o.verdict.exit_code for o in outcomes} - {0}
+    for code in (4, 5, 6):
+        if code in codes:
+            return code
+    return 0
+
+
+def known_targets() -> list[TargetProfile]:
+    return list_profiles()
+
+
+__all__ = ["ConvertOptions", "EdgeqError", "Outcome", "Verdict", "convert", "exit_code"]

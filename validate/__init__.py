@@ -1,0 +1,1 @@
+"""Validation: run artifacts in their real runtimes and measure drift. Importable without torch."""

@@ -1,0 +1,78 @@
+"""Drift budgets: `cosine>=0.999,sqnr_db>=30,max_abs<=0.01`, held against every output of a DriftReport."""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+
+from edgeq.validate.drift import DriftReport
+
+# metric -> the direction that is better; a bound must point the right way (cosine>=, max_abs<=)
+METRICS = {
+    "cosine": ">=",
+    "cosine_min": ">=",
+    "sqnr_db": ">=",
+    "top1": ">=",
+    "top5": ">=",
+    "max_abs": "<=",
+    "mean_abs": "<=",
+    "rel_l2": "<=",
+}
+_OPS = {">=": operator.ge, "<=": operator.le}
+_BOUND = re.compile(r"^\s*([a-z_0-9]+)\s*(>=|<=)\s*([-+0-9.eE]+|inf)\s*$")
+
+
+class BudgetSyntaxError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Bound:
+    metric: str
+    op: str
+    limit: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.limit:g}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    bounds: tuple[Bound, ...]
+
+    def __str__(self) -> str:
+        return ",".join(str(b) for b in self.bounds)
+
+    def violations(self, report: DriftReport) -> list[str]:
+        """Every bound that an output breaks, as readable lines; empty when the report is within budget."""
+        lines = []
+        for output in report.outputs:
+            for bound in self.bounds:
+                value = output.value(bound.metric)
+                if value is None:
+                    continue  # e.g. top1 on a non-logits output
+                if not _OPS[bound.op](value, bound.limit):
+                    lines.append(f"output {output.name!r}: {bound.metric} {value:.6g} breaks {bound}")
+        return lines
+
+
+def parse_budget(text: str | None) -> Budget:
+    """Parse `metric>=value,...`; an empty text is an empty budget."""
+    if not text:
+        return Budget(())
+    bounds = []
+    for part in text.split(","):
+        match = _BOUND.match(part)
+        if not match:
+            raise BudgetSyntaxError(f"budget term {part.strip()!r}: expected METRIC>=VALUE or METRIC<=VALUE")
+        metric, op, limit = match.groups()
+        if metric not in METRICS:
+            raise BudgetSyntaxError(f"budget term {part.strip()!r}: unknown metric; known: {', '.join(METRICS)}")
+        if op != METRICS[metric]:
+            raise BudgetSyntaxError(
+                f"budget term {part.strip()!r}: {metric} is better when {'higher' if METRICS[metric] == '>=' else 'lower'}; "
+                f"write {metric}{METRICS[metric]}{limit}"
+            )
+        bounds.append(Bound(metric, op, float(limit)))
+    return Budget(tuple(bounds))

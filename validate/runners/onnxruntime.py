@@ -1,0 +1,56 @@
+"""Run `.onnx` artifacts in onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.validate.runners.base import IOSpec, Runner, RunnerError
+
+# onnxruntime's tensor type strings -> numpy dtype names
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+class OnnxRuntimeRunner(Runner):
+    runtime = "onnx"
+
+    def __init__(self, path: Path, providers: list[str] | None = None, optimization: str = "all", threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[optimization]
+        options.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:
+            raise RunnerError(f"onnxruntime could not load {path}: {exc}") from exc
+        self.executor = f"onnxruntime {ort.__version__} ({', '.join(providers)}, optimization={optimization})"
+        self.inputs = [
+            IOSpec(i.name, tuple(d if isinstance(d, int) else -1 for d in i.shape), _ORT_TYPES.get(i.type, i.type))
+            for i in self.session.get_inputs()
+        ]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prepared = self.prepare(feeds)
+        try:
+            values = self.session.run(self.outputs, prepared)
+        except Exception as exc:
+            raise RunnerError(f"onnxruntime failed to run the artifact: {exc}") from exc
+        return dict(zip(self.outputs, values))
