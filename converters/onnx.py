@@ -53,6 +53,7 @@ class OnnxConverter(Converter):
 
             # keep_io_types: inputs/outputs stay float32 with Cast nodes at the boundary.
             proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+            sort_nodes(proto.graph)  # the float16 pass appends its boundary Casts after their consumers
         onnx.checker.check_model(proto)
         onnx.save_model(proto, str(dest))
         return Artifact(dest, self.runtime, request.precision, profile.id, self.versions(), notes=notes)
@@ -90,6 +91,26 @@ def name_outputs(proto, names: list[str]):
     for value in list(graph.output) + list(graph.value_info):
         value.name = renames.get(value.name, value.name)
     return proto
+
+
+def sort_nodes(graph) -> None:
+    """Reorder graph nodes topologically (ONNX requires producers before consumers); keeps order otherwise."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(v in available for v in n.input)]
+        if not ready:
+            raise ValueError("the ONNX graph has a cycle or an undefined input: " + pending[0].name)
+        for node in ready:
+            available.update(node.output)
+        ready_ids = {id(n) for n in ready}
+        ordered.extend(ready)
+        pending = [n for n in pending if id(n) not in ready_ids]
+    copies = [type(n)() for n in ordered]
+    for copy, node in zip(copies, ordered):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _fresh(name: str, taken: set[str]) -> str:

@@ -29,11 +29,18 @@ def staging(dest: Path):
     """A fresh hidden folder on the same filesystem as `dest`; removed if the block raises."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+    os.chmod(folder, 0o777 & ~_umask())  # mkdtemp makes it private; a published bundle is an ordinary folder
     try:
         yield folder
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def publish(staged: Path, dest: Path) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 import edgeq
-from edgeq.load.hashing import sha256_path
+from edgeq.hashing import sha256_path
 
 MANIFEST_SCHEMA = 1
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +20,7 @@ from edgeq.targets import Precision, TargetProfile, list_profiles, load_profile
 from edgeq.validate.budget import BudgetSyntaxError, parse_budget
 from edgeq.validate.check import run_and_compare, runner_settings
 from edgeq.validate.drift import DriftReport, Status
-
-
-class Verdict(StrEnum):
-    PASSED = "passed"  # validated in the runtime and within budget
-    NOT_VALIDATED = "not_validated"  # converted, but this machine cannot run the runtime
-    OVER_BUDGET = "over_budget"  # validated, drift over budget: kept as <precision>.rejected
-    VALIDATION_FAILED = "validation_failed"  # the runtime could not run the artifact
-    CONVERSION_FAILED = "conversion_failed"  # refused or failed before an artifact existed
-
-    @property
-    def exit_code(self) -> int:
-        return {"passed": 0, "not_validated": 0, "over_budget": 6, "validation_failed": 5, "conversion_failed": 4}[self]
+from edgeq.validate.verdict import Verdict, combined_exit_code, verdict_of
 
 
 @dataclass
@@ -136,7 +124,7 @@ def _convert_one(model, profile, precision, validation, references, options) -> 
                 artifact.path, profile.runtime.value, settings, validation, references, model.outputs
             )
             violations = budget.violations(report) if report.status == Status.VALIDATED else []
-            verdict = _verdict(report, violations)
+            verdict = verdict_of(report, violations)
             golden = stage / "golden.npz"
             write_golden(golden, validation, references)
             manifest = build_manifest(
@@ -154,14 +142,6 @@ def _convert_one(model, profile, precision, validation, references, options) -> 
     return Outcome(profile.id, precision.value, verdict, final, report, violations, error, size)
 
 
-def _verdict(report: DriftReport, violations: list[str]) -> Verdict:
-    if report.status == Status.NOT_EXECUTED:
-        return Verdict.NOT_VALIDATED
-    if report.status == Status.ERROR:
-        return Verdict.VALIDATION_FAILED
-    return Verdict.OVER_BUDGET if violations else Verdict.PASSED
-
-
 def _report_json(manifest: dict) -> dict:
     """report.json: the drift part of the manifest, for tools that read only reports."""
     keys = ("model", "target", "precision", "artifact", "validation", "budget")
@@ -169,12 +149,7 @@ def _report_json(manifest: dict) -> dict:
 
 
 def exit_code(outcomes: list[Outcome]) -> int:
-    """The most severe outcome decides: conversion (4) > validation (5) > budget (6) > success (0)."""
-    codes = {o.verdict.exit_code for o in outcomes} - {0}
-    for code in (4, 5, 6):
-        if code in codes:
-            return code
-    return 0
+    return combined_exit_code(o.verdict for o in outcomes)
 
 
 def known_targets() -> list[TargetProfile]:

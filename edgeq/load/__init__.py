@@ -19,7 +19,7 @@ import torch
 from edgeq.errors import SourceError, UsageError
 from edgeq.load.callable import call_model_factory
 from edgeq.load.examples import as_example_list, forward_parameter_names, resolve_inputs
-from edgeq.load.hashing import sha256_path, sha256_state
+from edgeq.hashing import sha256_path, sha256_state
 from edgeq.load.model import LoadedModel, SourceInfo
 from edgeq.load.wrap import FlatModel, output_names_of
 from edgeq.signature import TensorSpec

@@ -1,0 +1,149 @@
+"""The `edgeq` command. Heavy toolchains load inside the commands that need them, so --help is instant."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from edgeq.errors import EdgeqError, UsageError
+
+
+def _fail(error: EdgeqError) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(error.exit_code)
+
+
+def _split_list(values: tuple[str, ...]) -> list[str]:
+    """`-t onnx -t tflite` and `-t onnx,tflite` mean the same."""
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgeq")
+def main() -> None:
+    """Convert PyTorch models to ONNX Runtime, TFLite and Core ML artifacts, each validated against FP32
+    PyTorch in its real runtime.
+
+    Exit codes: 0 ok, 1 internal error, 2 usage, 3 bad model or data, 4 conversion failed or refused,
+    5 validation could not run, 6 over budget (the bundle is kept as <precision>.rejected).
+    """
+
+
+@main.command()
+@click.argument("source", required=False)
+@click.option("-t", "--target", "targets", multiple=True, help="onnx, tflite, coreml, all, or a profile .toml (repeatable or comma-separated).")
+@click.option("-p", "--precision", "precisions", multiple=True, help="fp32, fp16 (repeatable or comma-separated; default: the target's default).")
+@click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE[:DTYPE]", help="Declare an input, e.g. pixels:1x3x224x224:float32; batch=1x... marks a dynamic axis.")
+@click.option("--task", help="For Hugging Face folders: feature-extraction, sentence-embedding, text-classification, image-classification.")
+@click.option("--factory", metavar="MODULE:CALLABLE", help="Builds the model a state dict (.pt/.safetensors) belongs to.")
+@click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole-model .pt file (runs code from the file).")
+@click.option("--data", type=click.Path(path_type=Path), help="Validation data: .npz (arrays per input), or .txt/.csv/.tsv text for text models.")
+@click.option("--text-column", help="Column (index or header name) of a .csv/.tsv holding the text.")
+@click.option("--samples", type=click.IntRange(1), default=32, show_default=True, help="Validation samples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection and synthetic inputs.")
+@click.option("--budget", help="Drift budget held by every output, e.g. 'cosine>=0.999,sqnr_db>=30' (default: the target's).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("build/edge"), show_default=True, help="Bundles go to OUT/<model>/<target>/<precision>/.")
+@click.option("--name", help="Model name used for the bundle folder (default: from the source).")
+@click.option("-c", "--config", type=click.Path(path_type=Path), help="edgeq.toml: convert every model x target it declares.")
+def convert(source, targets, precisions, inputs, task, factory, trust_pickle, data, text_column, samples, seed, budget, out, name, config):
+    """Convert SOURCE and validate every artifact in its runtime.
+
+    SOURCE is package.module:callable, a TorchScript file, a torch.export .pt2 program, a Hugging Face
+    model folder (with --task), or a state dict (.pt/.safetensors) with --factory.
+    """
+    from edgeq.report import print_outcomes
+
+    _quiet_toolchain_logs()
+    try:
+        if config:
+            if source:
+                raise UsageError("give either SOURCE or --config, not both")
+            from edgeq.project import load_project
+
+            jobs = load_project(config)
+        else:
+            if not source:
+                raise UsageError("missing SOURCE (or --config edgeq.toml); see edgeq convert --help")
+            from edgeq.project import Job
+            from edgeq.signature import parse_input_spec
+
+            jobs = [
+                Job(
+                    source=source, targets=_split_list(targets) or ["all"], precisions=_split_list(precisions),
+                    inputs=[parse_input_spec(text) for text in inputs], task=task, factory=factory,
+                    trust_pickle=trust_pickle, data=data, text_column=text_column, samples=samples, seed=seed,
+                    budget=budget, out=out, name=name,
+                )
+            ]
+        from edgeq.pipeline import exit_code
+        from edgeq.project import run_job
+
+        outcomes = []
+        for job in jobs:
+            job_outcomes = run_job(job, on_step=lambda text: click.echo(f"  {text}", err=True))
+            print_outcomes(job_outcomes)
+            outcomes.extend(job_outcomes)
+    except EdgeqError as error:
+        _fail(error)
+    sys.exit(exit_code(outcomes))
+
+
+def _quiet_toolchain_logs() -> None:
+    """Converters log version nags and pass-by-pass chatter; edgeq reports what matters itself."""
+    import logging
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("torch", "coremltools", "absl", "jax", "litert_torch", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--budget", help="Hold this budget instead of the one recorded in the manifest.")
+def validate(bundle, budget):
+    """Re-run a bundle's artifact on its golden inputs and compare with its FP32 outputs.
+
+    Needs only numpy and the artifact's runtime; refuses an artifact whose checksum does not match.
+    """
+    from edgeq.report import print_bundle_check
+    from edgeq.validate.bundle_check import check_bundle
+
+    try:
+        result = check_bundle(bundle, budget)
+    except EdgeqError as error:
+        _fail(error)
+    print_bundle_check(result)
+    sys.exit(result.exit_code)
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def targets(ctx):
+    """List the target profiles (`edgeq targets show ID` prints one)."""
+    if ctx.invoked_subcommand:
+        return
+    from edgeq.targets import list_profiles
+
+    for profile in list_profiles():
+        precisions = ", ".join(p.value for p in profile.precisions)
+        click.echo(f"{profile.id:<10} {profile.runtime.value:<7} [{precisions}] default {profile.default_precision.value}  {profile.hardware}")
+
+
+@targets.command("show")
+@click.argument("target_id")
+def show_target(target_id):
+    """Print one target profile (its TOML, with the reasons beside each value)."""
+    from edgeq.targets import load_profile
+
+    try:
+        profile = load_profile(target_id)
+    except EdgeqError as error:
+        _fail(error)
+    click.echo(profile.path.read_text())
+
+
+if __name__ == "__main__":
+    main()
