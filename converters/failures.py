@@ -15,6 +15,7 @@ _OP_PATTERNS = (
     r"[Uu]nsupported FX nodes?:?.*?'(?:aten::|aten\.)?([\w.]+)'",  # torch.onnx
     r"\b(?:aten|torch\.ops\.aten)[.:]+([a-zA-Z_]\w*)",  # generic torch op name in a message
     r"op ['`\"]?([\w.]+)['`\"]? (?:is )?not supported",
+    r"^(\w+) op: ",  # coremltools op-converter refusals ("prelu op: rank 3 ...")
 )
 
 
@@ -33,7 +34,8 @@ def locate_op(module: torch.nn.Module, example_inputs: tuple, op: str) -> str | 
     except Exception:
         return None
     for node in program.graph.nodes:
-        if node.op != "call_function" or op not in str(node.target):
+        # The failing graph may be decomposed further (`_linalg_det` for `linalg_det`): match the bare name.
+        if node.op != "call_function" or op.strip("_") not in str(node.target):
             continue
         stack = node.meta.get("nn_module_stack") or {}
         if stack:
@@ -43,9 +45,17 @@ def locate_op(module: torch.nn.Module, example_inputs: tuple, op: str) -> str | 
     return None
 
 
+def _root_message(exc: BaseException) -> str:
+    """The innermost cause says what broke; outer layers (e.g. torch.onnx's 'step 1/3') only say where."""
+    while (exc.__cause__ or exc.__context__) is not None and not find_op(str(exc)):
+        exc = exc.__cause__ or exc.__context__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # drop terminal colour codes
+    return text or type(exc).__name__
+
+
 def explain_failure(target: str, exc: BaseException, module: torch.nn.Module, example_inputs: tuple) -> ConversionError:
     """A ConversionError with the op, the module FQN and the target, instead of a raw traceback."""
-    text = str(exc).strip() or type(exc).__name__
+    text = _root_message(exc)
     op = find_op(text)
     where = ""
     if op:

@@ -11,6 +11,7 @@ import torch
 
 from edgeq.converters.base import Artifact, ConversionRequest, Converter
 from edgeq.converters.failures import explain_failure
+from edgeq.errors import ConversionError
 from edgeq.converters.tracing import dynamic_examples, static_examples
 from edgeq.targets import Precision, Runtime
 
@@ -40,7 +41,8 @@ class OnnxConverter(Converter):
                     dynamo=True,
                     opset_version=opset,
                     input_names=model.input_names,
-                    output_names=model.outputs,
+                    # Output names are set afterwards by name_outputs: given here, a name that equals an
+                    # internal value (e.g. 'linear') makes the exporter write an invalid (non-SSA) graph.
                     dynamic_shapes=dynamic_shapes,
                     verbose=False,
                 )
@@ -54,7 +56,10 @@ class OnnxConverter(Converter):
             # keep_io_types: inputs/outputs stay float32 with Cast nodes at the boundary.
             proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
             sort_nodes(proto.graph)  # the float16 pass appends its boundary Casts after their consumers
-        onnx.checker.check_model(proto)
+        try:
+            onnx.checker.check_model(proto)
+        except onnx.checker.ValidationError as exc:
+            raise ConversionError(f"target {profile.id}: the exported ONNX graph is invalid: {exc}") from exc
         onnx.save_model(proto, str(dest))
         return Artifact(dest, self.runtime, request.precision, profile.id, self.versions(), notes=notes)
 

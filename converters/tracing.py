@@ -12,7 +12,7 @@ def static_examples(model: LoadedModel) -> tuple[torch.Tensor, ...]:
     return model.example_inputs
 
 
-def dynamic_examples(model: LoadedModel) -> tuple[tuple[torch.Tensor, ...], tuple[dict, ...] | None]:
+def dynamic_examples(model: LoadedModel) -> tuple[tuple[torch.Tensor, ...], tuple | None]:
     """Examples and torch.export dynamic_shapes for the declared dynamic axes.
 
     torch.export specialises axes of size 0 or 1, so a dynamic axis whose example size is 1 is traced at
@@ -30,4 +30,5 @@ def dynamic_examples(model: LoadedModel) -> tuple[tuple[torch.Tensor, ...], tupl
                 tensor = torch.cat([tensor, tensor], dim=axis)
         tensors.append(tensor)
         shapes.append(axes or None)
-    return tuple(tensors), tuple(shapes)
+    # FlatModel.forward(*args): the specs of a var-positional argument go in one tuple.
+    return tuple(tensors), (tuple(shapes),)

@@ -26,8 +26,6 @@ def run_and_compare(
     """
     try:
         runner = open_runner(path, runtime, **settings)
-    except NotExecutable as exc:
-        return DriftReport(Status.NOT_EXECUTED, executor="none", reason=str(exc)), None
     except ImportError as exc:
         raise ValidationError(f"cannot validate the {runtime} artifact: {exc}") from exc
     except RunnerError as exc:
@@ -39,6 +37,8 @@ def run_and_compare(
     try:
         candidates = [runner.run(sample) for sample in inputs]
         report = compare(references, candidates, output_names, runner.executor)
+    except NotExecutable as exc:
+        return DriftReport(Status.NOT_EXECUTED, executor="none", reason=str(exc)), runner.inputs
     except (RunnerError, ValueError) as exc:
         return DriftReport(Status.ERROR, executor=runner.executor, reason=str(exc)), runner.inputs
     return report, runner.inputs

@@ -56,7 +56,8 @@ def load_model(
             f"{source!r} is neither an existing file or folder nor a 'package.module:callable' reference"
         )
 
-    module.eval()
+    if kind != "export":  # an exported program's module is already in eval mode and refuses .eval()
+        module.eval()
     if kind == "huggingface":  # the loader already merged --input with tokenizer-made examples
         specs, example_tensors = names, tuple(examples)
     else:

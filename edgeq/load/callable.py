@@ -7,6 +7,8 @@ tuple of tensors or a dict name -> tensor (whose keys name the inputs).
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 import torch
 
@@ -18,6 +20,8 @@ def resolve_callable(ref: str):
     module_name, _, attr_path = ref.partition(":")
     if not module_name or not attr_path:
         raise SourceError(f"{ref!r}: expected 'package.module:callable'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `edgeq convert mypkg.models:build` imports from where it runs, like python -m
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

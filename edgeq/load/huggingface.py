@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from edgeq.errors import SourceError, UsageError
+from edgeq.load.examples import torch_dtype
 from edgeq.signature import Dim, TensorSpec
 
 DEFAULT_SEQUENCE_LENGTH = 128  # fits STS-style sentences; override with --input input_ids:1xN:int64
@@ -105,16 +106,23 @@ def load_huggingface(folder: Path, task: str | None, declared: list[TensorSpec])
         tokenizer = _load_tokenizer(folder)
         accepted = set(inspect.signature(model.forward).parameters)
         names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
-        length = declared_by_name["input_ids"].shape[-1] if "input_ids" in declared_by_name else DEFAULT_SEQUENCE_LENGTH
+        declared_text = [declared_by_name[n] for n in names if n in declared_by_name]
+        # Position tables bound the sequence: 128 fits STS-style sentences, unless the model is shorter.
+        longest = getattr(model.config, "max_position_embeddings", DEFAULT_SEQUENCE_LENGTH)
+        length = declared_text[0].shape[-1] if declared_text else min(DEFAULT_SEQUENCE_LENGTH, longest)
         encoded = tokenizer(
             [EXAMPLE_SENTENCE], padding="max_length", max_length=length, truncation=True, return_tensors="pt"
         )
         specs, examples = [], []
         for name in names:
             spec = declared_by_name.get(name) or TensorSpec(name, (Dim(1), Dim(length)), "int64")
-            tensor = encoded[name] if name in encoded else torch.zeros(spec.shape, dtype=torch.int64)
+            if spec.shape[-1] != length:
+                raise UsageError(
+                    f"--input {spec}: every text input needs the same sequence length ({length} from {declared_text[0].name})"
+                )
+            tensor = encoded[name] if name in encoded else torch.zeros((1, length), dtype=torch.int64)
             specs.append(spec)
-            examples.append(tensor.to(torch.int64).expand(spec.shape).contiguous())
+            examples.append(tensor.to(torch_dtype(spec.dtype)).expand(spec.shape).contiguous())
     else:
         tokenizer = None
         size = getattr(model.config, "image_size", 224)

@@ -48,6 +48,14 @@ class FlatModel(torch.nn.Module):
         self.inner = inner
         self.keyword_names = keyword_names
 
+    def train(self, mode: bool = True):
+        self.training = mode
+        try:
+            self.inner.train(mode)
+        except NotImplementedError:  # torch.export programs' modules have their mode fixed at export
+            pass
+        return self
+
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.keyword_names:
             out = self.inner(**dict(zip(self.keyword_names, args)))

@@ -16,19 +16,22 @@ class CoreMLRunner(Runner):
     runtime = "coreml"
 
     def __init__(self, path: Path, compute_units: str = "CPU_ONLY"):
-        if platform.system() != "Darwin":
-            raise NotExecutable(
-                f"Core ML prediction (MLModel.predict) runs only on macOS; this is {platform.system()}. "
-                "The artifact was converted but not executed here."
-            )
         import coremltools as ct
 
+        # The spec (signature) reads on any OS; only prediction needs macOS.
         try:
-            self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
+            description = ct.utils.load_spec(str(path)).description
         except Exception as exc:
-            raise RunnerError(f"Core ML could not load {path}: {exc}") from exc
-        self.executor = f"Core ML via coremltools {ct.__version__} (compute units {compute_units})"
-        description = self.model.get_spec().description
+            raise RunnerError(f"coremltools could not read {path}: {exc}") from exc
+        self.model = None
+        if platform.system() == "Darwin":
+            try:
+                self.model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
+            except Exception as exc:
+                raise RunnerError(f"Core ML could not load {path}: {exc}") from exc
+            self.executor = f"Core ML via coremltools {ct.__version__} (compute units {compute_units})"
+        else:
+            self.executor = "none"
         self.inputs = [
             IOSpec(
                 i.name,
@@ -40,6 +43,11 @@ class CoreMLRunner(Runner):
         self.outputs = [o.name for o in description.output]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.model is None:
+            raise NotExecutable(
+                f"Core ML prediction (MLModel.predict) runs only on macOS; this is {platform.system()}. "
+                "The artifact was converted but not executed here."
+            )
         prepared = self.prepare(feeds)
         try:
             result = self.model.predict(prepared)

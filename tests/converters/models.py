@@ -1,0 +1,136 @@
+"""Models for converter tests, importable as `tests.converters.models:NAME` callables."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Recurrent(nn.Module):
+    """Unrolled LSTMCell over 4 steps: Core ML rejects the fused cell; edgeq rewrites it."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.LSTMCell(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (1, 4, 8)
+        h = c = torch.zeros(x.shape[0], 16)
+        for step in range(x.shape[1]):
+            h, c = self.cell(x[:, step], (h, c))
+        return self.head(h)
+
+
+class PerChannelPReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 12)
+        self.act = nn.PReLU(12, init=0.1)
+        self.conv = nn.Conv1d(12, 12, 1)
+        self.act2 = nn.PReLU(12, init=0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (1, 5, 6)
+        h = self.act(self.proj(x).transpose(1, 2))  # rank-3 PReLU over channels
+        return self.act2(self.conv(h))
+
+
+class CollidingNames(nn.Module):
+    """Returns a dict whose key matches a name the exporter gives an internal value."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor):
+        y = self.linear(x)
+        return {"linear": y + 1, "add": y * 2}
+
+
+class Unconvertible(nn.Module):
+    """An op none of the converters take (a determinant) inside a named submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Linear(4, 16)
+        self.block = Determinant()
+
+    def forward(self, x):
+        return self.block(self.pre(x).reshape(1, 4, 4))
+
+
+class Determinant(nn.Module):
+    def forward(self, x):
+        return torch.linalg.det(x)
+
+
+def _seed(module):
+    torch.manual_seed(0)
+    for p in module.parameters():
+        nn.init.normal_(p, std=0.3)
+    return module.eval()
+
+
+def recurrent():
+    torch.manual_seed(0)
+    return _seed(Recurrent()), (torch.randn(1, 4, 8),)
+
+
+def prelu():
+    torch.manual_seed(0)
+    return _seed(PerChannelPReLU()), (torch.randn(1, 5, 6),)
+
+
+def colliding_names():
+    torch.manual_seed(0)
+    return _seed(CollidingNames()), (torch.randn(1, 4),)
+
+
+def unconvertible():
+    torch.manual_seed(0)
+    return _seed(Unconvertible()), (torch.randn(1, 4),)
+
+
+class StatelessCell(nn.Module):
+    """LSTMCell called without a state, the form Core ML's frontend rejects."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.LSTMCell(8, 16)
+
+    def forward(self, x):
+        h, c = self.cell(x)
+        return h + c
+
+
+def stateless_cell():
+    torch.manual_seed(0)
+    return _seed(StatelessCell()), (torch.randn(2, 8),)
+
+
+class SequenceLSTM(nn.Module):
+    """A 1-layer nn.LSTM over a sequence and a linear head on the last step."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def sequence_lstm():
+    torch.manual_seed(0)
+    return _seed(SequenceLSTM()), (torch.randn(1, 6, 8),)
+
+
+class NewOnes(nn.Module):
+    """Uses Tensor.new_ones, which Core ML's frontend lacks under the empty decomposition table."""
+
+    def forward(self, x):
+        return x * 2 + x.new_ones(x.shape)
+
+
+def new_ones():
+    return NewOnes().eval(), (torch.randn(1, 4),)
