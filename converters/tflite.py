@@ -90,5 +90,6 @@ def float16_weights(flatbuffer: bytes) -> bytes:
             algorithm_key=quantizer.AlgorithmName.FLOAT_CASTING,
             op_config=config,
         )
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints a size summary
+    # It prints a size summary and progress bars; edgeq reports sizes itself.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return bytes(engine.quantize().quantized_model)

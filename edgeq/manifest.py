@@ -13,7 +13,7 @@ from edgeq.hashing import sha256_path
 MANIFEST_SCHEMA = 1
 
 
-def build_manifest(*, model, profile, artifact, report, budget, violations, verdict, signature, settings, golden) -> dict:
+def build_manifest(*, model, profile, artifact, report, budget, violations, verdict, signature, settings, golden, data_source) -> dict:
     """Everything a build step or a device lab needs to trust the artifact, with no timestamps (reruns match)."""
     return {
         "schema": MANIFEST_SCHEMA,
@@ -45,7 +45,7 @@ def build_manifest(*, model, profile, artifact, report, budget, violations, verd
         "rewrites": list(artifact.rewrites),
         "notes": list(artifact.notes),
         "runtime_settings": settings,
-        "validation": report.to_json(),
+        "validation": {**report.to_json(), "data": data_source},
         "budget": {"terms": str(budget), "verdict": verdict, "violations": violations},
         "golden": {"file": golden.name, "sha256": sha256_path(golden), "samples": report.samples},
     }

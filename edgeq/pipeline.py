@@ -72,11 +72,12 @@ def convert(model: LoadedModel, options: ConvertOptions, on_step: Callable[[str]
     )
     _, validation = split(samples, calibration_count=0, seed=options.seed)  # calibration arrives with quantization
     references = reference_outputs(model, validation)
+    data_source = describe_data(options, model.tokenizer is not None)
 
     outcomes = []
     for profile, precision in plans:
         on_step(f"{profile.id} {precision}: converting")
-        outcomes.append(_convert_one(model, profile, precision, validation, references, options))
+        outcomes.append(_convert_one(model, profile, precision, validation, references, options, data_source))
     return outcomes
 
 
@@ -107,7 +108,15 @@ def reference_outputs(model: LoadedModel, samples: list[dict]) -> list[dict[str,
     return results
 
 
-def _convert_one(model, profile, precision, validation, references, options) -> Outcome:
+def describe_data(options: ConvertOptions, has_tokenizer: bool) -> str:
+    """Where the validation samples came from, for the manifest."""
+    if options.data is None:
+        return "edgeq's built-in sentences" if has_tokenizer else f"synthesized from the example inputs (seed {options.seed})"
+    column = f", text column {options.text_column}" if options.text_column is not None else ""
+    return f"{options.data}{column} (seeded selection, seed {options.seed})"
+
+
+def _convert_one(model, profile, precision, validation, references, options, data_source) -> Outcome:
     converter = get_converter(profile.runtime)
     request = ConversionRequest(model, profile, precision)
     refusals = converter.check(request)
@@ -130,6 +139,7 @@ def _convert_one(model, profile, precision, validation, references, options) -> 
             manifest = build_manifest(
                 model=model, profile=profile, artifact=artifact, report=report, budget=budget,
                 violations=violations, verdict=verdict.value, signature=signature, settings=settings, golden=golden,
+                data_source=data_source,
             )
             write_json(stage / "report.json", _report_json(manifest))
             write_json(stage / "manifest.json", manifest)

@@ -83,6 +83,7 @@ def load_huggingface(folder: Path, task: str | None, declared: list[TensorSpec])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: the folder is the source
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # edgeq prints its own steps
     auto = {
         Task.FEATURE_EXTRACTION: transformers.AutoModel,
         Task.SENTENCE_EMBEDDING: transformers.AutoModel,
