@@ -94,10 +94,15 @@ def _quiet_toolchain_logs() -> None:
     """Converters log version nags and pass-by-pass chatter; edgeq reports what matters itself."""
     import logging
     import os
+    import warnings
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    for name in ("torch", "coremltools", "absl", "jax", "litert_torch", "onnxscript"):
+    import torch  # noqa: F401  (convert needs it anyway; torch sets its loggers' levels on import)
+
+    for name in ("torch", "torch.onnx", "torch.utils._pytree", "coremltools", "absl", "jax", "litert_torch", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
 
 
 @main.command()

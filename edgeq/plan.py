@@ -1,0 +1,239 @@
+"""QuantPlan: per layer (by torch FQN), the exact quantization decided in PyTorch.
+
+It is the one source of truth for every number: converters write its codes, scales and zero-points into
+the artifact, and the weight-parity check reads them back. Saved as `plan.json` (diffable structure and
+summary) and `scales.npz` (the arrays; no pickles).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+
+
+class QDtype(StrEnum):
+    INT4 = "int4"
+    INT8 = "int8"
+    UINT8 = "uint8"
+    INT16 = "int16"
+    UINT16 = "uint16"
+
+    @property
+    def qmin(self) -> int:
+        return {"int4": -8, "int8": -128, "uint8": 0, "int16": -32768, "uint16": 0}[self.value]
+
+    @property
+    def qmax(self) -> int:
+        return {"int4": 7, "int8": 127, "uint8": 255, "int16": 32767, "uint16": 65535}[self.value]
+
+    @property
+    def storage(self) -> np.dtype:
+        """The numpy dtype that holds the codes (int4 codes live in int8)."""
+        return np.dtype({"int4": "int8", "int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16"}[self.value])
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    def to_json(self) -> dict:
+        return {"kind": "per_tensor"}
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    axis: int
+
+    def to_json(self) -> dict:
+        return {"kind": "per_channel", "axis": self.axis}
+
+
+@dataclass(frozen=True)
+class PerGroup:
+    axis: int  # the axis that is split into groups (the input/reduction axis of a weight)
+    size: int  # elements per group
+
+    def __post_init__(self):
+        if self.size <= 0:
+            raise ValueError(f"group size must be positive, got {self.size}")
+
+    def to_json(self) -> dict:
+        return {"kind": "per_group", "axis": self.axis, "size": self.size}
+
+
+Granularity = PerTensor | PerChannel | PerGroup
+
+
+def granularity_from_json(data: dict) -> Granularity:
+    kind = data["kind"]
+    if kind == "per_tensor":
+        return PerTensor()
+    if kind == "per_channel":
+        return PerChannel(int(data["axis"]))
+    if kind == "per_group":
+        return PerGroup(int(data["axis"]), int(data["size"]))
+    raise ValueError(f"unknown granularity {kind!r}")
+
+
+@dataclass
+class TensorQuant:
+    """Affine quantization of one tensor: real = scale * (code - zero_point).
+
+    `scale`/`zero_point` have shape () per tensor, (channels,) per channel, and the weight's shape with the
+    grouped axis divided by the group size per group.
+    """
+
+    dtype: QDtype
+    granularity: Granularity
+    symmetric: bool
+    scale: np.ndarray
+    zero_point: np.ndarray
+
+    def __post_init__(self):
+        self.scale = np.asarray(self.scale, dtype=np.float32)
+        self.zero_point = np.asarray(self.zero_point, dtype=np.int32)
+        if self.scale.shape != self.zero_point.shape:
+            raise ValueError(f"scale {self.scale.shape} and zero_point {self.zero_point.shape} differ in shape")
+        if not np.all(np.isfinite(self.scale)) or np.any(self.scale <= 0):
+            raise ValueError("scales must be finite and positive")
+        if np.any(self.zero_point < self.dtype.qmin) or np.any(self.zero_point > self.dtype.qmax):
+            raise ValueError(f"zero points outside the {self.dtype} range")
+        if self.symmetric and np.any(self.zero_point != symmetric_zero_point(self.dtype)):
+            raise ValueError(f"a symmetric {self.dtype} tensor has zero point {symmetric_zero_point(self.dtype)}")
+
+    def _broadcast(self, array: np.ndarray, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+        g = self.granularity
+        if isinstance(g, PerTensor):
+            return self.scale, self.zero_point
+        if isinstance(g, PerChannel):
+            shape = [1] * ndim
+            shape[g.axis] = -1
+            return self.scale.reshape(shape), self.zero_point.reshape(shape)
+        return np.repeat(self.scale, g.size, axis=g.axis), np.repeat(self.zero_point, g.size, axis=g.axis)
+
+    def quantize(self, values: np.ndarray) -> np.ndarray:
+        """Round-to-nearest-even codes, clamped to the dtype's range."""
+        values = np.asarray(values, dtype=np.float32)
+        scale, zero = self._broadcast(values, values.ndim)
+        codes = np.clip(np.rint(values / scale) + zero, self.dtype.qmin, self.dtype.qmax)
+        return codes.astype(self.dtype.storage)
+
+    def dequantize(self, codes: np.ndarray) -> np.ndarray:
+        codes = np.asarray(codes)
+        scale, zero = self._broadcast(codes, codes.ndim)
+        return ((codes.astype(np.int32) - zero) * scale).astype(np.float32)
+
+    def describe(self) -> dict:
+        return {"dtype": self.dtype.value, "granularity": self.granularity.to_json(), "symmetric": self.symmetric}
+
+
+def symmetric_zero_point(dtype: QDtype) -> int:
+    """0 for signed codes; the midpoint for unsigned (uint8 128), as ONNX and QNN expect."""
+    return 0 if dtype.signed else (dtype.qmax + 1) // 2
+
+
+class OpKind(StrEnum):
+    LINEAR = "linear"
+    CONV = "conv"
+    EMBEDDING = "embedding"
+
+
+@dataclass
+class LayerPlan:
+    """What happens to one layer. `weight`/`activation` None means that tensor stays float.
+
+    `activation` quantizes the layer's input; `dynamic_activation` quantizes it at run time instead (its
+    range is measured per call, so no scale is stored). `weight_codes` are the integer weights (rounded by
+    the calibration algorithm, which may differ from round-to-nearest).
+    """
+
+    fqn: str
+    op: OpKind
+    weight: TensorQuant | None = None
+    weight_codes: np.ndarray | None = None
+    activation: TensorQuant | None = None
+    dynamic_activation: QDtype | None = None
+    reason: str | None = None  # why the layer stays float, when it does
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight is None and self.activation is None and self.dynamic_activation is None
+
+
+@dataclass
+class QuantPlan:
+    scheme: str
+    target: str
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def quantized(self) -> list[LayerPlan]:
+        return [layer for layer in self.layers.values() if not layer.is_float]
+
+    def summary(self) -> dict:
+        quantized = self.quantized()
+        return {
+            "scheme": self.scheme,
+            "target": self.target,
+            "layers": len(self.layers),
+            "quantized_layers": len(quantized),
+            "float_layers": sorted(fqn for fqn, layer in self.layers.items() if layer.is_float),
+        }
+
+    def save(self, folder: Path) -> tuple[Path, Path]:
+        """Write plan.json and scales.npz into `folder`; returns their paths."""
+        arrays, layers = {}, {}
+        for fqn, layer in self.layers.items():
+            entry = {"op": layer.op.value}
+            if layer.reason:
+                entry["reason"] = layer.reason
+            for role, quant in (("weight", layer.weight), ("activation", layer.activation)):
+                if quant is not None:
+                    entry[role] = quant.describe()
+                    arrays[f"{fqn}/{role}_scale"] = quant.scale
+                    arrays[f"{fqn}/{role}_zero_point"] = quant.zero_point
+            if layer.weight_codes is not None:
+                arrays[f"{fqn}/weight_codes"] = layer.weight_codes
+            if layer.dynamic_activation is not None:
+                entry["dynamic_activation"] = layer.dynamic_activation.value
+            layers[fqn] = entry
+        plan_path, scales_path = Path(folder) / "plan.json", Path(folder) / "scales.npz"
+        plan_path.write_text(json.dumps({"summary": self.summary(), "notes": self.notes, "layers": layers}, indent=2) + "\n")
+        with open(scales_path, "wb") as handle:
+            np.savez(handle, **arrays)
+        return plan_path, scales_path
+
+    @classmethod
+    def load(cls, folder: Path) -> QuantPlan:
+        data = json.loads((Path(folder) / "plan.json").read_text())
+        with np.load(Path(folder) / "scales.npz", allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        plan = cls(data["summary"]["scheme"], data["summary"]["target"], notes=data.get("notes", []))
+        for fqn, entry in data["layers"].items():
+            quants = {}
+            for role in ("weight", "activation"):
+                if role in entry:
+                    quants[role] = TensorQuant(
+                        QDtype(entry[role]["dtype"]),
+                        granularity_from_json(entry[role]["granularity"]),
+                        entry[role]["symmetric"],
+                        arrays[f"{fqn}/{role}_scale"],
+                        arrays[f"{fqn}/{role}_zero_point"],
+                    )
+            dynamic = entry.get("dynamic_activation")
+            plan.layers[fqn] = LayerPlan(
+                fqn,
+                OpKind(entry["op"]),
+                weight=quants.get("weight"),
+                weight_codes=arrays.get(f"{fqn}/weight_codes"),
+                activation=quants.get("activation"),
+                dynamic_activation=QDtype(dynamic) if dynamic else None,
+                reason=entry.get("reason"),
+            )
+        return plan
