@@ -1,0 +1,124 @@
+"""Quantized layers that carry a LayerPlan's exact codes and scales as PyTorch ops the converters lower.
+
+Two weight forms, because the toolchains read exact numbers from different graphs (measured, see
+docs/research/qdq-onnx-tflite.md and coreml-quantized.md):
+  CODES  an int8 buffer of the plan's codes -> dequantize_per_channel. torch.onnx (dynamo) writes it as
+         DequantizeLinear over an int8 initializer; coremltools as constexpr_affine_dequantize.
+  QDQ    a float buffer equal to (codes - zero_point) * scale -> quantize_per_channel -> dequantize.
+         litert-torch recovers the codes from it exactly and emits int8 weight tensors.
+Static activation quantization is a quantize_per_tensor -> dequantize_per_tensor pair on the layer input,
+with the plan's scale and zero-point; every converter turns it into its own quantized tensor.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import numpy as np
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
+from torch import nn
+from torch.nn import functional as F
+
+from edgeq.plan import LayerPlan, PerChannel, PerTensor, QDtype, TensorQuant
+
+QD = torch.ops.quantized_decomposed
+_TORCH_DTYPES = {QDtype.INT8: torch.int8, QDtype.UINT8: torch.uint8, QDtype.INT16: torch.int16}
+
+
+class WeightForm(StrEnum):
+    CODES = "codes"
+    QDQ = "qdq"
+
+
+class QuantizedWeight(nn.Module):
+    """Returns the dequantized weight; the graph keeps the plan's codes and per-channel scales."""
+
+    def __init__(self, quant: TensorQuant, codes: np.ndarray, form: WeightForm):
+        super().__init__()
+        if not isinstance(quant.granularity, PerChannel) or quant.dtype != QDtype.INT8:
+            raise ValueError(f"weights lower as int8 per-channel here, not {quant.describe()}")
+        self.axis = quant.granularity.axis
+        self.form = form
+        self.qmin, self.qmax = quant.dtype.qmin, quant.dtype.qmax
+        codes_t = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int8))
+        self.register_buffer("scale", torch.from_numpy(quant.scale.astype(np.float32)))
+        self.register_buffer("zero_point", torch.from_numpy(quant.zero_point.astype(np.int64)))
+        if form == WeightForm.CODES:
+            self.register_buffer("codes", codes_t)
+        else:
+            self.register_buffer("dequantized", torch.from_numpy(quant.dequantize(codes)))
+
+    def forward(self) -> torch.Tensor:
+        args = (self.scale, self.zero_point, self.axis, self.qmin, self.qmax, torch.int8)
+        if self.form == WeightForm.CODES:
+            codes = self.codes
+        else:
+            codes = QD.quantize_per_channel(self.dequantized, *args)
+        return QD.dequantize_per_channel(codes, *args)
+
+
+class ActivationQuant(nn.Module):
+    """Static per-tensor fake-quant with fixed parameters: what the artifact's integer kernels will see."""
+
+    def __init__(self, quant: TensorQuant):
+        super().__init__()
+        if not isinstance(quant.granularity, PerTensor):
+            raise ValueError("activations are quantized per tensor")
+        self.scale = float(quant.scale)
+        self.zero_point = int(quant.zero_point)
+        self.qmin, self.qmax = quant.dtype.qmin, quant.dtype.qmax
+        self.dtype = _TORCH_DTYPES[quant.dtype]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = (self.scale, self.zero_point, self.qmin, self.qmax, self.dtype)
+        return QD.dequantize_per_tensor(QD.quantize_per_tensor(x, *args), *args)
+
+
+class QuantizedLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, layer: LayerPlan, form: WeightForm):
+        super().__init__()
+        self.weight = QuantizedWeight(layer.weight, layer.weight_codes, form)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.input_quant = ActivationQuant(layer.activation) if layer.activation is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quant(x), self.weight(), self.bias)
+
+
+class QuantizedConv(nn.Module):
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, layer: LayerPlan, form: WeightForm):
+        super().__init__()
+        self.weight = QuantizedWeight(layer.weight, layer.weight_codes, form)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.input_quant = ActivationQuant(layer.activation) if layer.activation is not None else nn.Identity()
+        self.conv = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv1d
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {conv.padding_mode!r} is not lowered; only zeros")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.input_quant(x), self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Per-row int8 table (symmetric: TFLite's EMBEDDING_LOOKUP needs zero point 0)."""
+
+    def __init__(self, embedding: nn.Embedding, layer: LayerPlan, form: WeightForm):
+        super().__init__()
+        self.weight = QuantizedWeight(layer.weight, layer.weight_codes, form)
+        self.padding_idx = embedding.padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight(), self.padding_idx)
+
+
+def quantized_module(module: nn.Module, layer: LayerPlan, form: WeightForm) -> nn.Module:
+    """The quantized replacement for `module` under `layer`'s plan."""
+    if isinstance(module, nn.Linear):
+        return QuantizedLinear(module, layer, form)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return QuantizedConv(module, layer, form)
+    if isinstance(module, nn.Embedding):
+        return QuantizedEmbedding(module, layer, form)
+    raise ValueError(f"{layer.fqn}: no quantized form for {type(module).__name__}")
