@@ -44,6 +44,8 @@ class ConversionRequest:
 class Converter(ABC):
     runtime: Runtime
     filename: str  # the artifact's name inside its bundle
+    # The schemes this converter lowers today; a profile may list more (what the hardware runs).
+    implemented: frozenset[Precision] = frozenset({Precision.FP32, Precision.FP16})
 
     def check(self, request: ConversionRequest) -> list[Refusal]:
         """Everything this converter cannot do for the request, found before any work. Empty: go ahead."""
@@ -52,6 +54,15 @@ class Converter(ABC):
             supported = ", ".join(p.value for p in request.profile.precisions)
             refusals.append(
                 Refusal("", f"precision {request.precision} is not supported by target {request.profile.id} ({supported})")
+            )
+        elif request.precision not in self.implemented:
+            done = ", ".join(p.value for p in Precision if p in self.implemented)
+            refusals.append(
+                Refusal(
+                    "",
+                    f"target {request.profile.id} runs {request.precision}, but edgeq's {self.runtime} converter "
+                    f"does not lower it yet (it lowers {done})",
+                )
             )
         return refusals
 

@@ -19,13 +19,39 @@ class Runtime(StrEnum):
 
 
 class Precision(StrEnum):
+    """A scheme: what the artifact's weights and activations are stored and computed in."""
+
     FP32 = "fp32"
     FP16 = "fp16"
+    INT8_WEIGHT = "int8-weight"  # int8 weights, float activations (weight-only)
+    INT8_DYNAMIC = "int8-dynamic"  # int8 weights, activations quantized at run time (dynamic range)
+    W8A8 = "w8a8"  # int8 weights, calibrated static 8-bit activations
+    W8A16 = "w8a16"  # int8 weights, calibrated static 16-bit activations (TFLite int16x8, QNN uint16)
+
+
+class Granularity(StrEnum):
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"
+    PER_GROUP = "per_group"
+
+
+@dataclass(frozen=True)
+class QuantCapabilities:
+    """What the hardware runs well when quantized; resolve() refuses requests outside it."""
+
+    weight_dtypes: tuple[str, ...] = ()
+    weight_granularity: tuple[Granularity, ...] = ()
+    weight_symmetric: bool = True
+    activation_dtypes: tuple[str, ...] = ()  # static activation dtypes, e.g. ("uint8", "uint16")
+    activation_symmetric: bool = False
+    group_sizes: tuple[int, ...] = ()  # block sizes for per-group weights
+    integer_io: bool = False  # inputs and outputs are integer tensors (full-integer targets)
+    ops: tuple[str, ...] = ()  # layer kinds it quantizes: linear, conv, embedding
 
 
 # Per-runtime settings a profile may state, with their types; anything else is refused.
 RUNTIME_OPTIONS: dict[Runtime, dict[str, type]] = {
-    Runtime.ONNX: {"opset": int, "providers": list, "graph_optimization": str},
+    Runtime.ONNX: {"opset": int, "providers": list, "graph_optimization": str, "session_config": dict},
     Runtime.TFLITE: {"threads": int},
     Runtime.COREML: {"minimum_deployment_target": str, "compute_units": str},
 }
@@ -39,7 +65,24 @@ _TOP_KEYS = {
     "dynamic_shapes": bool,
     "budgets": dict,
     "runtime_options": dict,
+    "quantization": dict,
 }
+_QUANT_KEYS = {
+    "weight_dtypes": list,
+    "weight_granularity": list,
+    "weight_symmetric": bool,
+    "activation_dtypes": list,
+    "activation_symmetric": bool,
+    "group_sizes": list,
+    "integer_io": bool,
+    "ops": list,
+}
+_QUANT_VALUES = {
+    "weight_dtypes": {"int4", "int8", "uint8"},
+    "activation_dtypes": {"int8", "uint8", "int16", "uint16"},
+    "ops": {"linear", "conv", "embedding"},
+}
+_QUANTIZED = {"int8-weight", "int8-dynamic", "w8a8", "w8a16"}
 _REQUIRED = {"id", "runtime", "hardware", "summary", "precisions", "default_precision"}
 
 
@@ -54,6 +97,7 @@ class TargetProfile:
     dynamic_shapes: bool  # False: dynamic axes are frozen at their example size
     budgets: dict[Precision, str] = field(default_factory=dict)  # default drift budget per precision
     runtime_options: dict = field(default_factory=dict)
+    quantization: QuantCapabilities = field(default_factory=QuantCapabilities)
     path: Path | None = None
 
     def budget_for(self, precision: Precision) -> str:
@@ -112,6 +156,9 @@ def _parse(data: dict, path: Path) -> TargetProfile:
             raise fail(f"runtime_options.{key}", f"unknown for {runtime}; known: {', '.join(allowed)}")
         if not isinstance(value, allowed[key]):
             raise fail(f"runtime_options.{key}", f"expected {allowed[key].__name__}, found {type(value).__name__}")
+    quantization = _parse_quantization(data.get("quantization", {}), fail)
+    if any(p.value in _QUANTIZED for p in precisions) and not quantization.weight_dtypes:
+        raise fail("quantization", "quantized schemes are listed, so [quantization] must state weight_dtypes")
     return TargetProfile(
         id=data["id"],
         runtime=runtime,
@@ -122,7 +169,35 @@ def _parse(data: dict, path: Path) -> TargetProfile:
         dynamic_shapes=data.get("dynamic_shapes", False),
         budgets=budgets,
         runtime_options=dict(options),
+        quantization=quantization,
         path=path,
+    )
+
+
+def _parse_quantization(table: dict, fail) -> QuantCapabilities:
+    for key, value in table.items():
+        if key not in _QUANT_KEYS:
+            raise fail(f"quantization.{key}", f"unknown key; known keys: {', '.join(_QUANT_KEYS)}")
+        if not isinstance(value, _QUANT_KEYS[key]):
+            raise fail(f"quantization.{key}", f"expected {_QUANT_KEYS[key].__name__}, found {type(value).__name__}")
+        for item in value if isinstance(value, list) and key in _QUANT_VALUES else []:
+            if item not in _QUANT_VALUES[key]:
+                raise fail(f"quantization.{key}", f"{item!r} is not one of {', '.join(sorted(_QUANT_VALUES[key]))}")
+    granularity = tuple(_enum(Granularity, g, lambda m: fail("quantization.weight_granularity", m)) for g in table.get("weight_granularity", []))
+    sizes = table.get("group_sizes", [])
+    if any(not isinstance(size, int) or size <= 0 for size in sizes):
+        raise fail("quantization.group_sizes", "group sizes are positive integers")
+    if sizes and Granularity.PER_GROUP not in granularity:
+        raise fail("quantization.group_sizes", "group sizes need per_group in weight_granularity")
+    return QuantCapabilities(
+        weight_dtypes=tuple(table.get("weight_dtypes", [])),
+        weight_granularity=granularity,
+        weight_symmetric=table.get("weight_symmetric", True),
+        activation_dtypes=tuple(table.get("activation_dtypes", [])),
+        activation_symmetric=table.get("activation_symmetric", False),
+        group_sizes=tuple(sizes),
+        integer_io=table.get("integer_io", False),
+        ops=tuple(table.get("ops", [])),
     )
 
 

@@ -50,6 +50,7 @@ def runner_settings(runtime: str, options: dict) -> dict:
         return {
             "providers": list(options.get("providers", ["CPUExecutionProvider"])),
             "optimization": options.get("graph_optimization", "all"),
+            "session_config": dict(options.get("session_config", {})),
         }
     if runtime == "tflite":
         return {"threads": options.get("threads")}

@@ -65,5 +65,41 @@ def test_bad_enum_value(tmp_path):
 
 
 def test_unknown_target_lists_known_ones():
-    with pytest.raises(UsageError, match="known targets: coreml, onnx, tflite"):
+    with pytest.raises(UsageError, match="known targets: coreml-ane, coreml-cpu, coreml, onnx-arm64"):
         load_profile("tensorrt")
+
+
+HARDWARE_PROFILES = [
+    "onnx-x86-avx2", "onnx-arm64", "onnx-qnn-htp", "tflite-xnnpack", "tflite-edgetpu", "tflite-gpu", "coreml-ane", "coreml-cpu",
+]
+
+
+def test_the_hardware_profiles_exist():
+    assert set(HARDWARE_PROFILES) <= {p.id for p in list_profiles()}
+
+
+def test_edgetpu_is_full_integer_with_static_shapes():
+    profile = load_profile("tflite-edgetpu")
+    assert [p.value for p in profile.precisions] == ["w8a8"]
+    assert profile.quantization.integer_io and not profile.dynamic_shapes
+    assert profile.quantization.activation_dtypes == ("int8",)
+
+
+def test_quantized_schemes_need_quantization_capabilities(tmp_path):
+    path = _write(tmp_path, "")
+    path.write_text(path.read_text().replace('precisions = ["fp32"]', 'precisions = ["fp32", "w8a8"]'))
+    with pytest.raises(UsageError, match="must state weight_dtypes"):
+        load_profile(path)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("[quantization]\nweight_dtypes = ['int3']\n", "'int3' is not one of"),
+        ("[quantization]\nweight_dtypes = ['int8']\ngroup_sizes = [32]\n", "need per_group"),
+        ("[quantization]\nweight_granularity = ['per_row']\n", "'per_row' is not one of"),
+    ],
+)
+def test_quantization_table_is_strict(tmp_path, extra, message):
+    with pytest.raises(UsageError, match=message):
+        load_profile(_write(tmp_path, extra))

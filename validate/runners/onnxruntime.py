@@ -24,7 +24,14 @@ _ORT_TYPES = {
 class OnnxRuntimeRunner(Runner):
     runtime = "onnx"
 
-    def __init__(self, path: Path, providers: list[str] | None = None, optimization: str = "all", threads: int = 0):
+    def __init__(
+        self,
+        path: Path,
+        providers: list[str] | None = None,
+        optimization: str = "all",
+        threads: int = 0,
+        session_config: dict[str, str] | None = None,
+    ):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -35,12 +42,20 @@ class OnnxRuntimeRunner(Runner):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[optimization]
         options.intra_op_num_threads = threads
-        providers = providers or ["CPUExecutionProvider"]
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, str(value))
+        wanted = providers or ["CPUExecutionProvider"]
+        # A profile names the provider it deploys on (e.g. QNN); where it is not installed, say so and use the rest.
+        providers = [p for p in wanted if p in ort.get_available_providers()] or ["CPUExecutionProvider"]
+        missing = [p for p in wanted if p not in providers]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:
             raise RunnerError(f"onnxruntime could not load {path}: {exc}") from exc
-        self.executor = f"onnxruntime {ort.__version__} ({', '.join(providers)}, optimization={optimization})"
+        config = "".join(f", {k}={v}" for k, v in (session_config or {}).items())
+        self.executor = f"onnxruntime {ort.__version__} ({', '.join(providers)}, optimization={optimization}{config})"
+        if missing:
+            self.executor += f"; not installed here: {', '.join(missing)}"
         self.inputs = [
             IOSpec(i.name, tuple(d if isinstance(d, int) else -1 for d in i.shape), _ORT_TYPES.get(i.type, i.type))
             for i in self.session.get_inputs()

@@ -1,0 +1,25 @@
+"""Every shipped profile converts and validates a small model at its default scheme, or refuses it with a
+message that names the target, the scheme and what edgeq lowers today."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeq.targets import Precision, list_profiles
+from edgeq.validate.verdict import Verdict
+from tests.helpers import convert_source
+
+LOWERED_TODAY = {Precision.FP32, Precision.FP16}
+RUNTIME_MODULES = {"onnx": "onnxruntime", "tflite": "litert_torch", "coreml": "coremltools"}
+
+
+@pytest.mark.parametrize("profile", list_profiles(), ids=lambda p: p.id)
+def test_profile_default_scheme_converts_or_refuses(tmp_path, profile):
+    pytest.importorskip(RUNTIME_MODULES[profile.runtime.value])
+    outcome = convert_source("edgeq.examples:tiny_mlp", profile.id, profile.default_precision.value, tmp_path)
+    if profile.default_precision in LOWERED_TODAY:
+        assert outcome.verdict in (Verdict.PASSED, Verdict.NOT_VALIDATED), outcome.error
+    else:
+        assert outcome.verdict == Verdict.CONVERSION_FAILED
+        assert f"target {profile.id} runs {profile.default_precision.value}" in outcome.error
+        assert "does not lower it yet" in outcome.error
