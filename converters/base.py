@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeq.load import LoadedModel
+from edgeq.plan import QuantPlan
 from edgeq.targets import Precision, Runtime, TargetProfile
 
 
@@ -39,6 +40,7 @@ class ConversionRequest:
     model: LoadedModel
     profile: TargetProfile
     precision: Precision
+    plan: QuantPlan | None = None  # set for quantized schemes: the exact numbers to lower
 
 
 class Converter(ABC):

@@ -11,6 +11,8 @@ import torch
 
 from edgeq.converters.base import Artifact, ConversionRequest, Converter
 from edgeq.converters.failures import explain_failure
+from edgeq.compress.apply import apply_plan
+from edgeq.compress.qdq import WeightForm
 from edgeq.errors import ConversionError
 from edgeq.converters.tracing import dynamic_examples, static_examples
 from edgeq.targets import Precision, Runtime
@@ -19,6 +21,7 @@ from edgeq.targets import Precision, Runtime
 class OnnxConverter(Converter):
     runtime = Runtime.ONNX
     filename = "model.onnx"
+    implemented = frozenset({Precision.FP32, Precision.FP16, Precision.INT8_WEIGHT})
 
     def convert(self, request: ConversionRequest, dest: Path) -> Artifact:
         import onnx
@@ -32,11 +35,15 @@ class OnnxConverter(Converter):
             examples, dynamic_shapes = static_examples(model), None
             if any(spec.dynamic_axes for spec in model.inputs):
                 notes.append("dynamic axes frozen at their example sizes (the profile asks for static shapes)")
+        module = model.module
+        if request.plan is not None:
+            # int8 codes as DequantizeLinear over int8 initializers named `<fqn>.weight.codes` (exact).
+            module = apply_plan(module, request.plan, WeightForm.CODES)
         try:
             # The exporter prints progress to stdout; edgeq's own output stays readable without it.
             with contextlib.redirect_stdout(io.StringIO()):
                 program = torch.onnx.export(
-                    model.module,
+                    module,
                     examples,
                     dynamo=True,
                     opset_version=opset,

@@ -17,13 +17,23 @@ from edgeq.plan import QuantPlan
 class ParityResult:
     checked: int
     mismatches: list[str]  # "fqn: what differs"; empty when every layer matches exactly
-    missing: list[str]  # quantized in the plan but not found quantized in the artifact
+    missing: list[str]  # quantized in the plan, but float in the artifact
+    removed: list[str]  # in the plan, but the exporter dropped the layer as dead code (its output is unused)
 
     def to_json(self) -> dict:
-        return {"checked_layers": self.checked, "mismatches": self.mismatches, "missing": self.missing}
+        return {"checked_layers": self.checked, "mismatches": self.mismatches, "missing": self.missing, "removed_as_unused": self.removed}
 
 
-def onnx_weights(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+@dataclass
+class StoredWeights:
+    quantized: dict[str, tuple[np.ndarray, np.ndarray]]  # user FQN -> (codes, scale) as stored
+    names: set[str]  # every stored tensor name, to tell a float layer from one the exporter removed
+
+    def present(self, fqn: str) -> bool:
+        return any(name.startswith((f"{fqn}.", f"inner.{fqn}.")) for name in self.names)
+
+
+def onnx_weights(path: Path) -> StoredWeights:
     """Codes and scales of every DequantizeLinear over an int8 initializer named `<fqn>.weight.codes`."""
     import onnx
     from onnx import numpy_helper
@@ -40,22 +50,28 @@ def onnx_weights(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         scale = numpy_helper.to_array(source[node.input[1]])
         fqn = node.input[0].removesuffix(".weight.codes").removeprefix("inner.")
         found[fqn] = (codes, scale)
-    return found
+    return StoredWeights(found, set(initializers) | set(constants))
 
 
-def compare_weights(plan: QuantPlan, stored: dict[str, tuple[np.ndarray, np.ndarray]]) -> ParityResult:
-    mismatches, missing, checked = [], [], 0
+def artifact_weights(path: Path, runtime: str) -> StoredWeights:
+    if runtime == "onnx":
+        return onnx_weights(path)
+    raise NotImplementedError(f"no weight reader for {runtime} yet")
+
+
+def compare_weights(plan: QuantPlan, stored: StoredWeights) -> ParityResult:
+    mismatches, missing, removed, checked = [], [], [], 0
     for fqn, layer in plan.layers.items():
         if layer.weight is None:
             continue
-        if fqn not in stored:
-            missing.append(fqn)
+        if fqn not in stored.quantized:
+            (missing if stored.present(fqn) else removed).append(fqn)
             continue
         checked += 1
-        codes, scale = stored[fqn]
+        codes, scale = stored.quantized[fqn]
         if codes.shape != layer.weight_codes.shape or not np.array_equal(codes, layer.weight_codes):
             differing = int(np.sum(codes != layer.weight_codes)) if codes.shape == layer.weight_codes.shape else "all"
             mismatches.append(f"{fqn}: {differing} weight codes differ")
         if not np.array_equal(np.asarray(scale, dtype=np.float32).ravel(), layer.weight.scale.ravel()):
             mismatches.append(f"{fqn}: scales differ (max {float(np.max(np.abs(scale.ravel() - layer.weight.scale.ravel()))):.3g})")
-    return ParityResult(checked, mismatches, missing)
+    return ParityResult(checked, mismatches, missing, removed)

@@ -34,7 +34,7 @@ def main() -> None:
 @main.command()
 @click.argument("source", required=False)
 @click.option("-t", "--target", "targets", multiple=True, help="onnx, tflite, coreml, all, or a profile .toml (repeatable or comma-separated).")
-@click.option("-p", "--precision", "precisions", multiple=True, help="fp32, fp16 (repeatable or comma-separated; default: the target's default).")
+@click.option("-p", "--precision", "precisions", multiple=True, help="fp32, fp16, int8-weight, int8-dynamic, w8a8, w8a16 (repeatable or comma-separated; default: the target's default).")
 @click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE[:DTYPE]", help="Declare an input, e.g. pixels:1x3x224x224:float32; batch=1x... marks a dynamic axis.")
 @click.option("--task", help="For Hugging Face folders: feature-extraction, sentence-embedding, text-classification, image-classification.")
 @click.option("--factory", metavar="MODULE:CALLABLE", help="Builds the model a state dict (.pt/.safetensors) belongs to.")
@@ -46,8 +46,9 @@ def main() -> None:
 @click.option("--budget", help="Drift budget held by every output, e.g. 'cosine>=0.999,sqnr_db>=30' (default: the target's).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("build/edge"), show_default=True, help="Bundles go to OUT/<model>/<target>/<precision>/.")
 @click.option("--name", help="Model name used for the bundle folder (default: from the source).")
+@click.option("--keep-float", "keep_float", multiple=True, metavar="FQN|re:REGEX", help="Keep these layers float in quantized schemes (repeatable), e.g. 're:.*classifier.*'.")
 @click.option("-c", "--config", type=click.Path(path_type=Path), help="edgeq.toml: convert every model x target it declares.")
-def convert(source, targets, precisions, inputs, task, factory, trust_pickle, data, text_column, samples, seed, budget, out, name, config):
+def convert(source, targets, precisions, inputs, task, factory, trust_pickle, data, text_column, samples, seed, budget, out, name, keep_float, config):
     """Convert SOURCE and validate every artifact in its runtime.
 
     SOURCE is package.module:callable, a TorchScript file, a torch.export .pt2 program, a Hugging Face
@@ -74,7 +75,7 @@ def convert(source, targets, precisions, inputs, task, factory, trust_pickle, da
                     source=source, targets=_split_list(targets) or ["all"], precisions=_split_list(precisions),
                     inputs=[parse_input_spec(text) for text in inputs], task=task, factory=factory,
                     trust_pickle=trust_pickle, data=data, text_column=text_column, samples=samples, seed=seed,
-                    budget=budget, out=out, name=name,
+                    budget=budget, out=out, name=name, keep_float=list(keep_float),
                 )
             ]
         from edgeq.pipeline import exit_code

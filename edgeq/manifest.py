@@ -13,7 +13,7 @@ from edgeq.hashing import sha256_path
 MANIFEST_SCHEMA = 1
 
 
-def build_manifest(*, model, profile, artifact, report, budget, violations, verdict, signature, settings, golden, data_source) -> dict:
+def build_manifest(*, model, profile, artifact, report, budget, violations, verdict, signature, settings, golden, data_source, plan=None, parity=None) -> dict:
     """Everything a build step or a device lab needs to trust the artifact, with no timestamps (reruns match)."""
     return {
         "schema": MANIFEST_SCHEMA,
@@ -42,6 +42,8 @@ def build_manifest(*, model, profile, artifact, report, budget, violations, verd
             **artifact.converter,
             "runtime": report.executor,
         },
+        "plan": None if plan is None else {**plan.summary(), "files": ["plan.json", "scales.npz"]},
+        "weight_parity": None if parity is None else parity.to_json(),
         "rewrites": list(artifact.rewrites),
         "notes": list(artifact.notes),
         "runtime_settings": settings,

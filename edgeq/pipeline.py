@@ -13,10 +13,12 @@ import torch
 from edgeq.bundle import REJECTED_SUFFIX, bundle_path, publish, size_bytes, staging, write_golden, write_json
 from edgeq.calibration.data import InputShape, load_samples, split
 from edgeq.converters import ConversionRequest, get_converter
+from edgeq.converters.parity import artifact_weights, compare_weights
 from edgeq.errors import ConversionError, EdgeqError, UsageError
 from edgeq.load import LoadedModel
 from edgeq.manifest import build_manifest
 from edgeq.targets import Precision, TargetProfile, list_profiles, load_profile
+from edgeq.targets.resolve import WEIGHT_ONLY, resolve_plan
 from edgeq.validate.budget import BudgetSyntaxError, parse_budget
 from edgeq.validate.check import run_and_compare, runner_settings
 from edgeq.validate.drift import DriftReport, Status
@@ -33,6 +35,7 @@ class ConvertOptions:
     text_column: str | None = None
     samples: int = 32
     seed: int = 0
+    keep_float: list[str] = field(default_factory=list)  # torch FQNs or re:REGEX kept float in quantized schemes
 
 
 @dataclass
@@ -123,12 +126,24 @@ def _convert_one(model, profile, precision, validation, references, options, dat
     if refusals:
         message = f"target {profile.id} refuses {precision}:\n" + "\n".join(f"  - {r}" for r in refusals)
         return Outcome(profile.id, precision.value, Verdict.CONVERSION_FAILED, error=message)
+    if precision in WEIGHT_ONLY:
+        try:
+            request.plan = resolve_plan(model.module, profile, precision, options.keep_float, model.example_inputs)
+        except ConversionError as exc:
+            return Outcome(profile.id, precision.value, Verdict.CONVERSION_FAILED, error=str(exc))
     budget = parse_budget(options.budget if options.budget is not None else profile.budget_for(precision))
     settings = runner_settings(profile.runtime.value, profile.runtime_options)
     dest = bundle_path(options.out, model.name, profile.id, precision.value)
     try:
         with staging(dest) as stage:
             artifact = converter.convert(request, stage / converter.filename)
+            parity = None
+            if request.plan is not None:
+                request.plan.save(stage)
+                parity = compare_weights(request.plan, artifact_weights(artifact.path, profile.runtime.value))
+                if parity.mismatches or parity.missing:
+                    problems = parity.mismatches + [f"{fqn}: not quantized in the artifact" for fqn in parity.missing]
+                    raise ConversionError(f"target {profile.id}: weight parity failed: " + "; ".join(problems[:10]))
             report, signature = run_and_compare(
                 artifact.path, profile.runtime.value, settings, validation, references, model.outputs
             )
@@ -139,7 +154,7 @@ def _convert_one(model, profile, precision, validation, references, options, dat
             manifest = build_manifest(
                 model=model, profile=profile, artifact=artifact, report=report, budget=budget,
                 violations=violations, verdict=verdict.value, signature=signature, settings=settings, golden=golden,
-                data_source=data_source,
+                data_source=data_source, plan=request.plan, parity=parity,
             )
             write_json(stage / "report.json", _report_json(manifest))
             write_json(stage / "manifest.json", manifest)

@@ -40,12 +40,13 @@ class Job:
     budget: str | None = None
     out: Path = Path("build/edge")
     name: str | None = None
+    keep_float: list[str] = field(default_factory=list)
 
 
 _KEY_TYPES = {
     "source": str, "targets": list, "precisions": list, "inputs": list, "task": str, "factory": str,
     "trust_pickle": bool, "data": str, "text_column": (str, int), "samples": int, "seed": int,
-    "budget": str, "out": str, "name": str,
+    "budget": str, "out": str, "name": str, "keep_float": list,
 }
 
 
@@ -111,6 +112,7 @@ def _job(values: dict, base: Path, path: Path, where: str) -> Job:
         budget=values.get("budget"),
         out=base / values.get("out", "build/edge"),
         name=values.get("name"),
+        keep_float=list(values.get("keep_float", [])),
     )
 
 
@@ -125,7 +127,7 @@ def run_job(job: Job, on_step: Callable[[str], None] = lambda _: None):
     )
     options = ConvertOptions(
         targets=job.targets, out=job.out, precisions=job.precisions or None, budget=job.budget,
-        data=job.data, text_column=job.text_column, samples=job.samples, seed=job.seed,
+        data=job.data, text_column=job.text_column, samples=job.samples, seed=job.seed, keep_float=job.keep_float,
     )
     return convert(model, options, on_step)
 

@@ -80,6 +80,7 @@ def test_onnx_artifact_carries_the_plan_codes_and_scales_exactly(tmp_path):
     torch.onnx.export(quantized, model.example_inputs, str(path), dynamo=True, input_names=["pixels"])
     parity = compare_weights(plan, onnx_weights(path))
     assert parity.checked == len(plan.layers) and parity.mismatches == [] and parity.missing == []
+    assert parity.removed == []
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"pixels": model.example_inputs[0].numpy()})[0]

@@ -141,3 +141,19 @@ def test_unconvertible_op_names_op_module_and_target(tmp_path, target):
     assert "linalg_det" in outcome.error and "module 'block'" in outcome.error
     assert "Traceback" not in outcome.error
     assert not (tmp_path / "unconvertible").exists() or not any((tmp_path / "unconvertible").rglob("manifest.json"))
+
+
+@ONNX
+@pytest.mark.parametrize("source", SMALL_MODELS)
+def test_onnx_int8_weight_carries_the_plan_exactly(tmp_path, source):
+    from edgeq.plan import QuantPlan
+
+    outcome = convert_source(source, "onnx", "int8-weight", tmp_path)
+    assert outcome.verdict == Verdict.PASSED, outcome.error or outcome.violations
+    manifest = json.loads((outcome.path / "manifest.json").read_text())
+    parity = manifest["weight_parity"]
+    assert parity["checked_layers"] == manifest["plan"]["quantized_layers"] > 0
+    assert parity["mismatches"] == [] and parity["missing"] == []
+    plan = QuantPlan.load(outcome.path)  # plan.json + scales.npz travel in the bundle
+    assert len(plan.quantized()) == parity["checked_layers"]
+    assert outcome.report.outputs[0].cosine >= 0.999

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from edgeq.targets import Precision, list_profiles
+from edgeq.converters import get_converter
+from edgeq.targets import list_profiles
 from edgeq.validate.verdict import Verdict
 from tests.helpers import convert_source
 
-LOWERED_TODAY = {Precision.FP32, Precision.FP16}
 RUNTIME_MODULES = {"onnx": "onnxruntime", "tflite": "litert_torch", "coreml": "coremltools"}
 
 
@@ -17,7 +17,7 @@ RUNTIME_MODULES = {"onnx": "onnxruntime", "tflite": "litert_torch", "coreml": "c
 def test_profile_default_scheme_converts_or_refuses(tmp_path, profile):
     pytest.importorskip(RUNTIME_MODULES[profile.runtime.value])
     outcome = convert_source("edgeq.examples:tiny_mlp", profile.id, profile.default_precision.value, tmp_path)
-    if profile.default_precision in LOWERED_TODAY:
+    if profile.default_precision in get_converter(profile.runtime).implemented:
         assert outcome.verdict in (Verdict.PASSED, Verdict.NOT_VALIDATED), outcome.error
     else:
         assert outcome.verdict == Verdict.CONVERSION_FAILED
