@@ -14,10 +14,10 @@ from edgeq.bundle import REJECTED_SUFFIX, bundle_path, publish, size_bytes, stag
 from edgeq.calibration.data import InputShape, load_samples, split
 from edgeq.converters import ConversionRequest, get_converter
 from edgeq.converters.parity import artifact_weights, compare_weights
-from edgeq.errors import ConversionError, EdgeqError, UsageError
+from edgeq.errors import ConversionError, UsageError
 from edgeq.load import LoadedModel
 from edgeq.manifest import build_manifest
-from edgeq.targets import Precision, TargetProfile, list_profiles, load_profile
+from edgeq.targets import Precision, TargetProfile, load_profile
 from edgeq.targets.resolve import WEIGHT_ONLY, resolve_plan
 from edgeq.validate.budget import BudgetSyntaxError, parse_budget
 from edgeq.validate.check import run_and_compare, runner_settings
@@ -177,8 +177,4 @@ def exit_code(outcomes: list[Outcome]) -> int:
     return combined_exit_code(o.verdict for o in outcomes)
 
 
-def known_targets() -> list[TargetProfile]:
-    return list_profiles()
-
-
-__all__ = ["ConvertOptions", "EdgeqError", "Outcome", "Verdict", "convert", "exit_code"]
+__all__ = ["ConvertOptions", "Outcome", "Verdict", "convert", "exit_code"]

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeq.errors import EdgeqError, UsageError
+from edgeq.errors import UsageError
 from edgeq.signature import TensorSpec, parse_input_spec
 
 
@@ -132,4 +132,4 @@ def run_job(job: Job, on_step: Callable[[str], None] = lambda _: None):
     return convert(model, options, on_step)
 
 
-__all__ = ["EdgeqError", "Job", "load_project", "run_job"]
+__all__ = ["Job", "load_project", "run_job"]
