@@ -21,7 +21,7 @@ from edgeq.targets import Precision, Runtime
 class OnnxConverter(Converter):
     runtime = Runtime.ONNX
     filename = "model.onnx"
-    implemented = frozenset({Precision.FP32, Precision.FP16, Precision.INT8_WEIGHT})
+    implemented = frozenset({Precision.FP32, Precision.FP16, Precision.INT8_WEIGHT, Precision.INT8_DYNAMIC})
 
     def convert(self, request: ConversionRequest, dest: Path) -> Artifact:
         import onnx
@@ -57,6 +57,19 @@ class OnnxConverter(Converter):
         except Exception as exc:
             raise explain_failure(profile.id, exc, model.module, static_examples(model)) from exc
         proto = name_outputs(proto, model.outputs)
+        if request.precision == Precision.INT8_DYNAMIC:
+            from edgeq.converters.onnx_dynamic import rewrite_dynamic_matmuls
+
+            rewritten = {name.removeprefix("inner.").removesuffix(".weight.codes") for name in rewrite_dynamic_matmuls(proto)}
+            planned = {fqn for fqn, layer in request.plan.layers.items() if layer.dynamic_activation is not None}
+            exported = {i.name.removeprefix("inner.").removesuffix(".weight.codes") for i in proto.graph.initializer}
+            left = sorted((planned - rewritten) & exported)
+            if left:  # better refuse than ship weight-only layers labelled dynamic
+                raise ConversionError(
+                    f"target {profile.id}: int8-dynamic could not rewrite layer(s) {', '.join(left[:5])} "
+                    "(their weights are shared or not a MatMul/Gemm); keep them float with --keep-float"
+                )
+            notes.append(f"{len(rewritten)} linear layers run as dynamic int8 (DynamicQuantizeLinear + MatMulInteger)")
         if request.precision == Precision.FP16:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 

@@ -50,6 +50,12 @@ def onnx_weights(path: Path) -> StoredWeights:
         scale = numpy_helper.to_array(source[node.input[1]])
         fqn = node.input[0].removesuffix(".weight.codes").removeprefix("inner.")
         found[fqn] = (codes, scale)
+    for node in graph.node:  # dynamic int8: MatMulInteger over transposed codes (converters/onnx_dynamic.py)
+        if node.op_type == "MatMulInteger" and node.input[1].endswith(".weight.codes.T"):
+            stem = node.input[1].removesuffix(".codes.T")
+            codes = numpy_helper.to_array(initializers[node.input[1]]).T
+            scale = numpy_helper.to_array(initializers[f"{stem}.scale"])
+            found[stem.removesuffix(".weight").removeprefix("inner.")] = (codes, scale)
     return StoredWeights(found, set(initializers) | set(constants))
 
 

@@ -17,7 +17,8 @@ from edgeq.errors import ConversionError, UsageError
 from edgeq.plan import LayerPlan, OpKind, QDtype, QuantPlan
 from edgeq.targets.profile import Granularity, Precision, TargetProfile
 
-WEIGHT_ONLY = {Precision.INT8_WEIGHT}
+# Schemes whose numbers are all decided from the weights (dynamic activations are measured per call).
+WEIGHT_ONLY = {Precision.INT8_WEIGHT, Precision.INT8_DYNAMIC}
 
 
 def op_kind(module: nn.Module) -> OpKind:
@@ -94,5 +95,7 @@ def resolve_plan(
             plan.layers[fqn] = LayerPlan(fqn, kind, reason=f"target {profile.id} does not quantize {kind.value} layers")
         else:
             quant, codes = quantize_weight_per_channel(layer.weight, QDtype.INT8, axis=0)
-            plan.layers[fqn] = LayerPlan(fqn, kind, quant, codes)
+            # Dynamic activations: uint8 asymmetric per call, what ORT's DynamicQuantizeLinear computes.
+            dynamic = QDtype.UINT8 if precision == Precision.INT8_DYNAMIC and kind == OpKind.LINEAR else None
+            plan.layers[fqn] = LayerPlan(fqn, kind, quant, codes, dynamic_activation=dynamic)
     return plan

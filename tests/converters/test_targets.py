@@ -157,3 +157,24 @@ def test_onnx_int8_weight_carries_the_plan_exactly(tmp_path, source):
     plan = QuantPlan.load(outcome.path)  # plan.json + scales.npz travel in the bundle
     assert len(plan.quantized()) == parity["checked_layers"]
     assert outcome.report.outputs[0].cosine >= 0.999
+
+
+@ONNX
+def test_onnx_int8_dynamic_rewrites_every_linear_and_keeps_parity(tmp_path):
+    outcome = convert_source("edgeq.examples:tiny_mlp", "onnx-x86-avx2", "int8-dynamic", tmp_path)
+    assert outcome.verdict == Verdict.PASSED, outcome.error or outcome.violations
+    manifest = json.loads((outcome.path / "manifest.json").read_text())
+    assert manifest["notes"] == ["2 linear layers run as dynamic int8 (DynamicQuantizeLinear + MatMulInteger)"]
+    assert manifest["weight_parity"]["checked_layers"] == 2 and manifest["weight_parity"]["mismatches"] == []
+    assert manifest["runtime_settings"]["session_config"] == {"session.x64quantprecision": "1"}
+    # With the exact u8s8 path (x64quantprecision) dynamic int8 stays close to FP32 on this MLP.
+    assert outcome.report.outputs[0].cosine >= 0.999
+
+
+@ONNX
+def test_int8_dynamic_graph_uses_integer_matmuls(tmp_path):
+    import onnx
+
+    outcome = convert_source("edgeq.examples:tiny_mlp", "onnx", "int8-dynamic", tmp_path)
+    ops = {node.op_type for node in onnx.load(str(outcome.path / "model.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "DequantizeLinear" not in ops

@@ -1,0 +1,113 @@
+"""Dynamic int8 for ONNX Runtime: weights int8 (the plan's codes), activations quantized per call.
+
+The exporter writes weight-only graphs (MatMul over Transpose(DequantizeLinear(codes))); no PyTorch op
+exports as a dynamic activation quantizer, so this post-export rewrite replaces each such MatMul with the
+standard-op pattern ORT fuses into its DynamicQuantizeMatMul kernel (measured, docs/research):
+
+    DynamicQuantizeLinear(x) -> MatMulInteger(x_q, codesᵀ, x_zp, w_zp) -> Cast -> Mul(x_scale * w_scale)
+
+The codes are stored transposed ([in, out]) as `<fqn>.weight.codes.T` and the scales as `<fqn>.weight.scale`,
+which the parity reader maps back to the plan.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+CODES_SUFFIX = ".weight.codes"
+
+
+def rewrite_dynamic_matmuls(proto) -> list[str]:
+    """Rewrite every MatMul(x, Transpose(DQ(int8 codes))) and Gemm(x, DQ(codes), b, transB=1) in place.
+
+    Returns the codes initializer names (`<fqn>.weight.codes`) of the rewritten layers.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    initializers = {i.name: i for i in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+
+    def value(name):
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        return numpy_helper.to_array(constants[name].attribute[0].t)
+
+    def weight_source(node):
+        """(DequantizeLinear, nodes to drop) feeding `node`'s weight input as [out, in] codes, or None."""
+        if len(node.input) < 2 or node.input[1] not in producer:
+            return None
+        first = producer[node.input[1]]
+        if node.op_type == "MatMul" and first.op_type == "Transpose" and first.input[0] in producer:
+            dequant, chain = producer[first.input[0]], [first]
+        elif node.op_type == "Gemm" and _attribute(node, "transB") == 1 and _attribute(node, "transA") in (None, 0):
+            dequant, chain = first, []
+        else:
+            return None
+        if dequant.op_type != "DequantizeLinear" or not dequant.input[0].endswith(CODES_SUFFIX):
+            return None
+        if any(len(consumers[n.output[0]]) != 1 for n in [dequant, *chain]):
+            return None  # shared weights: leave them weight-only rather than duplicate them
+        return dequant, [dequant, *chain]
+
+    replaced, drop, new_nodes = [], set(), {}
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        found = weight_source(node)
+        if found is None:
+            continue
+        dequant, chain = found
+        codes = value(dequant.input[0])
+        scale = value(dequant.input[1]).astype(np.float32)
+        zero = value(dequant.input[2]) if len(dequant.input) > 2 and dequant.input[2] else np.zeros_like(scale, dtype=np.int8)
+        if codes.dtype != np.int8 or codes.ndim != 2:
+            continue
+        stem = dequant.input[0]  # "<fqn>.weight.codes"
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.ascontiguousarray(codes.T), f"{stem}.T"),
+                numpy_helper.from_array(zero.astype(np.int8), f"{stem}.zero_point"),
+                numpy_helper.from_array(scale, stem.removesuffix(".codes") + ".scale"),
+            ]
+        )
+        base = node.name or node.output[0]
+        product = node.output[0] if node.op_type == "MatMul" or len(node.input) < 3 else f"{base}/product"
+        new_nodes[id(node)] = [
+            helper.make_node("DynamicQuantizeLinear", [node.input[0]], [f"{base}/x_q", f"{base}/x_scale", f"{base}/x_zp"]),
+            helper.make_node("MatMulInteger", [f"{base}/x_q", f"{stem}.T", f"{base}/x_zp", f"{stem}.zero_point"], [f"{base}/acc"]),
+            helper.make_node("Cast", [f"{base}/acc"], [f"{base}/acc_float"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{base}/x_scale", stem.removesuffix(".codes") + ".scale"], [f"{base}/scale"]),
+            helper.make_node("Mul", [f"{base}/acc_float", f"{base}/scale"], [product]),
+        ]
+        if product != node.output[0]:  # Gemm's bias (beta = 1 by the exporter)
+            new_nodes[id(node)].append(helper.make_node("Add", [product, node.input[2]], [node.output[0]]))
+        drop.update(id(n) for n in chain)
+        replaced.append(stem)
+    if replaced:
+        nodes = []
+        for node in graph.node:
+            if id(node) in drop:
+                continue
+            nodes.extend(new_nodes.get(id(node), [node]))
+        del graph.node[:]
+        graph.node.extend(nodes)
+        used = {name for node in graph.node for name in node.input}
+        kept = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return replaced
+
+
+def _attribute(node, name):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return attribute.i
+    return None
