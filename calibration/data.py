@@ -13,12 +13,12 @@ Sources:
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgeq.errors import SourceError, UsageError
+from edgeq.signature import TensorSpec
 
 Sample = dict[str, np.ndarray]
 
@@ -43,15 +43,8 @@ BUILTIN_SENTENCES = (
 )
 
 
-@dataclass(frozen=True)
-class InputShape:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
 def load_samples(
-    inputs: list[InputShape],
+    inputs: list[TensorSpec],
     example: Sample,
     *,
     data: Path | None = None,
@@ -79,7 +72,7 @@ def load_samples(
     raise UsageError(f"--data {data}: expected .npz, .txt, .csv or .tsv")
 
 
-def synthesize(inputs: list[InputShape], example: Sample, count: int, seed: int) -> list[Sample]:
+def synthesize(inputs: list[TensorSpec], example: Sample, count: int, seed: int) -> list[Sample]:
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(count):
@@ -95,7 +88,7 @@ def synthesize(inputs: list[InputShape], example: Sample, count: int, seed: int)
     return samples
 
 
-def from_npz(path: Path, inputs: list[InputShape]) -> list[Sample]:
+def from_npz(path: Path, inputs: list[TensorSpec]) -> list[Sample]:
     with np.load(path, allow_pickle=False) as archive:
         arrays = {key: archive[key] for key in archive.files}
     missing = [spec.name for spec in inputs if spec.name not in arrays]
@@ -140,7 +133,7 @@ def read_texts(path: Path, column: str | None) -> list[str]:
     return texts
 
 
-def tokenize(texts: list[str], inputs: list[InputShape], tokenizer) -> list[Sample]:
+def tokenize(texts: list[str], inputs: list[TensorSpec], tokenizer) -> list[Sample]:
     """Tokenize each text to the model's input shapes (padded/truncated to the sequence length)."""
     by_name = {spec.name: spec for spec in inputs}
     length = by_name["input_ids"].shape[-1]

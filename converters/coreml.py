@@ -7,8 +7,6 @@ models), the default table is used instead and the manifest says so. Integer inp
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import torch
 
 from edgeq.converters.base import Artifact, ConversionRequest, Converter
 from edgeq.converters.failures import explain_failure
-from edgeq.converters.tracing import static_examples
+from edgeq.converters.tracing import quiet, shape_notes
 from edgeq.rewrites import apply_rewrites
 from edgeq.targets import Precision, Runtime
 
@@ -32,10 +30,8 @@ class CoreMLConverter(Converter):
 
         model, profile = request.model, request.profile
         module, rewrites = apply_rewrites(model.module, "coreml")
-        examples = static_examples(model)
-        notes = []
-        if any(spec.dynamic_axes for spec in model.inputs):
-            notes.append("dynamic axes frozen at their example sizes (the profile asks for static shapes)")
+        examples = model.example_inputs
+        notes = shape_notes(model, profile)
         options = dict(
             convert_to="mlprogram",
             compute_precision=ct.precision.FLOAT16 if request.precision == Precision.FP16 else ct.precision.FLOAT32,
@@ -44,11 +40,13 @@ class CoreMLConverter(Converter):
         try:
             program = torch.export.export(module, examples, strict=False)
             try:
-                mlmodel = _quiet(ct.convert, program.run_decompositions({}), **options)
+                with quiet():  # coremltools draws a progress bar for every pass
+                    mlmodel = ct.convert(program.run_decompositions({}), **options)
             except Exception as exc:
                 if not _MISSING_OP.search(str(exc)):
                     raise
-                mlmodel = _quiet(ct.convert, program.run_decompositions(), **options)
+                with quiet():
+                    mlmodel = ct.convert(program.run_decompositions(), **options)
                 rewrites.append(f"default-decomposition-table: {str(exc).strip().splitlines()[0][:120]}")
         except Exception as exc:
             raise explain_failure(profile.id, exc, module, examples) from exc
@@ -61,12 +59,6 @@ class CoreMLConverter(Converter):
         import coremltools as ct
 
         return {"torch": torch.__version__, "coremltools": ct.__version__}
-
-
-def _quiet(function, *args, **kwargs):
-    """coremltools draws progress bars on stderr for every pass; keep edgeq's output readable."""
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        return function(*args, **kwargs)
 
 
 def _rename_features(mlmodel, input_names: list[str], output_names: list[str]):

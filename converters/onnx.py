@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import torch
@@ -14,7 +12,7 @@ from edgeq.converters.failures import explain_failure
 from edgeq.compress.apply import apply_plan
 from edgeq.compress.qdq import WeightForm
 from edgeq.errors import ConversionError
-from edgeq.converters.tracing import dynamic_examples, static_examples
+from edgeq.converters.tracing import dynamic_examples, quiet, shape_notes
 from edgeq.targets import Precision, Runtime
 
 
@@ -28,20 +26,17 @@ class OnnxConverter(Converter):
 
         model, profile = request.model, request.profile
         opset = profile.runtime_options.get("opset", 18)
-        notes = []
+        notes = shape_notes(model, profile)
         if profile.dynamic_shapes:
             examples, dynamic_shapes = dynamic_examples(model)
         else:
-            examples, dynamic_shapes = static_examples(model), None
-            if any(spec.dynamic_axes for spec in model.inputs):
-                notes.append("dynamic axes frozen at their example sizes (the profile asks for static shapes)")
+            examples, dynamic_shapes = model.example_inputs, None
         module = model.module
         if request.plan is not None:
             # int8 codes as DequantizeLinear over int8 initializers named `<fqn>.weight.codes` (exact).
             module = apply_plan(module, request.plan, WeightForm.CODES)
         try:
-            # The exporter prints progress to stdout; edgeq's own output stays readable without it.
-            with contextlib.redirect_stdout(io.StringIO()):
+            with quiet():
                 program = torch.onnx.export(
                     module,
                     examples,
@@ -55,7 +50,7 @@ class OnnxConverter(Converter):
                 )
             proto = program.model_proto
         except Exception as exc:
-            raise explain_failure(profile.id, exc, model.module, static_examples(model)) from exc
+            raise explain_failure(profile.id, exc, model.module, model.example_inputs) from exc
         proto = name_outputs(proto, model.outputs)
         if request.precision == Precision.INT8_DYNAMIC:
             from edgeq.converters.onnx_dynamic import rewrite_dynamic_matmuls

@@ -16,6 +16,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from edgeq.converters.parity import onnx_tensors
+
 CODES_SUFFIX = ".weight.codes"
 
 
@@ -27,8 +29,7 @@ def rewrite_dynamic_matmuls(proto) -> list[str]:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = proto.graph
-    initializers = {i.name: i for i in graph.initializer}
-    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    tensors = onnx_tensors(graph)
     producer = {out: node for node in graph.node for out in node.output}
     consumers = defaultdict(list)
     for node in graph.node:
@@ -36,9 +37,7 @@ def rewrite_dynamic_matmuls(proto) -> list[str]:
             consumers[name].append(node)
 
     def value(name):
-        if name in initializers:
-            return numpy_helper.to_array(initializers[name])
-        return numpy_helper.to_array(constants[name].attribute[0].t)
+        return numpy_helper.to_array(tensors[name])
 
     def weight_source(node):
         """(DequantizeLinear, nodes to drop) feeding `node`'s weight input as [out, in] codes, or None."""

@@ -33,30 +33,34 @@ class StoredWeights:
         return any(name.startswith((f"{fqn}.", f"inner.{fqn}.")) for name in self.names)
 
 
+def onnx_tensors(graph) -> dict:
+    """name -> TensorProto of every constant a graph stores: initializers and Constant nodes' values."""
+    constants = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute}
+    return {**constants, **{i.name: i for i in graph.initializer}}
+
+
 def onnx_weights(path: Path) -> StoredWeights:
     """Codes and scales of every DequantizeLinear over an int8 initializer named `<fqn>.weight.codes`."""
     import onnx
     from onnx import numpy_helper
 
     graph = onnx.load(str(path)).graph
-    initializers = {i.name: i for i in graph.initializer}
-    constants = {n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute}
+    tensors = onnx_tensors(graph)
     found = {}
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or not node.input[0].endswith(".weight.codes"):
             continue
-        source = {**constants, **initializers}
-        codes = numpy_helper.to_array(source[node.input[0]])
-        scale = numpy_helper.to_array(source[node.input[1]])
+        codes = numpy_helper.to_array(tensors[node.input[0]])
+        scale = numpy_helper.to_array(tensors[node.input[1]])
         fqn = node.input[0].removesuffix(".weight.codes").removeprefix("inner.")
         found[fqn] = (codes, scale)
     for node in graph.node:  # dynamic int8: MatMulInteger over transposed codes (converters/onnx_dynamic.py)
         if node.op_type == "MatMulInteger" and node.input[1].endswith(".weight.codes.T"):
             stem = node.input[1].removesuffix(".codes.T")
-            codes = numpy_helper.to_array(initializers[node.input[1]]).T
-            scale = numpy_helper.to_array(initializers[f"{stem}.scale"])
+            codes = numpy_helper.to_array(tensors[node.input[1]]).T
+            scale = numpy_helper.to_array(tensors[f"{stem}.scale"])
             found[stem.removesuffix(".weight").removeprefix("inner.")] = (codes, scale)
-    return StoredWeights(found, set(initializers) | set(constants))
+    return StoredWeights(found, set(tensors))
 
 
 def artifact_weights(path: Path, runtime: str) -> StoredWeights:

@@ -7,15 +7,13 @@ Integer inputs are stored as int32, the TFLite index type; runners cast int64 fe
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import torch
 
 from edgeq.converters.base import Artifact, ConversionRequest, Converter
 from edgeq.converters.failures import explain_failure
-from edgeq.converters.tracing import static_examples
+from edgeq.converters.tracing import quiet, shape_notes
 from edgeq.targets import Precision, Runtime
 
 _FP16_WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE", "EMBEDDING_LOOKUP")
@@ -43,13 +41,11 @@ class TFLiteConverter(Converter):
         import litert_torch
 
         model = request.model
-        notes = []
-        if any(spec.dynamic_axes for spec in model.inputs):
-            notes.append("dynamic axes frozen at their example sizes (litert-torch traces static shapes)")
-        examples = static_examples(model)
+        notes = shape_notes(model, request.profile)
+        examples = model.example_inputs
         wrapper = KeywordIO(model.module, model.input_names, model.outputs).eval()
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            with quiet():
                 edge_model = litert_torch.convert(wrapper, sample_kwargs=dict(zip(model.input_names, examples)))
                 flatbuffer = edge_model.model_content()
         except Exception as exc:
@@ -90,6 +86,5 @@ def float16_weights(flatbuffer: bytes) -> bytes:
             algorithm_key=quantizer.AlgorithmName.FLOAT_CASTING,
             op_config=config,
         )
-    # It prints a size summary and progress bars; edgeq reports sizes itself.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with quiet():  # it prints a size summary and progress bars
         return bytes(engine.quantize().quantized_model)

@@ -1,15 +1,28 @@
-"""Example inputs and dynamic-shape specs for tracing, shared by the converters."""
+"""What the converters share around tracing: dynamic-shape specs, the frozen-axes note, quiet toolchains."""
 
 from __future__ import annotations
+
+import contextlib
+import io
 
 import torch
 
 from edgeq.load import LoadedModel
+from edgeq.targets import TargetProfile
 
 
-def static_examples(model: LoadedModel) -> tuple[torch.Tensor, ...]:
-    """Example inputs at their declared (example) sizes: what static-shape targets are traced with."""
-    return model.example_inputs
+@contextlib.contextmanager
+def quiet():
+    """Toolchains print progress bars and summaries on stdout/stderr; edgeq reports what matters itself."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def shape_notes(model: LoadedModel, profile: TargetProfile) -> list[str]:
+    """The manifest note for a static-shape target given dynamic axes (they are traced at their example size)."""
+    if profile.dynamic_shapes or not any(spec.dynamic_axes for spec in model.inputs):
+        return []
+    return [f"dynamic axes frozen at their example sizes (target {profile.id} takes static shapes)"]
 
 
 def dynamic_examples(model: LoadedModel) -> tuple[tuple[torch.Tensor, ...], tuple | None]:

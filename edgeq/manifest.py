@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import platform
-from pathlib import Path
-
 import numpy as np
 
 import edgeq
+from edgeq.bundle import size_bytes
 from edgeq.hashing import sha256_path
 
 MANIFEST_SCHEMA = 1
@@ -28,7 +27,7 @@ def build_manifest(*, model, profile, artifact, report, budget, violations, verd
         "artifact": {
             "file": artifact.path.name,
             "sha256": sha256_path(artifact.path),
-            "size_bytes": _size(artifact.path),
+            "size_bytes": size_bytes(artifact.path),
         },
         "signature": {
             "declared_inputs": [spec.to_json() for spec in model.inputs],
@@ -51,9 +50,3 @@ def build_manifest(*, model, profile, artifact, report, budget, violations, verd
         "budget": {"terms": str(budget), "verdict": verdict, "violations": violations},
         "golden": {"file": golden.name, "sha256": sha256_path(golden), "samples": report.samples},
     }
-
-
-def _size(path: Path) -> int:
-    from edgeq.bundle import size_bytes
-
-    return size_bytes(path)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeq.bundle import REJECTED_SUFFIX, bundle_path, publish, size_bytes, staging, write_golden, write_json
-from edgeq.calibration.data import InputShape, load_samples, split
+from edgeq.bundle import REJECTED_SUFFIX, bundle_path, publish, staging, write_golden, write_json
+from edgeq.calibration.data import load_samples, split
 from edgeq.converters import ConversionRequest, get_converter
 from edgeq.converters.parity import artifact_weights, compare_weights
 from edgeq.errors import ConversionError, UsageError
@@ -67,10 +67,9 @@ def convert(model: LoadedModel, options: ConvertOptions, on_step: Callable[[str]
     _check_budget(options.budget)
 
     on_step("preparing validation data")
-    shapes = [InputShape(s.name, s.shape, s.dtype) for s in model.inputs]
     example = {s.name: t.numpy() for s, t in zip(model.inputs, model.example_inputs)}
     samples = load_samples(
-        shapes, example, data=options.data, tokenizer=model.tokenizer,
+        model.inputs, example, data=options.data, tokenizer=model.tokenizer,
         text_column=options.text_column, count=options.samples, seed=options.seed,
     )
     _, validation = split(samples, calibration_count=0, seed=options.seed)  # calibration arrives with quantization
@@ -158,7 +157,7 @@ def _convert_one(model, profile, precision, validation, references, options, dat
             )
             write_json(stage / "report.json", _report_json(manifest))
             write_json(stage / "manifest.json", manifest)
-            size = size_bytes(artifact.path)
+            size = manifest["artifact"]["size_bytes"]
             final = dest if verdict in (Verdict.PASSED, Verdict.NOT_VALIDATED) else dest.with_name(dest.name + REJECTED_SUFFIX)
             publish(stage, final)
     except ConversionError as exc:

@@ -8,6 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from edgeq.errors import UsageError
+from edgeq.validate.budget import BudgetSyntaxError, parse_budget
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -142,8 +143,6 @@ def _parse(data: dict, path: Path) -> TargetProfile:
     budgets = {}
     for key, text in data.get("budgets", {}).items():
         precision = _enum(Precision, key, lambda m: fail(f"budgets.{key}", m))
-        from edgeq.validate.budget import BudgetSyntaxError, parse_budget
-
         try:
             parse_budget(text)
         except BudgetSyntaxError as exc:

@@ -84,17 +84,11 @@ def load_huggingface(folder: Path, task: str | None, declared: list[TensorSpec])
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # edgeq prints its own steps
-    auto = {
-        Task.FEATURE_EXTRACTION: transformers.AutoModel,
-        Task.SENTENCE_EMBEDDING: transformers.AutoModel,
-        Task.TEXT_CLASSIFICATION: transformers.AutoModelForSequenceClassification,
-        Task.IMAGE_CLASSIFICATION: transformers.AutoModelForImageClassification,
-    }[task]
-    head = {
-        Task.FEATURE_EXTRACTION: HiddenState,
-        Task.SENTENCE_EMBEDDING: MeanPooledEmbedding,
-        Task.TEXT_CLASSIFICATION: Logits,
-        Task.IMAGE_CLASSIFICATION: Logits,
+    auto, head = {
+        Task.FEATURE_EXTRACTION: (transformers.AutoModel, HiddenState),
+        Task.SENTENCE_EMBEDDING: (transformers.AutoModel, MeanPooledEmbedding),
+        Task.TEXT_CLASSIFICATION: (transformers.AutoModelForSequenceClassification, Logits),
+        Task.IMAGE_CLASSIFICATION: (transformers.AutoModelForImageClassification, Logits),
     }[task]
     try:
         # Eager attention exports to every runtime the same way; SDPA's fused kernel is a torch detail.

@@ -49,7 +49,6 @@ class LiteRTRunner(Runner):
             IOSpec(name, tuple(int(s) for s in d["shape"]), np.dtype(d["dtype"]).name) for name, d in details.items()
         ]
         self.outputs = list(signatures[self.signature]["outputs"])
-        self._quant = {name: d["quantization"] for name, d in details.items()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prepared = self.prepare(feeds)
