@@ -149,8 +149,10 @@ class LayerPlan:
     """What happens to one layer. `weight`/`activation` None means that tensor stays float.
 
     `activation` quantizes the layer's input; `dynamic_activation` quantizes it at run time instead (its
-    range is measured per call, so no scale is stored). `weight_codes` are the integer weights (rounded by
-    the calibration algorithm, which may differ from round-to-nearest).
+    range is measured per call, so no scale is stored). `output` quantizes the layer's output, so integer
+    kernels can write integer results (static schemes). `weight_codes` are the integer weights (rounded by
+    the calibration algorithm, which may differ from round-to-nearest). `smooth` is SmoothQuant's
+    per-input-channel factor: the layer computes (x / smooth) @ (W * smooth)^T, and the codes are of W * smooth.
     """
 
     fqn: str
@@ -159,6 +161,8 @@ class LayerPlan:
     weight_codes: np.ndarray | None = None
     activation: TensorQuant | None = None
     dynamic_activation: QDtype | None = None
+    output: TensorQuant | None = None
+    smooth: np.ndarray | None = None
     reason: str | None = None  # why the layer stays float, when it does
 
     @property
@@ -193,13 +197,16 @@ class QuantPlan:
             entry = {"op": layer.op.value}
             if layer.reason:
                 entry["reason"] = layer.reason
-            for role, quant in (("weight", layer.weight), ("activation", layer.activation)):
+            for role, quant in (("weight", layer.weight), ("activation", layer.activation), ("output", layer.output)):
                 if quant is not None:
                     entry[role] = quant.describe()
                     arrays[f"{fqn}/{role}_scale"] = quant.scale
                     arrays[f"{fqn}/{role}_zero_point"] = quant.zero_point
             if layer.weight_codes is not None:
                 arrays[f"{fqn}/weight_codes"] = layer.weight_codes
+            if layer.smooth is not None:
+                entry["smooth"] = True
+                arrays[f"{fqn}/smooth"] = layer.smooth
             if layer.dynamic_activation is not None:
                 entry["dynamic_activation"] = layer.dynamic_activation.value
             layers[fqn] = entry
@@ -217,7 +224,7 @@ class QuantPlan:
         plan = cls(data["summary"]["scheme"], data["summary"]["target"], notes=data.get("notes", []))
         for fqn, entry in data["layers"].items():
             quants = {}
-            for role in ("weight", "activation"):
+            for role in ("weight", "activation", "output"):
                 if role in entry:
                     quants[role] = TensorQuant(
                         QDtype(entry[role]["dtype"]),
@@ -234,6 +241,8 @@ class QuantPlan:
                 weight_codes=arrays.get(f"{fqn}/weight_codes"),
                 activation=quants.get("activation"),
                 dynamic_activation=QDtype(dynamic) if dynamic else None,
+                output=quants.get("output"),
+                smooth=arrays.get(f"{fqn}/smooth"),
                 reason=entry.get("reason"),
             )
         return plan

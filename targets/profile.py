@@ -48,6 +48,7 @@ class QuantCapabilities:
     group_sizes: tuple[int, ...] = ()  # block sizes for per-group weights
     integer_io: bool = False  # inputs and outputs are integer tensors (full-integer targets)
     ops: tuple[str, ...] = ()  # layer kinds it quantizes: linear, conv, embedding
+    scale_dtype: str = "float32"  # the precision the runtime keeps scales in; plans round theirs to it
 
 
 # Per-runtime settings a profile may state, with their types; anything else is refused.
@@ -77,6 +78,7 @@ _QUANT_KEYS = {
     "group_sizes": list,
     "integer_io": bool,
     "ops": list,
+    "scale_dtype": str,
 }
 _QUANT_VALUES = {
     "weight_dtypes": {"int4", "int8", "uint8"},
@@ -183,6 +185,8 @@ def _parse_quantization(table: dict, fail) -> QuantCapabilities:
             if item not in _QUANT_VALUES[key]:
                 raise fail(f"quantization.{key}", f"{item!r} is not one of {', '.join(sorted(_QUANT_VALUES[key]))}")
     granularity = tuple(_enum(Granularity, g, lambda m: fail("quantization.weight_granularity", m)) for g in table.get("weight_granularity", []))
+    if table.get("scale_dtype", "float32") not in ("float32", "float16"):
+        raise fail("quantization.scale_dtype", f"{table['scale_dtype']!r} is not one of float16, float32")
     sizes = table.get("group_sizes", [])
     if any(not isinstance(size, int) or size <= 0 for size in sizes):
         raise fail("quantization.group_sizes", "group sizes are positive integers")
@@ -197,6 +201,7 @@ def _parse_quantization(table: dict, fail) -> QuantCapabilities:
         group_sizes=tuple(sizes),
         integer_io=table.get("integer_io", False),
         ops=tuple(table.get("ops", [])),
+        scale_dtype=table.get("scale_dtype", "float32"),
     )
 
 

@@ -94,7 +94,7 @@ def resolve_plan(
         elif kind.value not in caps.ops:
             plan.layers[fqn] = LayerPlan(fqn, kind, reason=f"target {profile.id} does not quantize {kind.value} layers")
         else:
-            quant, codes = quantize_weight_per_channel(layer.weight, QDtype.INT8, axis=0)
+            quant, codes = quantize_weight_per_channel(layer.weight, QDtype.INT8, axis=0, scale_dtype=caps.scale_dtype)
             # Dynamic activations: uint8 asymmetric per call, what ORT's DynamicQuantizeLinear computes.
             dynamic = QDtype.UINT8 if precision == Precision.INT8_DYNAMIC and kind == OpKind.LINEAR else None
             plan.layers[fqn] = LayerPlan(fqn, kind, quant, codes, dynamic_activation=dynamic)

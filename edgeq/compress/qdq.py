@@ -6,8 +6,9 @@ docs/research/qdq-onnx-tflite.md and coreml-quantized.md):
          DequantizeLinear over an int8 initializer; coremltools as constexpr_affine_dequantize.
   QDQ    a float buffer equal to (codes - zero_point) * scale -> quantize_per_channel -> dequantize.
          litert-torch recovers the codes from it exactly and emits int8 weight tensors.
-Static activation quantization is a quantize_per_tensor -> dequantize_per_tensor pair on the layer input,
-with the plan's scale and zero-point; every converter turns it into its own quantized tensor.
+Static activation quantization is a quantize_per_tensor -> dequantize_per_tensor pair on the layer input
+(and on its output, when the plan says so), with the plan's scale and zero-point; every converter turns it
+into its own quantized tensor.
 """
 
 from __future__ import annotations
@@ -75,15 +76,32 @@ class ActivationQuant(nn.Module):
         return QD.dequantize_per_tensor(QD.quantize_per_tensor(x, *args), *args)
 
 
+def _maybe_quant(quant: TensorQuant | None) -> nn.Module:
+    return ActivationQuant(quant) if quant is not None else nn.Identity()
+
+
+class Smooth(nn.Module):
+    """SmoothQuant's input scaling x / s, as a multiply by the stored reciprocal (one float Mul in every runtime)."""
+
+    def __init__(self, smooth: np.ndarray):
+        super().__init__()  # a linear layer's input channels are its last axis, so a 1-D factor broadcasts
+        self.register_buffer("inverse", torch.from_numpy((1.0 / smooth.astype(np.float64)).astype(np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.inverse
+
+
 class QuantizedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, layer: LayerPlan, form: WeightForm):
         super().__init__()
         self.weight = QuantizedWeight(layer.weight, layer.weight_codes, form)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.input_quant = ActivationQuant(layer.activation) if layer.activation is not None else nn.Identity()
+        self.smooth = Smooth(layer.smooth) if layer.smooth is not None else nn.Identity()
+        self.input_quant = _maybe_quant(layer.activation)
+        self.output_quant = _maybe_quant(layer.output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quant(x), self.weight(), self.bias)
+        return self.output_quant(F.linear(self.input_quant(self.smooth(x)), self.weight(), self.bias))
 
 
 class QuantizedConv(nn.Module):
@@ -91,14 +109,18 @@ class QuantizedConv(nn.Module):
         super().__init__()
         self.weight = QuantizedWeight(layer.weight, layer.weight_codes, form)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
-        self.input_quant = ActivationQuant(layer.activation) if layer.activation is not None else nn.Identity()
+        if layer.smooth is not None:
+            raise ValueError(f"{layer.fqn}: SmoothQuant is applied to linear layers only")
+        self.input_quant = _maybe_quant(layer.activation)
+        self.output_quant = _maybe_quant(layer.output)
         self.conv = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv1d
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode {conv.padding_mode!r} is not lowered; only zeros")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.input_quant(x), self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        y = self.conv(self.input_quant(x), self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.output_quant(y)
 
 
 class QuantizedEmbedding(nn.Module):
