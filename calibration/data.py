@@ -1,13 +1,18 @@
-"""Sample sources for validation (and, later, calibration), and their seeded disjoint split.
+"""Sample sources for validation and calibration, and their seeded disjoint split.
 
 A sample is one model call: a dict input name -> numpy array of the input's example shape.
-Sources:
-  none       made from the model's example inputs: floats get seeded noise at the example's scale,
-             integers (token ids) are the example's values shuffled, so they stay valid ids
-  .npz       one array per input name, either of the input's shape (one sample) or with a leading
-             sample axis
-  .txt       one text per line, through the model's tokenizer
-  .csv/.tsv  one column of texts (--text-column: index or header name), through the tokenizer
+`--data` may be:
+  (nothing)      made from the model's example inputs: floats get seeded noise at the example's scale,
+                 integers (token ids) are the example's values shuffled, so they stay valid ids
+  .npz           one array per input name, of the input's shape (one sample) or with a leading sample axis
+  .npy           a single-input model's input, of its shape or with a leading sample axis
+  a folder       of .npz, .npy, images (.png/.jpg/.jpeg, with --preprocess) or .wav (with --sample-rate)
+                 files, searched recursively, read in sorted order; one kind of file per folder
+  .png/.jpg/.wav a single image or WAV file
+  .txt           one text per line, through the model's tokenizer
+  .csv/.tsv      one column of texts (--text-column: index or header name), through the tokenizer
+  mod:function   a Python callable (or path/to/file.py:function) returning an iterable of samples
+Every source holding more samples than asked for gives a seeded choice of them, kept in source order.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.calibration.sources.arrays import npy_samples, npz_samples
+from edgeq.calibration.sources.audio import WAV_SUFFIXES, wav_samples
+from edgeq.calibration.sources.common import Sample, SampleSet, SourceKind, select
+from edgeq.calibration.sources.function import function_samples, is_function_reference
+from edgeq.calibration.sources.images import IMAGE_SUFFIXES, ImagePreprocess, image_samples, parse_preprocess
 from edgeq.errors import SourceError, UsageError
 from edgeq.signature import TensorSpec
-
-Sample = dict[str, np.ndarray]
 
 # Varied everyday sentences for text models when no data is given (validation still needs real text).
 BUILTIN_SENTENCES = (
@@ -42,34 +50,121 @@ BUILTIN_SENTENCES = (
     "The orchestra played Beethoven's ninth symphony.",
 )
 
+# File suffix -> the source that reads it, for folders and single files alike.
+_FILE_KINDS = {
+    ".npz": SourceKind.NPZ,
+    ".npy": SourceKind.NPY,
+    **{suffix: SourceKind.IMAGES for suffix in IMAGE_SUFFIXES},
+    **{suffix: SourceKind.WAV for suffix in WAV_SUFFIXES},
+}
+_TEXT_SUFFIXES = (".txt", ".csv", ".tsv")
+
 
 def load_samples(
     inputs: list[TensorSpec],
     example: Sample,
     *,
-    data: Path | None = None,
+    data: Path | str | None = None,
     tokenizer=None,
     text_column: str | None = None,
+    preprocess: str | ImagePreprocess | None = None,
+    sample_rate: int | None = None,
     count: int = 32,
     seed: int = 0,
-) -> list[Sample]:
-    """Up to `count` samples from `data`, or made from the example when no data is given."""
+) -> SampleSet:
+    """Up to `count` samples from `data` (see the module docstring), or made from the example when no data is
+    given; with a record of where they came from. `preprocess` applies to images, `sample_rate` (Hz) to WAV."""
+    if isinstance(preprocess, str):
+        preprocess = parse_preprocess(preprocess)
     if data is None:
+        _refuse_options(None, preprocess, sample_rate, None)
         if tokenizer is not None:
-            return tokenize(list(BUILTIN_SENTENCES)[:count], inputs, tokenizer)
-        return synthesize(inputs, example, count, seed)
+            sentences = list(BUILTIN_SENTENCES)[:count]
+            return SampleSet(
+                tokenize(sentences, inputs, tokenizer), SourceKind.SENTENCES, None, len(BUILTIN_SENTENCES),
+                _text_record(inputs, None), (f"the first {len(sentences)} of edgeq's built-in sentences",),
+            )
+        return SampleSet(
+            synthesize(inputs, example, count, seed), SourceKind.SYNTHETIC, None, count, None,
+            ("floats: seeded noise at the example's mean and scale; integers: the example's values shuffled",),
+        )
+    if not Path(data).exists() and is_function_reference(str(data)):
+        _refuse_options(SourceKind.CALLABLE, preprocess, sample_rate, data)
+        return function_samples(str(data), inputs, count, seed)
     data = Path(data)
     if not data.exists():
-        raise SourceError(f"--data {data}: no such file")
-    if data.suffix == ".npz":
-        return from_npz(data, inputs)[:count]
-    if data.suffix in (".txt", ".csv", ".tsv"):
-        if tokenizer is None:
-            raise UsageError(f"--data {data}: text data needs a model with a tokenizer (a Hugging Face text model)")
-        texts = read_texts(data, text_column)
-        chosen = np.random.default_rng(seed).permutation(len(texts))[:count]
-        return tokenize([texts[i] for i in sorted(chosen)], inputs, tokenizer)
-    raise UsageError(f"--data {data}: expected .npz, .txt, .csv or .tsv")
+        raise SourceError(f"--data {data}: no such file or folder (nor a module:function reference)")
+    if data.is_dir():
+        kind, files, ignored = _folder_files(data)
+    elif data.suffix.lower() in _TEXT_SUFFIXES:
+        _refuse_options(SourceKind.TEXT, preprocess, sample_rate, data)
+        return _text_samples(data, inputs, tokenizer, text_column, count, seed)
+    elif data.suffix.lower() in _FILE_KINDS:
+        kind, files, ignored = _FILE_KINDS[data.suffix.lower()], [data], 0
+    else:
+        raise UsageError(
+            f"--data {data}: expected a folder, .npz, .npy, .png/.jpg/.jpeg, .wav, .txt, .csv or .tsv, "
+            "or package.module:function"
+        )
+    _refuse_options(kind, preprocess, sample_rate, data)
+    if kind == SourceKind.NPZ:
+        loaded = npz_samples(files, inputs, data, count, seed)
+    elif kind == SourceKind.NPY:
+        loaded = npy_samples(files, inputs, data, count, seed)
+    elif kind == SourceKind.IMAGES:
+        loaded = image_samples(files, inputs, data, preprocess, count, seed)
+    else:
+        loaded = wav_samples(files, inputs, data, sample_rate, count, seed)
+    if ignored:
+        loaded = SampleSet(
+            loaded.samples, loaded.kind, loaded.path, loaded.found, loaded.preprocess,
+            loaded.notes + (f"{ignored} file(s) of other kinds in the folder were ignored",),
+        )
+    return loaded
+
+
+def _refuse_options(kind: SourceKind | None, preprocess, sample_rate, data) -> None:
+    """--preprocess and --sample-rate mean something only for images and WAV; elsewhere they are mistakes."""
+    given = "no --data was given" if data is None else f"--data {data} is {kind}"
+    if preprocess is not None and kind != SourceKind.IMAGES:
+        raise UsageError(f"--preprocess applies to images, and {given}; drop it or point --data at images")
+    if sample_rate is not None and kind != SourceKind.WAV:
+        raise UsageError(f"--sample-rate applies to WAV audio, and {given}; drop it or point --data at .wav files")
+
+
+def _folder_files(folder: Path) -> tuple[SourceKind, list[Path], int]:
+    """(kind, its files in sorted relative-path order, count of other files) of a data folder, searched
+    recursively; hidden files and folders are skipped."""
+    files = sorted(
+        (p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
+    by_kind: dict[SourceKind, list[Path]] = {}
+    for path in files:
+        if path.suffix.lower() in _FILE_KINDS:
+            by_kind.setdefault(_FILE_KINDS[path.suffix.lower()], []).append(path)
+    ignored = len(files) - sum(len(paths) for paths in by_kind.values())
+    if not by_kind:
+        others = f" (it has {ignored} other file(s))" if ignored else " (it is empty)"
+        raise SourceError(f"--data {folder}: holds no .npz, .npy, .png/.jpg/.jpeg or .wav files{others}")
+    if len(by_kind) > 1:
+        mixed = "; ".join(f"{len(paths)} {kind} file(s), e.g. {paths[0].relative_to(folder)}" for kind, paths in by_kind.items())
+        raise SourceError(f"--data {folder}: mixes kinds of data ({mixed}); a data folder holds one kind: split it")
+    (kind, paths), = by_kind.items()
+    return kind, paths, ignored
+
+
+def _text_samples(data: Path, inputs, tokenizer, text_column, count: int, seed: int) -> SampleSet:
+    if tokenizer is None:
+        raise UsageError(f"--data {data}: text data needs a model with a tokenizer (a Hugging Face text model)")
+    texts = read_texts(data, text_column)
+    chosen = [texts[i] for i in select(len(texts), count, seed)]
+    return SampleSet(tokenize(chosen, inputs, tokenizer), SourceKind.TEXT, str(data), len(texts), _text_record(inputs, text_column))
+
+
+def _text_record(inputs: list[TensorSpec], column: str | None) -> dict:
+    length = {spec.name: spec for spec in inputs}["input_ids"].shape[-1]
+    return {"tokenizer": "the model's", "max_length": length, "padding": "max_length", "truncation": True, "text_column": column}
 
 
 def synthesize(inputs: list[TensorSpec], example: Sample, count: int, seed: int) -> list[Sample]:
@@ -88,34 +183,11 @@ def synthesize(inputs: list[TensorSpec], example: Sample, count: int, seed: int)
     return samples
 
 
-def from_npz(path: Path, inputs: list[TensorSpec]) -> list[Sample]:
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {key: archive[key] for key in archive.files}
-    missing = [spec.name for spec in inputs if spec.name not in arrays]
-    if missing:
-        raise SourceError(f"--data {path}: no array for input(s) {', '.join(missing)}; it has {', '.join(arrays)}")
-    stacked = {}
-    for spec in inputs:
-        array = arrays[spec.name]
-        if tuple(array.shape) == spec.shape:
-            array = array[None]
-        elif tuple(array.shape[1:]) != spec.shape:
-            raise SourceError(
-                f"--data {path}: array {spec.name!r} has shape {array.shape}; expected {spec.shape} or "
-                f"(samples, {', '.join(map(str, spec.shape))})"
-            )
-        stacked[spec.name] = array.astype(spec.dtype)
-    counts = {len(a) for a in stacked.values()}
-    if len(counts) != 1:
-        raise SourceError(f"--data {path}: arrays have different sample counts {sorted(counts)}")
-    return [{name: array[i] for name, array in stacked.items()} for i in range(counts.pop())]
-
-
 def read_texts(path: Path, column: str | None) -> list[str]:
-    if path.suffix == ".txt":
+    if path.suffix.lower() == ".txt":
         texts = [line.strip() for line in path.read_text().splitlines()]
         return [t for t in texts if t]
-    delimiter = "\t" if path.suffix == ".tsv" or "\t" in path.read_text()[:4096] else ","
+    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in path.read_text()[:4096] else ","
     with open(path, newline="") as handle:
         rows = list(csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE))
     if column is None:

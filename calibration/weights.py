@@ -38,4 +38,4 @@ def fp16_grid_up(values: np.ndarray) -> np.ndarray:
     half = values.astype(np.float16)
     below = half.astype(np.float32) < values
     half[below] = np.nextafter(half[below], np.float16(np.inf))
-    return np.maximum(half, np.float16(6.1e-05)).astype(np.float32)  # stay in float16's normal range
+    return np.maximum(half, np.float16(2.0**-14)).astype(np.float32)  # stay in float16's normal range

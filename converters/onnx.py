@@ -19,13 +19,17 @@ from edgeq.targets import Precision, Runtime
 class OnnxConverter(Converter):
     runtime = Runtime.ONNX
     filename = "model.onnx"
-    implemented = frozenset({Precision.FP32, Precision.FP16, Precision.INT8_WEIGHT, Precision.INT8_DYNAMIC})
+    implemented = frozenset(
+        {Precision.FP32, Precision.FP16, Precision.INT8_WEIGHT, Precision.INT8_DYNAMIC, Precision.W8A8, Precision.W8A16}
+    )
 
     def convert(self, request: ConversionRequest, dest: Path) -> Artifact:
         import onnx
 
         model, profile = request.model, request.profile
         opset = profile.runtime_options.get("opset", 18)
+        if request.plan is not None and _has_16bit_activations(request.plan) and opset < 21:
+            opset = 21  # QuantizeLinear/DequantizeLinear take int16/uint16 from opset 21 (measured: 20 is invalid)
         notes = shape_notes(model, profile)
         if profile.dynamic_shapes:
             examples, dynamic_shapes = dynamic_examples(model)
@@ -65,6 +69,8 @@ class OnnxConverter(Converter):
                     "(their weights are shared or not a MatMul/Gemm); keep them float with --keep-float"
                 )
             notes.append(f"{len(rewritten)} linear layers run as dynamic int8 (DynamicQuantizeLinear + MatMulInteger)")
+        if request.plan is not None:
+            unshare_quantization_parameters(proto.graph)
         if request.precision == Precision.FP16:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -111,6 +117,40 @@ def name_outputs(proto, names: list[str]):
     for value in list(graph.output) + list(graph.value_info):
         value.name = renames.get(value.name, value.name)
     return proto
+
+
+def _has_16bit_activations(plan) -> bool:
+    return any(
+        quant is not None and quant.dtype.storage.itemsize == 2
+        for layer in plan.layers.values()
+        for quant in (layer.activation, layer.output)
+    )
+
+
+def unshare_quantization_parameters(graph) -> None:
+    """Give every QuantizeLinear/DequantizeLinear its own scale and zero-point initializers.
+
+    The exporter deduplicates equal constants (e.g. the zero-point vectors of several layers); ORT's
+    x64quantprecision session option then fails on quantized conv models with "Attempt to replace the
+    existing tensor" when a fusion rewrites one shared initializer twice (measured, docs/research A4).
+    """
+    from onnx import numpy_helper
+
+    initializers = {i.name: i for i in graph.initializer}
+    seen: set[str] = set()
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for position in (1, 2):
+            if position >= len(node.input) or node.input[position] not in initializers:
+                continue
+            name = node.input[position]
+            if name not in seen:
+                seen.add(name)
+                continue
+            copy_name = _fresh(name, seen)
+            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(initializers[name]), copy_name))
+            node.input[position] = copy_name
 
 
 def sort_nodes(graph) -> None:

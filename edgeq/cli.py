@@ -39,16 +39,23 @@ def main() -> None:
 @click.option("--task", help="For Hugging Face folders: feature-extraction, sentence-embedding, text-classification, image-classification.")
 @click.option("--factory", metavar="MODULE:CALLABLE", help="Builds the model a state dict (.pt/.safetensors) belongs to.")
 @click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole-model .pt file (runs code from the file).")
-@click.option("--data", type=click.Path(path_type=Path), help="Validation data: .npz (arrays per input), or .txt/.csv/.tsv text for text models.")
+@click.option("--data", type=click.Path(path_type=Path), help="Validation data: .npz/.npy, a folder of .npz, .npy, images or .wav files, .txt/.csv/.tsv text for text models, or module:function (or file.py:function) returning samples.")
 @click.option("--text-column", help="Column (index or header name) of a .csv/.tsv holding the text.")
+@click.option("--preprocess", metavar="KEY=VALUE,...", help="Image preprocessing, e.g. 'resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nchw' (keys: resize crop mean std scale layout channels interpolation; default: fit the input's H, W, scale 1/255).")
+@click.option("--sample-rate", type=click.IntRange(1), metavar="HZ", help="Sample rate every .wav file must have (edgeq does not resample).")
 @click.option("--samples", type=click.IntRange(1), default=32, show_default=True, help="Validation samples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection and synthetic inputs.")
 @click.option("--budget", help="Drift budget held by every output, e.g. 'cosine>=0.999,sqnr_db>=30' (default: the target's).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("build/edge"), show_default=True, help="Bundles go to OUT/<model>/<target>/<precision>/.")
 @click.option("--name", help="Model name used for the bundle folder (default: from the source).")
 @click.option("--keep-float", "keep_float", multiple=True, metavar="FQN|re:REGEX", help="Keep these layers float in quantized schemes (repeatable), e.g. 're:.*classifier.*'.")
+@click.option("--calibration-samples", type=click.IntRange(0), default=32, show_default=True, help="Calibration samples for quantized schemes, drawn besides --samples and disjoint from them.")
+@click.option("--observer", type=click.Choice(["minmax", "percentile", "mse", "entropy"]), default="mse", show_default=True, help="How static activation ranges are chosen from the calibration samples.")
+@click.option("--smoothquant", metavar="ALPHA|off", help="SmoothQuant strength for linear layers with quantized activations (default: the scheme's, 0.7 for int8-dynamic and w8a8).")
+@click.option("--auto-fallback", is_flag=True, help="Sweep layer sensitivity and keep the most harmful layers at higher precision until the budget holds.")
+@click.option("--fallback-max", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="At most this fraction of quantized layers is relaxed by --auto-fallback.")
 @click.option("-c", "--config", type=click.Path(path_type=Path), help="edgeq.toml: convert every model x target it declares.")
-def convert(source, targets, precisions, inputs, task, factory, trust_pickle, data, text_column, samples, seed, budget, out, name, keep_float, config):
+def convert(source, targets, precisions, inputs, task, factory, trust_pickle, data, text_column, preprocess, sample_rate, samples, seed, budget, out, name, keep_float, calibration_samples, observer, smoothquant, auto_fallback, fallback_max, config):
     """Convert SOURCE and validate every artifact in its runtime.
 
     SOURCE is package.module:callable, a TorchScript file, a torch.export .pt2 program, a Hugging Face
@@ -67,15 +74,23 @@ def convert(source, targets, precisions, inputs, task, factory, trust_pickle, da
         else:
             if not source:
                 raise UsageError("missing SOURCE (or --config edgeq.toml); see edgeq convert --help")
+            from edgeq.calibration.sources.images import parse_preprocess
             from edgeq.project import Job
+            from edgeq.quantize import QuantizeOptions, parse_smoothquant
             from edgeq.signature import parse_input_spec
 
+            if preprocess is not None:
+                parse_preprocess(preprocess)  # a typo fails now, not after the model has loaded
             jobs = [
                 Job(
                     source=source, targets=_split_list(targets) or ["all"], precisions=_split_list(precisions),
                     inputs=[parse_input_spec(text) for text in inputs], task=task, factory=factory,
-                    trust_pickle=trust_pickle, data=data, text_column=text_column, samples=samples, seed=seed,
+                    trust_pickle=trust_pickle, data=data, text_column=text_column, preprocess=preprocess,
+                    sample_rate=sample_rate, samples=samples, seed=seed,
                     budget=budget, out=out, name=name, keep_float=list(keep_float),
+                    quantize=QuantizeOptions(
+                        calibration_samples, observer, *parse_smoothquant(smoothquant), auto_fallback, fallback_max
+                    ),
                 )
             ]
         from edgeq.pipeline import exit_code

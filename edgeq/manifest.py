@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import platform
+
 import numpy as np
 
 import edgeq
@@ -11,9 +13,18 @@ from edgeq.hashing import sha256_path
 
 MANIFEST_SCHEMA = 1
 
+# The only fields a rerun does not repeat: wall-clock timings of this machine (validation.latency, ...).
+TIMING_FIELDS = (
+    ("validation", "latency"),
+    ("validation", "latency_vs_fp32"),
+    ("validation", "fp32_artifact", "latency"),
+)
 
-def build_manifest(*, model, profile, artifact, report, budget, violations, verdict, signature, settings, golden, data_source, plan=None, parity=None) -> dict:
-    """Everything a build step or a device lab needs to trust the artifact, with no timestamps (reruns match)."""
+
+def build_manifest(*, model, profile, artifact, report, budget, violations, verdict, signature, settings, golden, data_source, plan=None, parity=None, latency=None, latency_reason=None, quantization=None) -> dict:
+    """Everything a build step or a device lab needs to trust the artifact, with no timestamps: reruns
+    match except the TIMING_FIELDS. `quantization` (a QuantizationDrift) holds a quantized artifact
+    against its target's FP32 artifact; None for FP32 artifacts."""
     return {
         "schema": MANIFEST_SCHEMA,
         "model": {
@@ -46,7 +57,38 @@ def build_manifest(*, model, profile, artifact, report, budget, violations, verd
         "rewrites": list(artifact.rewrites),
         "notes": list(artifact.notes),
         "runtime_settings": settings,
-        "validation": {**report.to_json(), "data": data_source},
+        "validation": {
+            **report.to_json(),
+            "data": data_source,  # pipeline.describe_data: source, path, samples_found/used, split, preprocess, notes
+            "latency": None if latency is None else latency.to_json(),
+            "latency_reason": latency_reason,
+            **_against_fp32_artifact(quantization),
+        },
         "budget": {"terms": str(budget), "verdict": verdict, "violations": violations},
         "golden": {"file": golden.name, "sha256": sha256_path(golden), "samples": report.samples},
     }
+
+
+def _against_fp32_artifact(quantization) -> dict:
+    """vs_fp32_artifact: quantization drift; fp32_artifact: its conversion drift and latency;
+    latency_vs_fp32: quantized median / FP32 median (below 1 is faster)."""
+    if quantization is None:
+        return {"vs_fp32_artifact": None, "fp32_artifact": None, "latency_vs_fp32": None}
+    ratio = quantization.latency_ratio
+    return {
+        "vs_fp32_artifact": quantization.report.to_json(),
+        "fp32_artifact": None if quantization.fp32 is None else quantization.fp32.to_json(),
+        "latency_vs_fp32": None if ratio is None else round(ratio, 3),
+    }
+
+
+def without_timings(manifest: dict) -> dict:
+    """A copy of `manifest` with the TIMING_FIELDS blanked: what two runs on the same inputs must share."""
+    data = json.loads(json.dumps(manifest))
+    for path in TIMING_FIELDS:
+        node = data
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            node[path[-1]] = None
+    return data

@@ -11,17 +11,20 @@ import numpy as np
 import torch
 
 from edgeq.bundle import REJECTED_SUFFIX, bundle_path, publish, staging, write_golden, write_json
-from edgeq.calibration.data import load_samples, split
+from edgeq.calibration.data import SampleSet, load_samples, split
 from edgeq.converters import ConversionRequest, get_converter
 from edgeq.converters.parity import artifact_weights, compare_weights
 from edgeq.errors import ConversionError, UsageError
 from edgeq.load import LoadedModel
 from edgeq.manifest import build_manifest
+from edgeq.reference_artifact import Fp32Baselines, QuantizationDrift, compare_with_fp32, fp32_first
 from edgeq.targets import Precision, TargetProfile, load_profile
-from edgeq.targets.resolve import WEIGHT_ONLY, resolve_plan
+from edgeq.quantize import QuantizeOptions, quantization_plan
+from edgeq.targets.resolve import QUANTIZED
 from edgeq.validate.budget import BudgetSyntaxError, parse_budget
-from edgeq.validate.check import run_and_compare, runner_settings
+from edgeq.validate.check import run_artifact, runner_settings
 from edgeq.validate.drift import DriftReport, Status
+from edgeq.validate.latency import Latency
 from edgeq.validate.verdict import Verdict, combined_exit_code, verdict_of
 
 
@@ -33,9 +36,12 @@ class ConvertOptions:
     budget: str | None = None  # None: each profile's default budget for the precision
     data: Path | None = None
     text_column: str | None = None
+    preprocess: str | None = None  # image preprocessing, e.g. "resize=256,crop=224,mean=...,std=...,layout=nchw"
+    sample_rate: int | None = None  # Hz every WAV file must be at (no resampling)
     samples: int = 32
     seed: int = 0
     keep_float: list[str] = field(default_factory=list)  # torch FQNs or re:REGEX kept float in quantized schemes
+    quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
 
 
 @dataclass
@@ -48,6 +54,9 @@ class Outcome:
     violations: list[str] = field(default_factory=list)
     error: str | None = None
     size_bytes: int | None = None
+    latency: Latency | None = None
+    quantization: QuantizationDrift | None = None  # against the target's FP32 artifact; None for fp32
+    outputs: list[dict[str, np.ndarray]] | None = field(default=None, repr=False)  # fp32 only: the baseline
 
 
 def expand_targets(targets: list[str]) -> list[str]:
@@ -63,24 +72,36 @@ def expand_targets(targets: list[str]) -> list[str]:
 def convert(model: LoadedModel, options: ConvertOptions, on_step: Callable[[str], None] = lambda _: None) -> list[Outcome]:
     """Convert `model` for every requested target and precision; one Outcome each, failures included."""
     profiles = [load_profile(t) for t in expand_targets(options.targets)]
-    plans = [(p, Precision(x)) for p in profiles for x in _precisions(p, options.precisions)]
+    plans = [(p, x) for p in profiles for x in fp32_first([Precision(x) for x in _precisions(p, options.precisions)])]
     _check_budget(options.budget)
 
     on_step("preparing validation data")
     example = {s.name: t.numpy() for s, t in zip(model.inputs, model.example_inputs)}
-    samples = load_samples(
-        model.inputs, example, data=options.data, tokenizer=model.tokenizer,
-        text_column=options.text_column, count=options.samples, seed=options.seed,
+    loaded = load_samples(
+        model.inputs, example, data=options.data, tokenizer=model.tokenizer, text_column=options.text_column,
+        preprocess=options.preprocess, sample_rate=options.sample_rate, count=options.samples + _calibration_count(plans, options), seed=options.seed,
     )
-    _, validation = split(samples, calibration_count=0, seed=options.seed)  # calibration arrives with quantization
+    samples = loaded.samples
+    calibration_count = min(_calibration_count(plans, options), len(samples) // 2)  # never starve validation
+    calibration, validation = split(samples, calibration_count=calibration_count, seed=options.seed)
     references = reference_outputs(model, validation)
-    data_source = describe_data(options, model.tokenizer is not None)
+    data_source = describe_data(loaded, options, validation=len(validation), calibration=len(calibration))
 
     outcomes = []
+    baselines = Fp32Baselines(model, validation, references, on_step)
     for profile, precision in plans:
         on_step(f"{profile.id} {precision}: converting")
-        outcomes.append(_convert_one(model, profile, precision, validation, references, options, data_source))
+        outcome = _convert_one(
+            model, profile, precision, validation, references, options, data_source, fp32_artifact=baselines.getter(profile),
+            calibration=calibration,
+        )
+        baselines.record(profile, outcome)
+        outcomes.append(outcome)
     return outcomes
+
+
+def _calibration_count(plans: list, options: ConvertOptions) -> int:
+    return options.quantize.calibration_samples if any(precision in QUANTIZED for _, precision in plans) else 0
 
 
 def _precisions(profile: TargetProfile, requested: list[str] | None) -> list[str]:
@@ -110,27 +131,28 @@ def reference_outputs(model: LoadedModel, samples: list[dict]) -> list[dict[str,
     return results
 
 
-def describe_data(options: ConvertOptions, has_tokenizer: bool) -> str:
-    """Where the validation samples came from, for the manifest."""
-    if options.data is None:
-        return "edgeq's built-in sentences" if has_tokenizer else f"synthesized from the example inputs (seed {options.seed})"
-    column = f", text column {options.text_column}" if options.text_column is not None else ""
-    return f"{options.data}{column} (seeded selection, seed {options.seed})"
+def describe_data(loaded: SampleSet, options: ConvertOptions, *, validation: int, calibration: int = 0) -> dict:
+    """The manifest's `validation.data`: source kind, path, samples found and used (per split, with the seed),
+    the declared or defaulted preprocessing, and notes."""
+    return loaded.describe(seed=options.seed, validation=validation, calibration=calibration)
 
 
-def _convert_one(model, profile, precision, validation, references, options, data_source) -> Outcome:
+def _convert_one(model, profile, precision, validation, references, options, data_source, fp32_artifact=None, calibration=()) -> Outcome:
     converter = get_converter(profile.runtime)
     request = ConversionRequest(model, profile, precision)
     refusals = converter.check(request)
     if refusals:
         message = f"target {profile.id} refuses {precision}:\n" + "\n".join(f"  - {r}" for r in refusals)
         return Outcome(profile.id, precision.value, Verdict.CONVERSION_FAILED, error=message)
-    if precision in WEIGHT_ONLY:
+    budget = parse_budget(options.budget if options.budget is not None else profile.budget_for(precision))
+    fallback = None
+    if precision in QUANTIZED:
         try:
-            request.plan = resolve_plan(model.module, profile, precision, options.keep_float, model.example_inputs)
+            request.model, request.plan, fallback = quantization_plan(
+                model, profile, precision, options.quantize, options.keep_float, list(calibration), budget
+            )
         except ConversionError as exc:
             return Outcome(profile.id, precision.value, Verdict.CONVERSION_FAILED, error=str(exc))
-    budget = parse_budget(options.budget if options.budget is not None else profile.budget_for(precision))
     settings = runner_settings(profile.runtime.value, profile.runtime_options)
     dest = bundle_path(options.out, model.name, profile.id, precision.value)
     try:
@@ -139,13 +161,17 @@ def _convert_one(model, profile, precision, validation, references, options, dat
             parity = None
             if request.plan is not None:
                 request.plan.save(stage)
+                if fallback is not None:
+                    write_json(stage / "sensitivity.json", fallback.to_json())
                 parity = compare_weights(request.plan, artifact_weights(artifact.path, profile.runtime.value))
                 if parity.mismatches or parity.missing:
                     problems = parity.mismatches + [f"{fqn}: not quantized in the artifact" for fqn in parity.missing]
                     raise ConversionError(f"target {profile.id}: weight parity failed: " + "; ".join(problems[:10]))
-            report, signature = run_and_compare(
-                artifact.path, profile.runtime.value, settings, validation, references, model.outputs
-            )
+            run = run_artifact(artifact.path, profile.runtime.value, settings, validation, references, model.outputs)
+            report, signature = run.report, run.signature
+            quantization = None
+            if precision != Precision.FP32 and fp32_artifact is not None:
+                quantization = compare_with_fp32(fp32_artifact, run, model.outputs)
             violations = budget.violations(report) if report.status == Status.VALIDATED else []
             verdict = verdict_of(report, violations)
             golden = stage / "golden.npz"
@@ -154,6 +180,7 @@ def _convert_one(model, profile, precision, validation, references, options, dat
                 model=model, profile=profile, artifact=artifact, report=report, budget=budget,
                 violations=violations, verdict=verdict.value, signature=signature, settings=settings, golden=golden,
                 data_source=data_source, plan=request.plan, parity=parity,
+                latency=run.latency, latency_reason=run.latency_reason, quantization=quantization,
             )
             write_json(stage / "report.json", _report_json(manifest))
             write_json(stage / "manifest.json", manifest)
@@ -163,7 +190,8 @@ def _convert_one(model, profile, precision, validation, references, options, dat
     except ConversionError as exc:
         return Outcome(profile.id, precision.value, Verdict.CONVERSION_FAILED, error=str(exc))
     error = report.reason if report.status == Status.ERROR else None
-    return Outcome(profile.id, precision.value, verdict, final, report, violations, error, size)
+    outputs = run.outputs if precision == Precision.FP32 else None
+    return Outcome(profile.id, precision.value, verdict, final, report, violations, error, size, run.latency, quantization, outputs)
 
 
 def _report_json(manifest: dict) -> dict:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeq.errors import UsageError
+from edgeq.quantize import QuantizeOptions, parse_smoothquant
 from edgeq.signature import TensorSpec, parse_input_spec
 
 
@@ -35,18 +36,24 @@ class Job:
     trust_pickle: bool = False
     data: Path | None = None
     text_column: str | None = None
+    preprocess: str | None = None  # image preprocessing (calibration.sources.images.parse_preprocess syntax)
+    sample_rate: int | None = None  # Hz, for WAV data
     samples: int = 32
     seed: int = 0
     budget: str | None = None
     out: Path = Path("build/edge")
     name: str | None = None
     keep_float: list[str] = field(default_factory=list)
+    quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
 
 
 _KEY_TYPES = {
     "source": str, "targets": list, "precisions": list, "inputs": list, "task": str, "factory": str,
-    "trust_pickle": bool, "data": str, "text_column": (str, int), "samples": int, "seed": int,
+    "trust_pickle": bool, "data": str, "text_column": (str, int), "preprocess": str, "sample_rate": int,
+    "samples": int, "seed": int,
     "budget": str, "out": str, "name": str, "keep_float": list,
+    "calibration_samples": int, "observer": str, "smoothquant": (float, int, str), "auto_fallback": bool,
+    "fallback_max": (float, int),
 }
 
 
@@ -97,6 +104,24 @@ def _job(values: dict, base: Path, path: Path, where: str) -> Job:
         inputs = [parse_input_spec(text) for text in values.get("inputs", [])]
     except UsageError as exc:
         raise UsageError(f"{path}: {where}.inputs: {exc}") from exc
+    if "preprocess" in values:
+        from edgeq.calibration.sources.images import parse_preprocess
+
+        try:
+            parse_preprocess(values["preprocess"])
+        except UsageError as exc:
+            raise UsageError(f"{path}: {where}.preprocess: {exc}") from exc
+    rate = values.get("sample_rate")
+    if rate is not None and (isinstance(rate, bool) or rate < 1):
+        raise UsageError(f"{path}: {where}.sample_rate: {rate!r}; expected a rate in Hz, e.g. 16000")
+    try:
+        quantize = QuantizeOptions(
+            values.get("calibration_samples", 32), values.get("observer", "mse"),
+            *parse_smoothquant(values.get("smoothquant")), values.get("auto_fallback", False),
+            float(values.get("fallback_max", 0.1)),
+        )
+    except UsageError as exc:
+        raise UsageError(f"{path}: {where}: {exc}") from exc
     return Job(
         source=relative(values["source"]),
         targets=[relative(t) if t.endswith(".toml") else t for t in values.get("targets", ["all"])],
@@ -107,12 +132,15 @@ def _job(values: dict, base: Path, path: Path, where: str) -> Job:
         trust_pickle=values.get("trust_pickle", False),
         data=Path(relative(values["data"])) if "data" in values else None,
         text_column=str(values["text_column"]) if "text_column" in values else None,
+        preprocess=values.get("preprocess"),
+        sample_rate=rate,
         samples=values.get("samples", 32),
         seed=values.get("seed", 0),
         budget=values.get("budget"),
         out=base / values.get("out", "build/edge"),
         name=values.get("name"),
         keep_float=list(values.get("keep_float", [])),
+        quantize=quantize,
     )
 
 
@@ -127,7 +155,9 @@ def run_job(job: Job, on_step: Callable[[str], None] = lambda _: None):
     )
     options = ConvertOptions(
         targets=job.targets, out=job.out, precisions=job.precisions or None, budget=job.budget,
-        data=job.data, text_column=job.text_column, samples=job.samples, seed=job.seed, keep_float=job.keep_float,
+        data=job.data, text_column=job.text_column, preprocess=job.preprocess,
+        sample_rate=job.sample_rate, samples=job.samples, seed=job.seed, keep_float=job.keep_float,
+        quantize=job.quantize,
     )
     return convert(model, options, on_step)
 

@@ -15,7 +15,7 @@ _STYLE = {
 
 
 def _console() -> Console:
-    return Console(stderr=False, highlight=False, width=140)
+    return Console(stderr=False, highlight=False, width=160)
 
 
 def _fmt(value, digits: int = 6) -> str:
@@ -32,10 +32,11 @@ def _size(size_bytes: int | None) -> str:
     return f"{size_bytes / 1e6:.2f} MB" if size_bytes >= 1e5 else f"{size_bytes / 1e3:.1f} kB"
 
 
-def drift_rows(table: Table, prefix: list[str], report, tail: list[str]) -> None:
-    """One row per output: cosine (mean and min), SQNR dB, max abs, top-1."""
+def drift_rows(table: Table, prefix: list[str], report, tail: list[str], extra=None) -> None:
+    """One row per output: cosine (mean and min), SQNR dB, max abs, top-1, then `extra(output name)` cells."""
+    extra = extra or (lambda _: [])
     if report is None or not report.outputs:
-        table.add_row(*prefix, "-", "-", "-", "-", "-", "-", *tail)
+        table.add_row(*prefix, "-", "-", "-", "-", "-", "-", *extra(None), *tail)
         return
     for drift in report.outputs:
         table.add_row(
@@ -46,29 +47,71 @@ def drift_rows(table: Table, prefix: list[str], report, tail: list[str]) -> None
             _fmt(drift.sqnr_db, 4),
             _fmt(drift.max_abs, 3),
             _fmt(drift.top1, 3),
+            *extra(drift.name),
             *tail,
         )
 
 
+def _against_fp32_artifact(quantization):
+    """Cells for one output: cosine and SQNR dB of the quantized artifact against the FP32 artifact."""
+
+    def cells(name):
+        report = None if quantization is None else quantization.report
+        drift = next((d for d in report.outputs if d.name == name), None) if report is not None else None
+        return ["-", "-"] if drift is None else [_fmt(drift.cosine, 7), _fmt(drift.sqnr_db, 4)]
+
+    return cells
+
+
+def _latency(latency) -> str:
+    return "-" if latency is None else f"{latency.median_ms:.3g}"
+
+
 def print_outcomes(outcomes) -> None:
     console = _console()
-    table = Table(title="edgeq: drift against FP32 PyTorch", show_lines=False)
-    for column in ("target", "precision", "output", "cosine", "cos min", "SQNR dB", "max abs", "top-1", "size", "verdict"):
-        table.add_column(column, justify="right" if column in ("cosine", "cos min", "SQNR dB", "max abs", "top-1", "size") else "left")
+    table = Table(
+        title="edgeq: drift against FP32 PyTorch (total) and against the target's FP32 artifact (quantization)",
+        show_lines=False,
+    )
+    numeric = ("cosine", "cos min", "SQNR dB", "max abs", "top-1", "art. cos", "art. SQNR", "ms", "size")
+    for column in ("target", "precision", "output", *numeric, "verdict"):
+        table.add_column(column, justify="right" if column in numeric else "left")
     for outcome in outcomes:
         verdict = f"[{_STYLE[outcome.verdict.value]}]{outcome.verdict.value}[/]"
-        drift_rows(table, [outcome.target, outcome.precision], outcome.report, [_size(outcome.size_bytes), verdict])
+        tail = [_latency(outcome.latency), _size(outcome.size_bytes), verdict]
+        drift_rows(table, [outcome.target, outcome.precision], outcome.report, tail, _against_fp32_artifact(outcome.quantization))
     console.print(table)
+    console.print("  art. cos / art. SQNR: against the FP32 artifact of the same runtime; ms: median latency of one run here")
     for outcome in outcomes:
         where = f"{outcome.target} {outcome.precision}"
         if outcome.path:
             console.print(f"  {where}: {outcome.path}")
+        if outcome.quantization is not None:
+            for line in _fp32_lines(outcome):
+                console.print(f"  {where}: {line}", markup=False)
         if outcome.report is not None and outcome.report.status == "not_executed":
             console.print(f"  [yellow]{where}: not executed:[/] {outcome.report.reason}")
         for line in outcome.violations:
             console.print(f"  [red]{where}: over budget:[/] {line}")
         if outcome.error:
             console.print(f"  {where}: {outcome.error}", markup=False)
+
+
+def _fp32_lines(outcome) -> list[str]:
+    """Latency against the FP32 artifact, and that artifact's own drift against PyTorch (conversion drift)."""
+    quantization = outcome.quantization
+    fp32 = quantization.fp32
+    if fp32 is None:
+        return []  # the quantized artifact did not run: its own line says why
+    if fp32.outputs is None:
+        return [f"not compared with an FP32 artifact: {quantization.report.reason}"]
+    lines = []
+    if outcome.latency is not None and fp32.latency is not None:
+        lines.append(f"{outcome.latency.median_ms:.3g} ms vs {fp32.latency.median_ms:.3g} ms for FP32 (medians): {quantization.speed}")
+    if fp32.report is not None and fp32.report.outputs:
+        drift = ", ".join(f"{d.name} cosine {_fmt(d.cosine, 7)}, SQNR {_fmt(d.sqnr_db, 4)} dB" for d in fp32.report.outputs)
+        lines.append(f"conversion drift (its {fp32.source} FP32 artifact vs PyTorch): {drift}")
+    return lines
 
 
 def print_bundle_check(result) -> None:

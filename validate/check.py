@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgeq.errors import ValidationError
 from edgeq.validate.drift import DriftReport, Status, compare
+from edgeq.validate.latency import Latency, measure_runner
 from edgeq.validate.runners import IOSpec, NotExecutable, RunnerError, open_runner
+
+
+@dataclass
+class ArtifactRun:
+    """What running an artifact on the validation inputs gave: drift, its signature, outputs and latency."""
+
+    report: DriftReport
+    signature: list[IOSpec] | None = None  # the artifact's inputs as it declares them
+    outputs: list[dict[str, np.ndarray]] | None = None  # per sample, when it ran (the baseline of other artifacts)
+    latency: Latency | None = None
+    latency_reason: str | None = None  # why latency is None
 
 
 def run_and_compare(
@@ -19,7 +32,21 @@ def run_and_compare(
     references: list[dict[str, np.ndarray]],
     output_names: list[str],
 ) -> tuple[DriftReport, list[IOSpec] | None]:
-    """Execute `path` on every input and compare with `references`; also return the artifact's input specs.
+    """Execute `path` on every input and compare with `references`; also return the artifact's input specs."""
+    run = run_artifact(path, runtime, settings, inputs, references, output_names, timed=False)
+    return run.report, run.signature
+
+
+def run_artifact(
+    path: Path,
+    runtime: str,
+    settings: dict,
+    inputs: list[dict[str, np.ndarray]],
+    references: list[dict[str, np.ndarray]],
+    output_names: list[str],
+    timed: bool = True,
+) -> ArtifactRun:
+    """Execute `path` on every input and compare with `references`; then, if `timed`, time it on the first input.
 
     A machine that cannot run the runtime at all gives status not_executed (honest, not a pass); a
     runtime that fails on the artifact gives status error with the runtime's message.
@@ -29,19 +56,30 @@ def run_and_compare(
     except ImportError as exc:
         raise ValidationError(f"cannot validate the {runtime} artifact: {exc}") from exc
     except RunnerError as exc:
-        return DriftReport(Status.ERROR, executor=runtime, reason=str(exc)), None
+        return _failed(DriftReport(Status.ERROR, executor=runtime, reason=str(exc)))
     missing = [name for name in output_names if name not in runner.outputs]
     if missing:
         reason = f"the artifact lacks output(s) {', '.join(missing)}; it returns {', '.join(runner.outputs)}"
-        return DriftReport(Status.ERROR, executor=runner.executor, reason=reason), runner.inputs
+        return _failed(DriftReport(Status.ERROR, executor=runner.executor, reason=reason), runner.inputs)
     try:
         candidates = [runner.run(sample) for sample in inputs]
         report = compare(references, candidates, output_names, runner.executor)
     except NotExecutable as exc:
-        return DriftReport(Status.NOT_EXECUTED, executor="none", reason=str(exc)), runner.inputs
+        return _failed(DriftReport(Status.NOT_EXECUTED, executor="none", reason=str(exc)), runner.inputs)
     except (RunnerError, ValueError) as exc:
-        return DriftReport(Status.ERROR, executor=runner.executor, reason=str(exc)), runner.inputs
-    return report, runner.inputs
+        return _failed(DriftReport(Status.ERROR, executor=runner.executor, reason=str(exc)), runner.inputs)
+    run = ArtifactRun(report, runner.inputs, candidates, latency_reason="not timed")
+    if timed and inputs:
+        try:
+            run.latency, run.latency_reason = measure_runner(runner, inputs[0]), None
+        except (NotExecutable, RunnerError) as exc:
+            run.latency_reason = f"timing failed: {exc}"
+    return run
+
+
+def _failed(report: DriftReport, signature: list[IOSpec] | None = None) -> ArtifactRun:
+    """The artifact did not run through: no outputs, no latency, and the report says why."""
+    return ArtifactRun(report, signature, latency_reason=f"not measured: {report.reason}")
 
 
 def runner_settings(runtime: str, options: dict) -> dict:

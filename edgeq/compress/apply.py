@@ -25,8 +25,11 @@ def quantizable_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield user_fqn(fqn), child
 
 
-def apply_plan(module: nn.Module, plan: QuantPlan, form: WeightForm) -> nn.Module:
-    """A copy of `module` with every quantized layer of `plan` replaced by its QDQ form."""
+def apply_plan(module: nn.Module, plan: QuantPlan, form: WeightForm, simulate_dynamic: bool = False) -> nn.Module:
+    """A copy of `module` with every quantized layer of `plan` replaced by its QDQ form.
+
+    `simulate_dynamic` also simulates run-time activation quantization in PyTorch (accuracy estimates only).
+    """
     wanted = {fqn: layer for fqn, layer in plan.layers.items() if layer.weight is not None}
     if not wanted:
         return module
@@ -38,7 +41,7 @@ def apply_plan(module: nn.Module, plan: QuantPlan, form: WeightForm) -> nn.Modul
             continue
         parent_name, _, name = fqn.rpartition(".")
         parent = result.get_submodule(parent_name) if parent_name else result
-        setattr(parent, name, quantized_module(child, layer, form))
+        setattr(parent, name, quantized_module(child, layer, form, simulate_dynamic))
         found.add(layer.fqn)
     missing = sorted(set(wanted) - found)
     if missing:

@@ -76,6 +76,28 @@ class ActivationQuant(nn.Module):
         return QD.dequantize_per_tensor(QD.quantize_per_tensor(x, *args), *args)
 
 
+class DynamicActivationQuant(nn.Module):
+    """Simulates run-time activation quantization in PyTorch (never exported: converters emit the runtime's own op).
+
+    uint8: ONNX Runtime's DynamicQuantizeLinear, one asymmetric range over the whole tensor, zero included.
+    int8: TFLite's dynamic-range kernels, one asymmetric range per row (per token).
+    """
+
+    def __init__(self, dtype: QDtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        per_row = self.dtype == QDtype.INT8
+        dims = -1 if per_row else tuple(range(x.dim()))
+        lo = torch.clamp(x.amin(dim=dims, keepdim=per_row), max=0)
+        hi = torch.clamp(x.amax(dim=dims, keepdim=per_row), min=0)
+        qmin, qmax = self.dtype.qmin, self.dtype.qmax
+        scale = torch.where(hi > lo, (hi - lo) / (qmax - qmin), torch.ones_like(hi))
+        zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+        return (torch.clamp(torch.round(x / scale) + zero, qmin, qmax) - zero) * scale
+
+
 def _maybe_quant(quant: TensorQuant | None) -> nn.Module:
     return ActivationQuant(quant) if quant is not None else nn.Identity()
 
@@ -92,12 +114,14 @@ class Smooth(nn.Module):
 
 
 class QuantizedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, layer: LayerPlan, form: WeightForm):
+    def __init__(self, linear: nn.Linear, layer: LayerPlan, form: WeightForm, simulate_dynamic: bool = False):
         super().__init__()
         self.weight = QuantizedWeight(layer.weight, layer.weight_codes, form)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.smooth = Smooth(layer.smooth) if layer.smooth is not None else nn.Identity()
         self.input_quant = _maybe_quant(layer.activation)
+        if simulate_dynamic and layer.dynamic_activation is not None:
+            self.input_quant = DynamicActivationQuant(layer.dynamic_activation)
         self.output_quant = _maybe_quant(layer.output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,10 +159,11 @@ class QuantizedEmbedding(nn.Module):
         return F.embedding(ids, self.weight(), self.padding_idx)
 
 
-def quantized_module(module: nn.Module, layer: LayerPlan, form: WeightForm) -> nn.Module:
-    """The quantized replacement for `module` under `layer`'s plan."""
+def quantized_module(module: nn.Module, layer: LayerPlan, form: WeightForm, simulate_dynamic: bool = False) -> nn.Module:
+    """The quantized replacement for `module` under `layer`'s plan (`simulate_dynamic`: PyTorch-only simulation
+    of run-time activation quantization, for accuracy estimates; never for export)."""
     if isinstance(module, nn.Linear):
-        return QuantizedLinear(module, layer, form)
+        return QuantizedLinear(module, layer, form, simulate_dynamic)
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return QuantizedConv(module, layer, form)
     if isinstance(module, nn.Embedding):

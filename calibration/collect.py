@@ -1,0 +1,57 @@
+"""Calibration passes: run the FP32 model over calibration samples and watch the inputs and outputs of
+chosen layers through forward hooks. Only statistics are kept (observers, per-channel maxima), never the
+activations themselves, so memory stays flat however many samples are used.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeq.compress.apply import user_fqn
+
+Sample = dict[str, np.ndarray]
+# (user FQN, layer input, layer output) for one call of a watched layer
+Watcher = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+
+def run_samples(module: nn.Module, samples: list[Sample], input_names: list[str], description: str) -> Iterable[None]:
+    """Call `module` on every sample (no grad), with a progress bar on a terminal."""
+    from rich.progress import track
+
+    with torch.no_grad():
+        for sample in track(samples, description=description, transient=True, disable=not sys.stderr.isatty()):
+            module(*(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in input_names))
+            yield
+
+
+def watch(module: nn.Module, fqns: set[str], samples: list[Sample], input_names: list[str], watcher: Watcher, description: str) -> None:
+    """Run the calibration samples with `watcher` called on every watched layer's (input, output)."""
+    handles = []
+    for fqn, child in module.named_modules():
+        name = user_fqn(fqn)
+        if name in fqns:
+            hook = lambda _m, args, out, name=name: watcher(name, args[0].detach(), out.detach())  # noqa: E731
+            handles.append(child.register_forward_hook(hook))
+    try:
+        for _ in run_samples(module, samples, input_names, description):
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def input_channel_absmax(module: nn.Module, fqns: set[str], samples: list[Sample], input_names: list[str]) -> dict[str, np.ndarray]:
+    """max |x| per input channel (the last axis) of each watched linear layer's input: SmoothQuant's statistic."""
+    maxima: dict[str, torch.Tensor] = {}
+
+    def record(fqn: str, x: torch.Tensor, _y: torch.Tensor) -> None:
+        current = x.abs().reshape(-1, x.shape[-1]).amax(dim=0)
+        maxima[fqn] = torch.maximum(maxima[fqn], current) if fqn in maxima else current
+
+    watch(module, fqns, samples, input_names, record, "calibration: channel ranges")
+    return {fqn: value.float().numpy() for fqn, value in maxima.items()}
