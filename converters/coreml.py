@@ -3,6 +3,13 @@
 The empty decomposition table keeps high-level ops (layer_norm, attention) that Core ML maps to fused MIL
 ops; when the frontend lacks an op that the default table decomposes (e.g. `new_ones` in Hugging Face
 models), the default table is used instead and the manifest says so. Integer inputs are int32 in Core ML.
+
+Quantized schemes (measured, docs/research/coreml-quantized.md): the plan's layers become
+`quantized_decomposed.dequantize_per_channel` over an int8 buffer of the plan's codes (WeightForm.CODES),
+which coremltools' own frontend lowers to `constexpr_affine_dequantize` with the codes verbatim; static
+activations become MIL `quantize`/`dequantize` with the plan's scale and zero point. Compute is float16,
+so coremltools stores every scale as float16: the coreml profiles say `scale_dtype = "float16"` and the
+plan's scales already lie on that grid, so the artifact holds exactly the plan's numbers.
 """
 
 from __future__ import annotations
@@ -12,41 +19,72 @@ from pathlib import Path
 
 import torch
 
+from edgeq.compress.apply import apply_plan
+from edgeq.compress.qdq import WeightForm
 from edgeq.converters.base import Artifact, ConversionRequest, Converter
 from edgeq.converters.failures import explain_failure
+from edgeq.converters.parity_coreml import mil_name
 from edgeq.converters.tracing import quiet, shape_notes
+from edgeq.errors import ConversionError
 from edgeq.rewrites import apply_rewrites
 from edgeq.targets import Precision, Runtime
 
 _MISSING_OP = re.compile(r"Unsupported fx node|convert function for op .* not implemented")
+QUANTIZED = frozenset({Precision.INT8_WEIGHT, Precision.W8A8})
+# The frontend casts a per-channel zero point to int8 with mb.cast, which the iOS16 opset lacks, and MIL's
+# activation quantize/dequantize ops start at iOS17.
+QUANTIZED_MIN_TARGET = "iOS17"
 
 
 class CoreMLConverter(Converter):
     runtime = Runtime.COREML
     filename = "model.mlpackage"
+    implemented = frozenset({Precision.FP32, Precision.FP16, *QUANTIZED})
 
     def convert(self, request: ConversionRequest, dest: Path) -> Artifact:
         import coremltools as ct
 
         model, profile = request.model, request.profile
-        module, rewrites = apply_rewrites(model.module, "coreml")
-        examples = model.example_inputs
         notes = shape_notes(model, profile)
+        module = model.module
+        quantized = request.precision in QUANTIZED
+        if quantized:
+            if request.plan is None:
+                raise ConversionError(
+                    f"target {profile.id}: {request.precision} needs a plan with the layers' scales; none was given"
+                )
+            # CODES, not QDQ: the frontend has no converter for quantize_per_channel (QDQ's weight form), while
+            # dequantize_per_channel over a constant int8 tensor becomes constexpr_affine_dequantize as is.
+            module = apply_plan(module, request.plan, WeightForm.CODES)
+        module, rewrites = apply_rewrites(module, "coreml")
+        examples = model.example_inputs
+        target = profile.runtime_options.get("minimum_deployment_target", "iOS16")
+        if quantized and getattr(ct.target, target) < getattr(ct.target, QUANTIZED_MIN_TARGET):
+            notes.append(
+                f"minimum deployment target raised from {target} to {QUANTIZED_MIN_TARGET}: "
+                "coremltools lowers int8 weights and activation quantize ops from iOS17"
+            )
+            target = QUANTIZED_MIN_TARGET
+        fp16 = quantized or request.precision == Precision.FP16  # quantized: the deployed path (ANE, GPU)
+        # The default pass pipeline keeps every constexpr_affine_dequantize (measured: DEFAULT and EMPTY store
+        # the same codes). Its `common::nullify_redundant_quantization_zero_point` rewrites an int8 activation
+        # quantize with zero point -128 to uint8 with none (and drops a zero point of 0): the same values, so
+        # activation checks must accept both spellings; weights are symmetric and untouched.
         options = dict(
             convert_to="mlprogram",
-            compute_precision=ct.precision.FLOAT16 if request.precision == Precision.FP16 else ct.precision.FLOAT32,
-            minimum_deployment_target=getattr(ct.target, profile.runtime_options.get("minimum_deployment_target", "iOS16")),
+            compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
+            minimum_deployment_target=getattr(ct.target, target),
         )
         try:
             program = torch.export.export(module, examples, strict=False)
             try:
                 with quiet():  # coremltools draws a progress bar for every pass
-                    mlmodel = ct.convert(program.run_decompositions({}), **options)
+                    mlmodel = ct.convert(_named(program.run_decompositions({})), **options)
             except Exception as exc:
                 if not _MISSING_OP.search(str(exc)):
                     raise
                 with quiet():
-                    mlmodel = ct.convert(program.run_decompositions(), **options)
+                    mlmodel = ct.convert(_named(program.run_decompositions()), **options)
                 rewrites.append(f"default-decomposition-table: {str(exc).strip().splitlines()[0][:120]}")
         except Exception as exc:
             raise explain_failure(profile.id, exc, module, examples) from exc
@@ -59,6 +97,31 @@ class CoreMLConverter(Converter):
         import coremltools as ct
 
         return {"torch": torch.__version__, "coremltools": ct.__version__}
+
+
+def _named(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """Name each weight's dequantize node after its module's FQN, in place (the spelling: parity_coreml).
+
+    coremltools names the constexpr op after the fx node; left alone that is `dequantize_per_channel_3`,
+    which no reader can tie to a layer.
+    """
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    buffers = program.graph_signature.inputs_to_buffers
+    taken = {node.name for node in program.graph.nodes}
+    for node in program.graph.nodes:
+        if node.target != dequantize or getattr(node.args[0], "name", None) not in buffers:
+            continue
+        base = mil_name(buffers[node.args[0].name].removesuffix(".codes"))  # the QuantizedWeight's FQN
+        name, count = base, 1
+        while name in taken:  # a weight used twice: one node per use
+            count += 1
+            name = f"{base}_{count}"
+        taken.add(name)
+        for spec in program.graph_signature.output_specs:  # coremltools finds the outputs by these names
+            if getattr(spec.arg, "name", None) == node.name:
+                spec.arg.name = name
+        node.name = name
+    return program
 
 
 def _rename_features(mlmodel, input_names: list[str], output_names: list[str]):

@@ -1,0 +1,119 @@
+"""Core ML weight parity: the int8 codes and scales an .mlpackage stores, keyed by torch FQN (no macOS needed).
+
+Core ML names ops only with [A-Za-z0-9_] (coremltools' `sanitize_name_strings` pass), and its torch frontend
+names a weight's constexpr op after the torch.export node, not the module (`dequantize_per_channel_3`).
+So the converter names each quantized node itself (`mil_name`) in a reversible spelling of the module's
+FQN, and this reader decodes it (`fqn_of`):
+
+    edgeq_ + FQN with "." -> "__", "_" -> "_u", any other character -> "_x" + 6 hex digits
+
+e.g. `encoder.layer.0.attention.self.query.weight` -> `edgeq_encoder__layer__0__attention__self__query__weight`.
+Decoding stops at the first "_" followed by anything else: that is the suffix coremltools appends
+(`_cast_fp16`, `_quantized_data_0`) or the converter's own (`_2` for the second use of a shared weight).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.converters.parity import StoredWeights
+
+PREFIX = "edgeq_"
+_WEIGHT_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
+
+
+def mil_name(fqn: str, suffix: str = "") -> str:
+    """The MIL name for the node of module `fqn`; `suffix` must start with "_" and a letter or digit other than u/x."""
+    out = []
+    for char in fqn:
+        if char == ".":
+            out.append("__")
+        elif char == "_":
+            out.append("_u")
+        elif char.isascii() and char.isalnum():
+            out.append(char)
+        else:
+            out.append(f"_x{ord(char):06x}")
+    return PREFIX + "".join(out) + suffix
+
+
+def fqn_of(name: str) -> tuple[str, str] | None:
+    """(FQN, rest of the name) for a name written by `mil_name` (plus any suffix); None for other names."""
+    if not name.startswith(PREFIX):
+        return None
+    out, i = [], len(PREFIX)
+    while i < len(name):
+        char = name[i]
+        if char != "_":
+            out.append(char)
+            i += 1
+        elif name.startswith("__", i):
+            out.append(".")
+            i += 2
+        elif name.startswith("_u", i):
+            out.append("_")
+            i += 2
+        elif name.startswith("_x", i) and len(name) >= i + 8 and _is_hex(name[i + 2 : i + 8]):
+            out.append(chr(int(name[i + 2 : i + 8], 16)))
+            i += 8
+        else:
+            break
+    return "".join(out), name[i:]
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+def load_program(path: Path):
+    """The saved package's MIL program, with its weight blobs read (MLModel.predict is macOS-only)."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    from edgeq.converters.tracing import quiet
+
+    with quiet():
+        model = ct.models.MLModel(str(path), skip_model_load=True)
+        spec = model.get_spec()
+        return milproto_load(spec, spec.specificationVersion, file_weights_dir=model.weights_dir)
+
+
+def operations(program):
+    """Every op of every function, nested blocks included."""
+    pending = [function for function in program.functions.values()]
+    while pending:
+        block = pending.pop()
+        for op in block.operations:
+            yield op
+            pending.extend(op.blocks)
+
+
+def coreml_weights(path: Path) -> StoredWeights:
+    """{user FQN: (codes, per-channel scale)} of every int8 weight constexpr op that edgeq named.
+
+    constexpr_affine_dequantize (iOS16/17) stores quantized_data, zero_point, scale, axis;
+    constexpr_blockwise_shift_scale (iOS18) stores data, scale (rank of data) and an optional offset.
+    Codes come back in PyTorch layout (the converter keeps them so; a transposed store would show as a
+    shape mismatch, not be hidden). `names` holds every op and value name, raw and decoded to FQN form,
+    so a planned layer left float still counts as present.
+    """
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    names: set[str] = set()
+    for op in operations(load_program(path)):
+        for name in (op.name, *(v.name for v in op.outputs)):
+            names.add(name)
+            decoded = fqn_of(name)
+            if decoded is not None:
+                names.add(decoded[0])
+        decoded = fqn_of(op.name)
+        if op.op_type not in _WEIGHT_OPS or decoded is None or not decoded[0].endswith(".weight"):
+            continue
+        fqn = decoded[0].removesuffix(".weight").removeprefix("inner.")
+        if op.op_type == "constexpr_affine_dequantize":
+            codes, scale = op.quantized_data.val, op.scale.val
+        else:
+            codes, scale = op.data.val, op.scale.val
+        found[fqn] = (np.asarray(codes), np.asarray(scale, dtype=np.float32))
+    return StoredWeights(found, names)
