@@ -66,6 +66,14 @@ def onnx_weights(path: Path) -> StoredWeights:
 def artifact_weights(path: Path, runtime: str) -> StoredWeights:
     if runtime == "onnx":
         return onnx_weights(path)
+    if runtime == "coreml":
+        from edgeq.converters.parity_coreml import coreml_weights
+
+        return coreml_weights(path)
+    if runtime == "tflite":
+        from edgeq.converters.parity_tflite import tflite_weights
+
+        return tflite_weights(path)
     raise NotImplementedError(f"no weight reader for {runtime} yet")
 
 
