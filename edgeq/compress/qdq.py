@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from edgeq.plan import LayerPlan, PerChannel, PerTensor, QDtype, TensorQuant
 
 QD = torch.ops.quantized_decomposed
-_TORCH_DTYPES = {QDtype.INT8: torch.int8, QDtype.UINT8: torch.uint8, QDtype.INT16: torch.int16}
+_TORCH_DTYPES = {QDtype.INT8: torch.int8, QDtype.UINT8: torch.uint8, QDtype.INT16: torch.int16, QDtype.UINT16: torch.uint16}
 
 
 class WeightForm(StrEnum):

@@ -40,7 +40,9 @@ def test_layers_the_target_does_not_quantize_stay_float_with_the_reason():
     assert resolve_plan(model.module, load_profile("onnx-x86-avx2"), Precision.INT8_WEIGHT).layers["pre"].weight is not None
 
 
-def test_schemes_not_resolved_yet_are_refused():
+def test_float_schemes_have_no_plan_and_static_ones_need_calibration():
     model = load_model("edgeq.examples:tiny_mlp")
-    with pytest.raises(ConversionError, match="does not resolve w8a8 plans yet"):
+    with pytest.raises(ConversionError, match="fp16 is not a quantized scheme"):
+        resolve_plan(model.module, load_profile("onnx"), Precision.FP16)
+    with pytest.raises(ConversionError, match="w8a8 needs calibration samples"):
         resolve_plan(model.module, load_profile("onnx"), Precision.W8A8)
