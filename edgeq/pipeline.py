@@ -57,6 +57,7 @@ class Outcome:
     latency: Latency | None = None
     quantization: QuantizationDrift | None = None  # against the target's FP32 artifact; None for fp32
     outputs: list[dict[str, np.ndarray]] | None = field(default=None, repr=False)  # fp32 only: the baseline
+    plan_notes: list[str] = field(default_factory=list)  # quantized schemes: how the plan was decided
 
 
 def expand_targets(targets: list[str]) -> list[str]:
@@ -191,7 +192,16 @@ def _convert_one(model, profile, precision, validation, references, options, dat
         return Outcome(profile.id, precision.value, Verdict.CONVERSION_FAILED, error=str(exc))
     error = report.reason if report.status == Status.ERROR else None
     outputs = run.outputs if precision == Precision.FP32 else None
-    return Outcome(profile.id, precision.value, verdict, final, report, violations, error, size, run.latency, quantization, outputs)
+    notes = _plan_notes(request.plan)
+    return Outcome(profile.id, precision.value, verdict, final, report, violations, error, size, run.latency, quantization, outputs, notes)
+
+
+def _plan_notes(plan) -> list[str]:
+    if plan is None:
+        return []
+    summary = plan.summary()
+    counted = f"{summary['quantized_layers']} of {summary['layers']} layers quantized"
+    return [counted, *plan.notes]
 
 
 def _report_json(manifest: dict) -> dict:

@@ -89,6 +89,8 @@ def print_outcomes(outcomes) -> None:
         if outcome.quantization is not None:
             for line in _fp32_lines(outcome):
                 console.print(f"  {where}: {line}", markup=False)
+        for note in getattr(outcome, "plan_notes", []):
+            console.print(f"  {where}: plan: {note}", markup=False)
         if outcome.report is not None and outcome.report.status == "not_executed":
             console.print(f"  [yellow]{where}: not executed:[/] {outcome.report.reason}")
         for line in outcome.violations:
