@@ -17,7 +17,11 @@ A PT2E quant_config only selects its q/dq conversion mode; no prepare/calibrate 
                 (asymmetric under XNNPACK, the default CPU delegate). Convolutions stay weight-only, as in the plan.
   w8a8, w8a16   activation q/dq pairs with the plan's per-tensor scale and zero point become int8 (int16)
                 FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D kernels. Targets with integer IO (Edge TPU)
-                use STATIC mode: the graph's inputs and outputs become int8 with the plan's parameters.
+                use STATIC mode: the graph's inputs and outputs become int8 with the plan's parameters, and
+                the plan's tensor points (model inputs, outputs of the leaf modules between layers) make the
+                ops between layers (RELU, HARD_SWISH, MAX_POOL_2D, MEAN, TRANSPOSE, ...) int8 as well; where
+                two points meet with different parameters (a max pool into a conv) the converter adds an
+                int8 -> int8 QUANTIZE (a requantize).
                 The int32 bias is derived by the converter as round(bias / (s_in * s_w[c])): weights and
                 activation parameters are exact, the bias is rounded to the accumulator's grid.
 
@@ -276,10 +280,12 @@ def lower_plan(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], reque
         if float_ops:
             where = f"computes {', '.join(computing)} in float" if computing else "takes or returns float tensors"
             raise ConversionError(
-                f"target {target} runs integer ops only, but the converted model still {where}: a plan quantizes "
-                "the inputs and outputs of linear and conv layers, and the ops between them (activations such as "
-                "GELU or HARD_SWISH, normalisation, pooling) would need quantized outputs of their own; "
-                "use a target that runs float ops too (tflite-xnnpack)"
+                f"target {target} runs integer ops only, but the converted model still {where}: edgeq quantizes the "
+                "model inputs, the linear and conv layers, and the output of every leaf module between them, so "
+                "what stays float is an op with no quantized output of its own: one of several ops a module "
+                "lowers to (LayerNorm, attention), or a function called in forward() (x * y, F.gelu) whose "
+                "result does not go straight into a quantized layer; make it a module, or use a target that "
+                "runs float ops too (tflite-xnnpack)"
             )
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 

@@ -170,12 +170,22 @@ class LayerPlan:
         return self.weight is None and self.activation is None and self.dynamic_activation is None
 
 
+INPUT_PREFIX = "input:"  # tensor points on model inputs are keyed "input:<input name>"
+
+
 @dataclass
 class QuantPlan:
+    """`layers` by FQN. `tensors` holds the extra static activation points of full-integer targets, where
+    no layer's own q/dq reaches: "input:<name>" quantizes a model input, "<module FQN>" the output of that
+    leaf module (an activation, pooling, flatten), so the ops between quantized layers run on integers too.
+    `inputs` is the model's input names in call order, which places the "input:" points."""
+
     scheme: str
     target: str
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    tensors: dict[str, TensorQuant] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
 
     def quantized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers.values() if not layer.is_float]
@@ -188,7 +198,7 @@ class QuantPlan:
             "layers": len(self.layers),
             "quantized_layers": len(quantized),
             "float_layers": sorted(fqn for fqn, layer in self.layers.items() if layer.is_float),
-        }
+        } | ({"quantized_tensors": len(self.tensors)} if self.tensors else {})
 
     def save(self, folder: Path) -> tuple[Path, Path]:
         """Write plan.json and scales.npz into `folder`; returns their paths."""
@@ -210,8 +220,16 @@ class QuantPlan:
             if layer.dynamic_activation is not None:
                 entry["dynamic_activation"] = layer.dynamic_activation.value
             layers[fqn] = entry
+        tensors = {}
+        for key, quant in self.tensors.items():
+            tensors[key] = quant.describe()
+            arrays[f"{key}/tensor_scale"] = quant.scale
+            arrays[f"{key}/tensor_zero_point"] = quant.zero_point
+        document = {"summary": self.summary(), "notes": self.notes, "layers": layers}
+        if tensors:
+            document |= {"inputs": self.inputs, "tensors": tensors}
         plan_path, scales_path = Path(folder) / "plan.json", Path(folder) / "scales.npz"
-        plan_path.write_text(json.dumps({"summary": self.summary(), "notes": self.notes, "layers": layers}, indent=2) + "\n")
+        plan_path.write_text(json.dumps(document, indent=2) + "\n")
         with open(scales_path, "wb") as handle:
             np.savez(handle, **arrays)
         return plan_path, scales_path
@@ -221,18 +239,19 @@ class QuantPlan:
         data = json.loads((Path(folder) / "plan.json").read_text())
         with np.load(Path(folder) / "scales.npz", allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-        plan = cls(data["summary"]["scheme"], data["summary"]["target"], notes=data.get("notes", []))
+        plan = cls(data["summary"]["scheme"], data["summary"]["target"], notes=data.get("notes", []), inputs=data.get("inputs", []))
+
+        def quant(described: dict, prefix: str) -> TensorQuant:
+            return TensorQuant(
+                QDtype(described["dtype"]),
+                granularity_from_json(described["granularity"]),
+                described["symmetric"],
+                arrays[f"{prefix}_scale"],
+                arrays[f"{prefix}_zero_point"],
+            )
+
         for fqn, entry in data["layers"].items():
-            quants = {}
-            for role in ("weight", "activation", "output"):
-                if role in entry:
-                    quants[role] = TensorQuant(
-                        QDtype(entry[role]["dtype"]),
-                        granularity_from_json(entry[role]["granularity"]),
-                        entry[role]["symmetric"],
-                        arrays[f"{fqn}/{role}_scale"],
-                        arrays[f"{fqn}/{role}_zero_point"],
-                    )
+            quants = {role: quant(entry[role], f"{fqn}/{role}") for role in ("weight", "activation", "output") if role in entry}
             dynamic = entry.get("dynamic_activation")
             plan.layers[fqn] = LayerPlan(
                 fqn,
@@ -245,4 +264,6 @@ class QuantPlan:
                 smooth=arrays.get(f"{fqn}/smooth"),
                 reason=entry.get("reason"),
             )
+        for key, described in data.get("tensors", {}).items():
+            plan.tensors[key] = quant(described, f"{key}/tensor")
         return plan

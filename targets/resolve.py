@@ -14,7 +14,7 @@ from torch import nn
 
 from edgeq.calibration.collect import input_channel_absmax
 from edgeq.calibration.smoothquant import smooth_factors, smoothed_weight
-from edgeq.calibration.static import calibrate_activations
+from edgeq.calibration.static import calibrate_activations, tensor_points
 from edgeq.calibration.weights import quantize_weight_per_channel
 from edgeq.compress.apply import quantizable_layers
 from edgeq.errors import ConversionError, UsageError
@@ -148,17 +148,25 @@ def resolve_plan(
     if calibration is not None and calibration.samples and activated:
         alpha = calibration.smooth_alpha if calibration.smooth_alpha is not None else DEFAULT_SMOOTH_ALPHA.get(precision)
         linears = {fqn for fqn, layer in activated.items() if layer.op == OpKind.LINEAR}
-        if calibration.smooth and alpha is not None and linears:
+        if calibration.smooth and alpha is not None and linears and caps.integer_io and activation_dtype is not None:
+            # Its x / s is a float multiply on the layer input, which a full-integer target cannot run.
+            plan.notes.append(f"no SmoothQuant: target {profile.id} runs integer ops only")
+        elif calibration.smooth and alpha is not None and linears:
             _smooth(module, plan, modules, linears, calibration, alpha, caps.scale_dtype)
         if activation_dtype is not None:
-            calibrate_activations(
+            # Full-integer targets: the model inputs and the leaf modules between layers get points of their own.
+            points = tensor_points(module, example_inputs, calibration.input_names) if caps.integer_io and example_inputs is not None else []
+            plan.tensors = calibrate_activations(
                 module, activated, calibration.samples, calibration.input_names,
                 dtype=activation_dtype, symmetric=caps.activation_symmetric or activation_dtype in (QDtype.INT16,),
                 observer=calibration.observer, quantize_outputs=caps.integer_io, scale_dtype=caps.scale_dtype,
+                tensors=points,
             )
+            plan.inputs = list(calibration.input_names) if plan.tensors else []
             plan.notes.append(
                 f"activations: {activation_dtype} per tensor, {calibration.observer} ranges from "
                 f"{len(calibration.samples)} calibration samples"
+                + (f"; also {len(plan.tensors)} tensor point(s) for integer-only ops: {', '.join(plan.tensors)}" if plan.tensors else "")
             )
     return plan
 

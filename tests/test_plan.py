@@ -68,3 +68,22 @@ def test_plan_saves_and_loads_exactly(tmp_path):
     np.testing.assert_array_equal(fc.weight.scale, quant.scale)
     np.testing.assert_array_equal(fc.weight_codes, plan.layers["encoder.fc"].weight_codes)
     assert loaded.layers["head"].is_float and loaded.layers["head"].reason.startswith("kept float")
+
+
+def test_tensor_points_save_and_load_exactly(tmp_path):
+    """Full-integer plans carry tensor points (model inputs, module outputs) beside their layers."""
+    image = TensorQuant(QDtype.INT8, PerTensor(), False, np.float32(0.0305528), np.int32(-6))
+    pool = TensorQuant(QDtype.INT8, PerTensor(), False, np.float32(0.0075653), np.int32(-79))
+    plan = QuantPlan("w8a8", "tflite-edgetpu", tensors={"input:image": image, "features.pool": pool}, inputs=["image", "mask"])
+    plan_path, _ = plan.save(tmp_path)
+    document = json.loads(plan_path.read_text())
+    assert document["summary"]["quantized_tensors"] == 2 and document["inputs"] == ["image", "mask"]
+    loaded = QuantPlan.load(tmp_path)
+    assert list(loaded.tensors) == ["input:image", "features.pool"] and loaded.inputs == ["image", "mask"]
+    for key, quant in plan.tensors.items():
+        got = loaded.tensors[key]
+        assert got.describe() == quant.describe() and got.scale.tobytes() == quant.scale.tobytes()
+        assert got.zero_point == quant.zero_point
+    # Plans without points keep their old form.
+    QuantPlan("w8a8", "onnx").save(tmp_path)
+    assert "tensors" not in json.loads(plan_path.read_text()) and QuantPlan.load(tmp_path).tensors == {}

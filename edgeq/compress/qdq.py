@@ -98,6 +98,18 @@ class DynamicActivationQuant(nn.Module):
         return (torch.clamp(torch.round(x / scale) + zero, qmin, qmax) - zero) * scale
 
 
+class OutputQuant(nn.Module):
+    """A leaf module followed by static fake-quant of its output (a plan's tensor point on that module)."""
+
+    def __init__(self, module: nn.Module, quant: TensorQuant):
+        super().__init__()
+        self.module = module
+        self.quant = ActivationQuant(quant)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.quant(self.module(*args, **kwargs))
+
+
 def _maybe_quant(quant: TensorQuant | None) -> nn.Module:
     return ActivationQuant(quant) if quant is not None else nn.Identity()
 

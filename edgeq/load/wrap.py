@@ -41,12 +41,17 @@ def flatten_outputs(value, prefix: str = "output") -> list[tuple[str, torch.Tens
 
 
 class FlatModel(torch.nn.Module):
-    """Calls `inner` with positional (or, for `keyword_names`, keyword) inputs; returns a flat tuple."""
+    """Calls `inner` with positional (or, for `keyword_names`, keyword) inputs; returns a flat tuple.
+
+    `input_quant`, when set (compress.apply for full-integer plans), holds one module per input, applied
+    before `inner`: the model's inputs are quantized at this boundary.
+    """
 
     def __init__(self, inner: torch.nn.Module, keyword_names: list[str] | None = None):
         super().__init__()
         self.inner = inner
         self.keyword_names = keyword_names
+        self.input_quant: torch.nn.ModuleList | None = None
 
     def train(self, mode: bool = True):
         self.training = mode
@@ -57,6 +62,8 @@ class FlatModel(torch.nn.Module):
         return self
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.input_quant is not None:
+            args = tuple(quant(arg) for quant, arg in zip(self.input_quant, args))
         if self.keyword_names:
             out = self.inner(**dict(zip(self.keyword_names, args)))
         else:

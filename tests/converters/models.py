@@ -134,3 +134,42 @@ class NewOnes(nn.Module):
 
 def new_ones():
     return NewOnes().eval(), (torch.randn(1, 4),)
+
+
+class EdgeConvNet(nn.Module):
+    """An Edge-TPU-friendly CNN, every op a module: conv-bn-relu, max pool, grouped conv-bn-relu6, depthwise
+    conv-hardswish, adaptive average pool, flatten, linear."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=2),
+            nn.BatchNorm2d(32),
+            nn.ReLU6(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=32),  # depthwise
+            nn.Hardswish(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.flatten(self.pool(self.features(image))))
+
+
+def edge_convnet():
+    """(model, example image 1x3x32x32): default initialisation, BatchNorm statistics drawn at random."""
+    torch.manual_seed(0)
+    model = EdgeConvNet()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.2)
+    return model.eval(), (torch.randn(1, 3, 32, 32),)
