@@ -163,6 +163,7 @@ class LayerPlan:
     dynamic_activation: QDtype | None = None
     output: TensorQuant | None = None
     smooth: np.ndarray | None = None
+    bias_correction: np.ndarray | None = None  # added to the float bias (per output channel): bias correction
     reason: str | None = None  # why the layer stays float, when it does
 
     @property
@@ -217,6 +218,9 @@ class QuantPlan:
             if layer.smooth is not None:
                 entry["smooth"] = True
                 arrays[f"{fqn}/smooth"] = layer.smooth
+            if layer.bias_correction is not None:
+                entry["bias_correction"] = True
+                arrays[f"{fqn}/bias_correction"] = layer.bias_correction
             if layer.dynamic_activation is not None:
                 entry["dynamic_activation"] = layer.dynamic_activation.value
             layers[fqn] = entry
@@ -262,6 +266,7 @@ class QuantPlan:
                 dynamic_activation=QDtype(dynamic) if dynamic else None,
                 output=quants.get("output"),
                 smooth=arrays.get(f"{fqn}/smooth"),
+                bias_correction=arrays.get(f"{fqn}/bias_correction"),
                 reason=entry.get("reason"),
             )
         for key, described in data.get("tensors", {}).items():

@@ -110,6 +110,14 @@ class OutputQuant(nn.Module):
         return self.quant(self.module(*args, **kwargs))
 
 
+def _bias(bias: torch.Tensor | None, layer: LayerPlan) -> nn.Parameter | None:
+    """The layer's float bias, plus the plan's bias correction when it has one."""
+    if layer.bias_correction is None:
+        return None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+    correction = torch.from_numpy(layer.bias_correction.astype(np.float32))
+    return nn.Parameter(correction if bias is None else bias.detach().float() + correction, requires_grad=False)
+
+
 def _maybe_quant(quant: TensorQuant | None) -> nn.Module:
     return ActivationQuant(quant) if quant is not None else nn.Identity()
 
@@ -129,7 +137,7 @@ class QuantizedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, layer: LayerPlan, form: WeightForm, simulate_dynamic: bool = False):
         super().__init__()
         self.weight = QuantizedWeight(layer.weight, layer.weight_codes, form)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.bias = _bias(linear.bias, layer)
         self.smooth = Smooth(layer.smooth) if layer.smooth is not None else nn.Identity()
         self.input_quant = _maybe_quant(layer.activation)
         if simulate_dynamic and layer.dynamic_activation is not None:
@@ -144,7 +152,7 @@ class QuantizedConv(nn.Module):
     def __init__(self, conv: nn.Conv1d | nn.Conv2d, layer: LayerPlan, form: WeightForm):
         super().__init__()
         self.weight = QuantizedWeight(layer.weight, layer.weight_codes, form)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.bias = _bias(conv.bias, layer)
         if layer.smooth is not None:
             raise ValueError(f"{layer.fqn}: SmoothQuant is applied to linear layers only")
         self.input_quant = _maybe_quant(layer.activation)

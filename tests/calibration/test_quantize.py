@@ -129,3 +129,31 @@ def test_fallback_relaxes_the_bad_layer_first(outlier_model):
     assert relaxed.activation is None and relaxed.weight is not None  # activations float, weights still int8
     after = np.mean([cosine(r, c) for r, c in zip(reference, _run(apply_plan(module, result.plan, WeightForm.QDQ), validation))])
     assert before < 0.99 and after >= 0.999  # the held-out samples agree with the sweep's verdict
+
+
+def test_bias_correction_removes_the_mean_shift_on_held_out_samples(tmp_path):
+    from edgeq.calibration.data import synthesize
+    from edgeq.plan import QuantPlan
+
+    model = load_model("edgeq.examples:tiny_convnet")
+    module, _ = fold_batchnorm(model.module)
+    example = {s.name: t.numpy() for s, t in zip(model.inputs, model.example_inputs)}
+    calibration_samples, held_out = synthesize(model.inputs, example, 16, 0), synthesize(model.inputs, example, 16, 1)
+    name = model.input_names[0]
+
+    def sqnr(plan):
+        quantized = apply_plan(module, plan, WeightForm.CODES)
+        with torch.no_grad():
+            pairs = [(module(torch.from_numpy(s[name]))[0].numpy(), quantized(torch.from_numpy(s[name]))[0].numpy()) for s in held_out]
+        return sqnr_db(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
+
+    plans = {
+        flag: resolve_plan(module, load_profile("onnx"), Precision.W8A8, [], model.example_inputs,
+                           Calibration(calibration_samples, model.input_names, observer="minmax", bias_correction=flag))
+        for flag in (False, True)
+    }
+    corrected = [fqn for fqn, layer in plans[True].layers.items() if layer.bias_correction is not None]
+    assert corrected and all(layer.bias_correction is None for layer in plans[False].layers.values())
+    assert sqnr(plans[True]) > sqnr(plans[False]) + 1.0  # dB, on samples the correction never saw
+    plans[True].save(tmp_path)
+    np.testing.assert_array_equal(QuantPlan.load(tmp_path).layers[corrected[0]].bias_correction, plans[True].layers[corrected[0]].bias_correction)
