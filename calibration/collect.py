@@ -45,6 +45,27 @@ def watch(module: nn.Module, fqns: set[str], samples: list[Sample], input_names:
             handle.remove()
 
 
+def called_modules(module: nn.Module, example_inputs: tuple, select: Callable[[str, nn.Module], bool]) -> list[str]:
+    """User FQNs of the selected submodules that one forward pass on `example_inputs` calls and that return a
+    float tensor, in call order."""
+    called: dict[str, None] = {}
+
+    def hook(name):
+        def record(_module, _args, output):
+            if isinstance(output, torch.Tensor) and output.is_floating_point():
+                called.setdefault(name)
+        return record
+
+    handles = [child.register_forward_hook(hook(user_fqn(fqn))) for fqn, child in module.named_modules() if fqn and select(fqn, child)]
+    try:
+        with torch.no_grad():
+            module(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(called)
+
+
 def input_channel_absmax(module: nn.Module, fqns: set[str], samples: list[Sample], input_names: list[str]) -> dict[str, np.ndarray]:
     """max |x| per input channel (the last axis) of each watched linear layer's input: SmoothQuant's statistic."""
     maxima: dict[str, torch.Tensor] = {}

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeq.calibration.collect import Sample, watch
+from edgeq.calibration.collect import Sample, called_modules, watch
 from edgeq.calibration.observers import activation_quant, make_observer
-from edgeq.compress.apply import QUANTIZABLE, user_fqn
+from edgeq.compress.apply import QUANTIZABLE
 from edgeq.plan import INPUT_PREFIX, LayerPlan, QDtype, TensorQuant
 
 # Leaf modules that change no value (eval mode), so their output needs no point of its own.
@@ -24,26 +24,11 @@ def tensor_points(module: nn.Module, example_inputs: tuple, input_names: list[st
     when that output is a float tensor. Functional ops in a forward (torch.mean, F.relu, x.flatten) have no
     module to hook, so they get no point: their consumers' q/dq, if any, are all that quantizes them."""
     points = [INPUT_PREFIX + name for name, x in zip(input_names, example_inputs) if x.is_floating_point()]
-    called: dict[str, None] = {}
 
-    def hook(name):
-        def record(_module, _args, output):
-            if isinstance(output, torch.Tensor) and output.is_floating_point():
-                called.setdefault(name)
-        return record
+    def leaf_between_layers(_fqn: str, child: nn.Module) -> bool:
+        return not any(child.children()) and not isinstance(child, (*QUANTIZABLE, *_PASSTHROUGH))
 
-    handles = [
-        child.register_forward_hook(hook(user_fqn(fqn)))
-        for fqn, child in module.named_modules()
-        if fqn and not any(child.children()) and not isinstance(child, (*QUANTIZABLE, *_PASSTHROUGH))
-    ]
-    try:
-        with torch.no_grad():
-            module(*example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return points + list(called)
+    return points + called_modules(module, example_inputs, leaf_between_layers)
 
 
 def calibrate_activations(

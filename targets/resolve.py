@@ -9,15 +9,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from edgeq.calibration.bias import correct_biases
-from edgeq.calibration.collect import input_channel_absmax
+from edgeq.calibration.collect import called_modules, input_channel_absmax
 from edgeq.calibration.smoothquant import smooth_factors, smoothed_weight
 from edgeq.calibration.static import calibrate_activations, tensor_points
 from edgeq.calibration.weights import quantize_weight_per_channel
-from edgeq.compress.apply import quantizable_layers
+from edgeq.compress.apply import QUANTIZABLE, quantizable_layers
 from edgeq.errors import ConversionError, UsageError
 from edgeq.plan import LayerPlan, OpKind, QDtype, QuantPlan
 from edgeq.targets.profile import Granularity, Precision, TargetProfile
@@ -56,18 +55,7 @@ def executed_layers(module: nn.Module, example_inputs: tuple) -> set[str]:
     Layers the graph never reaches (e.g. a Hugging Face pooler behind a feature-extraction head) are not
     exported, so a plan must not promise them.
     """
-    called: set[str] = set()
-    handles = [
-        layer.register_forward_hook(lambda _m, _i, _o, fqn=fqn: called.add(fqn))
-        for fqn, layer in quantizable_layers(module)
-    ]
-    try:
-        with torch.no_grad():
-            module(*example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return called
+    return set(called_modules(module, example_inputs, lambda _fqn, child: isinstance(child, QUANTIZABLE)))
 
 
 @dataclass
