@@ -8,7 +8,8 @@ and validated on STS-B *train* sentences. The baseline is `onnxruntime.quantizat
   cosine      mean cosine of the sentence embeddings vs FP32 PyTorch on the STS-B dev sentences
   spearman    STS-B dev Spearman x100 (cosine of each pair vs the gold scores)
   latency     median and p90 of single runs, batch 1, sequence 128, after warm-up; artifacts interleaved
-              round by round so machine load hits all of them alike; ratio to the runtime's FP32 median
+              round by round so machine load hits all of them alike (ORT thread spinning off, or one session's
+              spinning threads slow the next); ratio to the runtime's FP32 median
 
 Run:  .venv/bin/python benchmarks/bench_int8.py [--pairs N] [--rounds R] [--out DIR [--reuse]]
 """
@@ -114,6 +115,10 @@ def main() -> None:
     rows = {"PyTorch fp32": {"spearman": spearman(pair_cosines(reference[: len(first)], reference[len(first) :]), gold)}}
     runners = {}
     for label, (path, runtime, settings) in artifacts.items():
+        if runtime == "onnx":
+            # ORT's intra-op threads spin after each run; interleaved with other sessions they steal the next
+            # session's cores (measured: every ORT session 2x slower except the one after a LiteRT run).
+            settings = {**settings, "session_config": {**settings["session_config"], "session.intra_op.allow_spinning": "0"}}
         runner = open_runner(path, runtime, **settings)
         runners[label] = runner
         embeddings = np.stack([runner.run(s)[model.outputs[0]][0] for s in samples])
