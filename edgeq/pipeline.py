@@ -78,12 +78,13 @@ def convert(model: LoadedModel, options: ConvertOptions, on_step: Callable[[str]
 
     on_step("preparing validation data")
     example = {s.name: t.numpy() for s, t in zip(model.inputs, model.example_inputs)}
+    wanted = _calibration_count(plans, options)
     loaded = load_samples(
         model.inputs, example, data=options.data, tokenizer=model.tokenizer, text_column=options.text_column,
-        preprocess=options.preprocess, sample_rate=options.sample_rate, count=options.samples + _calibration_count(plans, options), seed=options.seed,
+        preprocess=options.preprocess, sample_rate=options.sample_rate, count=options.samples + wanted, seed=options.seed,
     )
     samples = loaded.samples
-    calibration_count = min(_calibration_count(plans, options), len(samples) // 2)  # never starve validation
+    calibration_count = min(wanted, len(samples) // 2)  # a short source never starves validation
     calibration, validation = split(samples, calibration_count=calibration_count, seed=options.seed)
     references = reference_outputs(model, validation)
     data_source = describe_data(loaded, options, validation=len(validation), calibration=len(calibration))
