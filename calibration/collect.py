@@ -6,7 +6,7 @@ activations themselves, so memory stays flat however many samples are used.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,14 +19,20 @@ Sample = dict[str, np.ndarray]
 Watcher = Callable[[str, torch.Tensor, torch.Tensor], None]
 
 
-def run_samples(module: nn.Module, samples: list[Sample], input_names: list[str], description: str) -> Iterable[None]:
-    """Call `module` on every sample (no grad), with a progress bar on a terminal."""
+def run_module(
+    module: nn.Module, samples: list[Sample], input_names: list[str], output_names: list[str] | None = None, description: str = "running"
+) -> list[dict[str, np.ndarray]]:
+    """Call `module` on every sample (no grad, a progress bar on a terminal). With `output_names`, return each
+    call's outputs by name as float32 arrays; without, keep nothing (calibration passes only need the hooks)."""
     from rich.progress import track
 
+    results = []
     with torch.no_grad():
         for sample in track(samples, description=description, transient=True, disable=not sys.stderr.isatty()):
-            module(*(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in input_names))
-            yield
+            outputs = module(*(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in input_names))
+            if output_names is not None:
+                results.append({name: out.detach().float().numpy() for name, out in zip(output_names, outputs)})
+    return results
 
 
 def watch(module: nn.Module, fqns: set[str], samples: list[Sample], input_names: list[str], watcher: Watcher, description: str) -> None:
@@ -38,8 +44,7 @@ def watch(module: nn.Module, fqns: set[str], samples: list[Sample], input_names:
             hook = lambda _m, args, out, name=name: watcher(name, args[0].detach(), out.detach())  # noqa: E731
             handles.append(child.register_forward_hook(hook))
     try:
-        for _ in run_samples(module, samples, input_names, description):
-            pass
+        run_module(module, samples, input_names, description=description)
     finally:
         for handle in handles:
             handle.remove()

@@ -14,10 +14,9 @@ import copy
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import nn
 
-from edgeq.calibration.collect import Sample
+from edgeq.calibration.collect import Sample, run_module
 from edgeq.calibration.weights import quantize_weight_per_channel
 from edgeq.compress.apply import apply_plan, quantizable_layers
 from edgeq.compress.qdq import WeightForm
@@ -72,13 +71,10 @@ def relax(layer: LayerPlan, module: nn.Module, scale_dtype: str) -> LayerPlan:
     return LayerPlan(layer.fqn, layer.op, quant, codes, reason="activations kept float by --auto-fallback (sensitivity sweep)")
 
 
-def simulate(module: nn.Module, plan: QuantPlan, samples: list[Sample], input_names: list[str]) -> list[tuple]:
+def simulate(module: nn.Module, plan: QuantPlan, samples: list[Sample], input_names: list[str], output_names: list[str]) -> list[dict]:
+    """Outputs of `plan` applied to `module` in PyTorch, run-time activation quantization included."""
     quantized = apply_plan(module, plan, WeightForm.CODES, simulate_dynamic=True)
-    with torch.no_grad():
-        return [
-            tuple(o.float().numpy() for o in quantized(*(torch.from_numpy(np.ascontiguousarray(s[n])) for n in input_names)))
-            for s in samples
-        ]
+    return run_module(quantized, samples, input_names, output_names, "sensitivity: simulating")
 
 
 def sensitivity_fallback(
@@ -93,12 +89,11 @@ def sensitivity_fallback(
 ) -> Fallback:
     """Sweep, then relax the most sensitive layers until `budget` holds in simulation (at most max_fraction of them)."""
     samples = samples[:SWEEP_SAMPLES]
-    references = [dict(zip(output_names, out)) for out in simulate(module, QuantPlan(plan.scheme, plan.target), samples, input_names)]
+    references = run_module(module, samples, input_names, output_names, "sensitivity: FP32 reference")
     modules = dict(quantizable_layers(module))
 
     def drift(candidate: QuantPlan) -> DriftReport:
-        outputs = [dict(zip(output_names, out)) for out in simulate(module, candidate, samples, input_names)]
-        return compare(references, outputs, output_names, "pytorch simulation")
+        return compare(references, simulate(module, candidate, samples, input_names, output_names), output_names, "pytorch simulation")
 
     def score(report: DriftReport) -> float:
         return float(np.mean([o.cosine for o in report.outputs]))

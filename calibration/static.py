@@ -12,6 +12,7 @@ from torch import nn
 from edgeq.calibration.collect import Sample, called_modules, watch
 from edgeq.calibration.observers import activation_quant, make_observer
 from edgeq.compress.apply import QUANTIZABLE
+from edgeq.compress.qdq import smooth_inverse
 from edgeq.plan import INPUT_PREFIX, LayerPlan, QDtype, TensorQuant
 
 # Leaf modules that change no value (eval mode), so their output needs no point of its own.
@@ -49,11 +50,7 @@ def calibrate_activations(
     inputs = {fqn: make_observer(observer, dtype, symmetric) for fqn in layers}
     outputs = {fqn: make_observer(observer, dtype, symmetric) for fqn in layers} if quantize_outputs else {}
     points = {key: make_observer(observer, dtype, symmetric) for key in tensors}
-    inverse = {
-        fqn: torch.from_numpy((1.0 / layer.smooth.astype(np.float64)).astype(np.float32))
-        for fqn, layer in layers.items()
-        if layer.smooth is not None
-    }
+    inverse = {fqn: smooth_inverse(layer.smooth) for fqn, layer in layers.items() if layer.smooth is not None}
 
     def record(fqn: str, x: torch.Tensor, y: torch.Tensor) -> None:
         if fqn in inputs:

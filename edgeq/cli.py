@@ -89,7 +89,8 @@ def convert(source, targets, precisions, inputs, task, factory, trust_pickle, da
                     sample_rate=sample_rate, samples=samples, seed=seed,
                     budget=budget, out=out, name=name, keep_float=list(keep_float),
                     quantize=QuantizeOptions(
-                        calibration_samples, observer, *parse_smoothquant(smoothquant), auto_fallback, fallback_max
+                        calibration_samples=calibration_samples, observer=observer, auto_fallback=auto_fallback,
+                        fallback_max=fallback_max, **parse_smoothquant(smoothquant),
                     ),
                 )
             ]

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from edgeq.bundle import REJECTED_SUFFIX, bundle_path, publish, staging, write_golden, write_json
+from edgeq.calibration.collect import run_module
 from edgeq.calibration.data import SampleSet, load_samples, split
 from edgeq.converters import ConversionRequest, get_converter
 from edgeq.converters.parity import artifact_weights, compare_weights
@@ -124,13 +124,7 @@ def _check_budget(text: str | None) -> None:
 
 def reference_outputs(model: LoadedModel, samples: list[dict]) -> list[dict[str, np.ndarray]]:
     """FP32 PyTorch outputs for each sample: the reference every artifact is held to."""
-    results = []
-    with torch.no_grad():
-        for sample in samples:
-            tensors = tuple(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in model.input_names)
-            outputs = model.module(*tensors)
-            results.append({name: out.detach().float().numpy() for name, out in zip(model.outputs, outputs)})
-    return results
+    return run_module(model.module, samples, model.input_names, model.outputs, "FP32 reference outputs")
 
 
 def describe_data(loaded: SampleSet, options: ConvertOptions, *, validation: int, calibration: int = 0) -> dict:

@@ -116,9 +116,9 @@ def _job(values: dict, base: Path, path: Path, where: str) -> Job:
         raise UsageError(f"{path}: {where}.sample_rate: {rate!r}; expected a rate in Hz, e.g. 16000")
     try:
         quantize = QuantizeOptions(
-            values.get("calibration_samples", 32), values.get("observer", "mse"),
-            *parse_smoothquant(values.get("smoothquant")), values.get("auto_fallback", False),
-            float(values.get("fallback_max", 0.1)),
+            calibration_samples=values.get("calibration_samples", 32), observer=values.get("observer", "mse"),
+            auto_fallback=values.get("auto_fallback", False), fallback_max=float(values.get("fallback_max", 0.1)),
+            **parse_smoothquant(values.get("smoothquant")),
         )
     except UsageError as exc:
         raise UsageError(f"{path}: {where}: {exc}") from exc

@@ -33,16 +33,16 @@ class QuantizeOptions:
             raise UsageError("calibration samples must be 0 or more")
 
 
-def parse_smoothquant(text: str | float | None) -> tuple[float | None, bool]:
-    """(alpha, disabled) from 'off', a number, or None (the scheme's default)."""
+def parse_smoothquant(text: str | float | None) -> dict:
+    """QuantizeOptions' SmoothQuant fields from 'off', a number, or None (the scheme's default)."""
     from edgeq.errors import UsageError
 
     if text is None:
-        return None, False
+        return {"smoothquant": None, "no_smoothquant": False}
     if str(text).lower() == "off":
-        return None, True
+        return {"smoothquant": None, "no_smoothquant": True}
     try:
-        return float(text), False
+        return {"smoothquant": float(text), "no_smoothquant": False}
     except ValueError:
         raise UsageError(f"smoothquant {text!r}: expected an alpha in [0, 1] or 'off'") from None
 

@@ -89,7 +89,7 @@ def print_outcomes(outcomes) -> None:
         if outcome.quantization is not None:
             for line in _fp32_lines(outcome):
                 console.print(f"  {where}: {line}", markup=False)
-        for note in getattr(outcome, "plan_notes", []):
+        for note in outcome.plan_notes:
             console.print(f"  {where}: plan: {note}", markup=False)
         if outcome.report is not None and outcome.report.status == "not_executed":
             console.print(f"  [yellow]{where}: not executed:[/] {outcome.report.reason}")

@@ -122,12 +122,17 @@ def _maybe_quant(quant: TensorQuant | None) -> nn.Module:
     return ActivationQuant(quant) if quant is not None else nn.Identity()
 
 
+def smooth_inverse(smooth: np.ndarray) -> torch.Tensor:
+    """1 / s as float32, computed in float64 first: the constant every runtime multiplies a smoothed input by."""
+    return torch.from_numpy((1.0 / smooth.astype(np.float64)).astype(np.float32))
+
+
 class Smooth(nn.Module):
     """SmoothQuant's input scaling x / s, as a multiply by the stored reciprocal (one float Mul in every runtime)."""
 
     def __init__(self, smooth: np.ndarray):
         super().__init__()  # a linear layer's input channels are its last axis, so a 1-D factor broadcasts
-        self.register_buffer("inverse", torch.from_numpy((1.0 / smooth.astype(np.float64)).astype(np.float32)))
+        self.register_buffer("inverse", smooth_inverse(smooth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.inverse
