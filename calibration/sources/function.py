@@ -96,11 +96,9 @@ def _resolve(ref: str):
             spec.loader.exec_module(module)
         except Exception as exc:
             raise SourceError(f"--data {ref}: importing {path} raised {type(exc).__name__}: {exc}") from exc
-        target = module
-        for part in attr.split("."):
-            if not hasattr(target, part):
-                raise SourceError(f"--data {ref}: {path} has no attribute {attr!r}")
-            target = getattr(target, part)
+        from edgeq.load.callable import attribute
+
+        target = attribute(module, attr, f"--data {ref}: {path} has no attribute {attr!r}")
     else:
         from edgeq.load.callable import resolve_callable
 

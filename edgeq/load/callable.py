@@ -26,10 +26,15 @@ def resolve_callable(ref: str):
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise SourceError(f"{ref!r}: cannot import module {module_name!r}: {exc}") from exc
-    target = module
+    return attribute(module, attr_path, f"{ref!r}: module {module_name!r} has no attribute {attr_path!r}")
+
+
+def attribute(owner, attr_path: str, missing: str):
+    """`owner.a.b.c` for attr_path "a.b.c"; SourceError(`missing`) when a part is not there."""
+    target = owner
     for part in attr_path.split("."):
         if not hasattr(target, part):
-            raise SourceError(f"{ref!r}: module {module_name!r} has no attribute {attr_path!r}")
+            raise SourceError(missing)
         target = getattr(target, part)
     return target
 
