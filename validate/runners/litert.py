@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +36,25 @@ def load_interpreter_class():
 class LiteRTRunner(Runner):
     runtime = "tflite"
 
-    def __init__(self, path: Path, threads: int | None = None, signature: str | None = None):
+    def __init__(self, path: Path, threads: int | None = None, signature: str | None = None, preserve_tensors: bool = False):
+        """`preserve_tensors` keeps every intermediate tensor readable after a run (per-layer drift). That needs
+        the builtin kernels: a delegate such as XNNPACK keeps its intermediates to itself."""
         interpreter_class, version = load_interpreter_class()
+        debug = {}
+        if preserve_tensors:
+            resolver = sys.modules[interpreter_class.__module__].OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            debug = {"experimental_preserve_all_tensors": True, "experimental_op_resolver_type": resolver}
         try:
-            self.interpreter = interpreter_class(model_path=str(path), num_threads=threads)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "preserve_all_tensors is for debugging": that is what it is used for
+                self.interpreter = interpreter_class(model_path=str(path), num_threads=threads, **debug)
             signatures = self.interpreter.get_signature_list()
             self.signature = signature or next(iter(signatures))
             self.runner = self.interpreter.get_signature_runner(self.signature)
         except Exception as exc:
             raise RunnerError(f"LiteRT could not load {path}: {exc}") from exc
-        self.executor = f"{version} (CPU, default delegate, signature {self.signature!r})"
+        kernels = "builtin kernels, no delegate" if preserve_tensors else "default delegate"
+        self.executor = f"{version} (CPU, {kernels}, signature {self.signature!r})"
         details = self.runner.get_input_details()
         self.inputs = [
             IOSpec(name, tuple(int(s) for s in d["shape"]), np.dtype(d["dtype"]).name) for name, d in details.items()
