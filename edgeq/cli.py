@@ -54,8 +54,9 @@ def main() -> None:
 @click.option("--smoothquant", metavar="ALPHA|off", help="SmoothQuant strength for linear layers with quantized activations (default: the scheme's, 0.7 for int8-dynamic and w8a8).")
 @click.option("--auto-fallback", is_flag=True, help="Sweep layer sensitivity and keep the most harmful layers at higher precision until the budget holds.")
 @click.option("--fallback-max", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="At most this fraction of quantized layers is relaxed by --auto-fallback.")
+@click.option("--layers", is_flag=True, help="Also localize drift per layer (ONNX and TFLite): each layer's output in the runtime against FP32 PyTorch, worst offenders first.")
 @click.option("-c", "--config", type=click.Path(path_type=Path), help="edgeq.toml: convert every model x target it declares.")
-def convert(source, targets, precisions, inputs, task, factory, trust_pickle, data, text_column, preprocess, sample_rate, samples, seed, budget, out, name, keep_float, calibration_samples, observer, smoothquant, auto_fallback, fallback_max, config):
+def convert(source, targets, precisions, inputs, task, factory, trust_pickle, data, text_column, preprocess, sample_rate, samples, seed, budget, out, name, keep_float, calibration_samples, observer, smoothquant, auto_fallback, fallback_max, layers, config):
     """Convert SOURCE and validate every artifact in its runtime.
 
     SOURCE is package.module:callable, a TorchScript file, a torch.export .pt2 program, a Hugging Face
@@ -92,15 +93,18 @@ def convert(source, targets, precisions, inputs, task, factory, trust_pickle, da
                         calibration_samples=calibration_samples, observer=observer, auto_fallback=auto_fallback,
                         fallback_max=fallback_max, **parse_smoothquant(smoothquant),
                     ),
+                    layers=layers,
                 )
             ]
-        from edgeq.pipeline import exit_code
+        from edgeq.pipeline import exit_code, write_run_reports
         from edgeq.project import run_job
 
         outcomes = []
         for job in jobs:
             job_outcomes = run_job(job, on_step=lambda text: click.echo(f"  {text}", err=True))
             print_outcomes(job_outcomes)
+            for path in write_run_reports(job_outcomes):
+                click.echo(f"  report: {path}")
             outcomes.extend(job_outcomes)
     except EdgeqError as error:
         _fail(error)
@@ -125,20 +129,65 @@ def _quiet_toolchain_logs() -> None:
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--budget", help="Hold this budget instead of the one recorded in the manifest.")
-def validate(bundle, budget):
+@click.option("--layers", is_flag=True, help="Also localize drift per layer (ONNX, TFLite): needs torch and the model the bundle was converted from; adds `layers` to the bundle's report.json.")
+@click.option("--model", "model_source", metavar="SOURCE", help="With --layers: the model (default: the source recorded in the manifest).")
+@click.option("--factory", metavar="MODULE:CALLABLE", help="With --layers and a state dict: builds the model.")
+@click.option("--trust-pickle", is_flag=True, help="With --layers: allow unpickling a whole-model .pt file.")
+def validate(bundle, budget, layers, model_source, factory, trust_pickle):
     """Re-run a bundle's artifact on its golden inputs and compare with its FP32 outputs.
 
     Needs only numpy and the artifact's runtime; refuses an artifact whose checksum does not match.
+    With --layers, also compares every layer's output in the runtime with FP32 PyTorch, worst first.
     """
     from edgeq.report import print_bundle_check
     from edgeq.validate.bundle_check import check_bundle
 
     try:
         result = check_bundle(bundle, budget)
+        print_bundle_check(result)
+        if layers:
+            _validate_layers(Path(bundle), result.manifest, model_source, factory=factory, trust_pickle=trust_pickle)
     except EdgeqError as error:
         _fail(error)
-    print_bundle_check(result)
     sys.exit(result.exit_code)
+
+
+def _validate_layers(bundle: Path, manifest: dict, source: str | None, **load_options) -> None:
+    import json
+
+    from edgeq.layers import localize_bundle
+    from edgeq.report import print_layers
+    from edgeq.report_html import write_atomic
+
+    _quiet_toolchain_logs()
+    layer_report = localize_bundle(bundle, manifest, source, **load_options)
+    print_layers(layer_report, str(bundle))
+    report_path = bundle / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    write_atomic(report_path, json.dumps({**report, "layers": layer_report.to_json()}, indent=2) + "\n")
+    click.echo(f"  per-layer drift added to {report_path}")
+
+
+@main.command("bundle")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="The lab archive to write, e.g. lab.zip.")
+@click.option("--allow-rejected", is_flag=True, help="Also pack bundles kept as <precision>.rejected (over budget or failed).")
+def pack_bundles(bundles, out, allow_rejected):
+    """Pack bundle folders into one archive for a device lab.
+
+    Each bundle must match its manifest's checksums. The archive holds each artifact, manifest, golden
+    inputs/outputs and plan files, and an index with every file's sha256. It is written atomically. On
+    the device: python -m edgeq.device lab.zip --junit result.xml --json result.json
+    """
+    from edgeq.device.archive import pack
+
+    try:
+        index = pack(list(bundles), out, allow_rejected=allow_rejected)
+    except EdgeqError as error:
+        _fail(error)
+    for entry in index["bundles"]:
+        click.echo(f"  {entry['name']}: {entry['runtime']}, {len(entry['files'])} files, verdict {entry['verdict']}")
+    click.echo(f"wrote {out} ({len(index['bundles'])} bundle(s))")
 
 
 @main.group(invoke_without_command=True)
@@ -165,6 +214,31 @@ def show_target(target_id):
     except EdgeqError as error:
         _fail(error)
     click.echo(profile.path.read_text())
+
+
+@main.command("report")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--html", "html_out", type=click.Path(path_type=Path), help="Write the HTML page here.")
+@click.option("--markdown", "markdown_out", type=click.Path(path_type=Path), help="Write the Markdown summary here.")
+def report(paths, html_out, markdown_out):
+    """Render report.html and report.md from existing bundles.
+
+    Each PATH is a bundle folder, a report.json, or a folder holding bundles (OUT/<model>/, OUT/). Without
+    --html or --markdown both go into the first PATH (its folder, for a file).
+    """
+    from edgeq.report_html import load_reports, render_html, write_atomic
+    from edgeq.report_markdown import render_markdown
+
+    if html_out is None and markdown_out is None:
+        folder = paths[0] if paths[0].is_dir() else paths[0].parent
+        html_out, markdown_out = folder / "report.html", folder / "report.md"
+    try:
+        reports = load_reports(paths, relative_to=(html_out or markdown_out).parent)
+    except EdgeqError as error:
+        _fail(error)
+    for path, render in ((html_out, render_html), (markdown_out, render_markdown)):
+        if path is not None:
+            click.echo(f"wrote {write_atomic(path, render(reports))}")
 
 
 if __name__ == "__main__":

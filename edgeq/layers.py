@@ -143,9 +143,9 @@ def tflite_match(traced: Trace, tensors: list[Tensor]) -> dict[str, tuple[int | 
     matches: dict[str, tuple[int | str, list[str]]] = {}
     taken: set[str] = set()
     for tensor in tensors:
+        if not any(_tflite_scope_is(tensor.scopes[2:], traced.attrs[m]) for m in traced.order):
+            continue  # a functional op of an enclosing module (a residual add that took the dense layer's name too)
         modules = {m for loc in (tensor.scopes, *tensor.fused) for m in traced.order if _tflite_scope_is(loc[2:], traced.attrs[m])}
-        if not modules:
-            continue
         owner = max(modules, key=position.__getitem__)
         if tensor.shape is None or math.prod(tensor.shape) != traced.outputs[owner][0].size:
             continue  # an op inside the module's scope that does not make its output (a transpose of its input)
@@ -219,6 +219,9 @@ def localize(model: LoadedModel, artifact: Path, runtime: str, settings: dict, s
     else:
         raise ValueError(f"per-layer drift reads intermediate tensors of onnx and tflite artifacts, not {runtime}")
     report = LayerReport("FP32 PyTorch", executor, len(samples), notes=notes)
+    masks = _token_masks(model, samples)
+    if masks is not None:
+        report.notes.append("token positions that attention_mask excludes (padding) are left out of every layer's figures")
     runtime_values: dict[str, list[np.ndarray]] = {}
     grouped = set()
     for name in traced.order:
@@ -235,7 +238,7 @@ def localize(model: LoadedModel, artifact: Path, runtime: str, settings: dict, s
         if name not in runtime_values:
             continue
         group = matches[name][1]
-        references, candidates = traced.outputs[name], runtime_values[name]
+        references, candidates = _valid(traced.outputs[name], masks), _valid(runtime_values[name], masks)
         sqnr = pooled_sqnr_db(references, candidates)
         source = _source(traced, group[0], runtime_values)
         if source is None:
@@ -243,8 +246,8 @@ def localize(model: LoadedModel, artifact: Path, runtime: str, settings: dict, s
         elif source.startswith(MODEL_INPUT):
             input_sqnr = math.inf
         else:
-            input_sqnr = pooled_sqnr_db(traced.outputs[source], runtime_values[source])
-        isolated = _isolated_sqnr(traced, group, source, samples, runtime_values, references, candidates)
+            input_sqnr = pooled_sqnr_db(_valid(traced.outputs[source], masks), _valid(runtime_values[source], masks))
+        isolated = _isolated_sqnr(traced, group, source, samples, runtime_values, references, candidates, masks)
         report.rows.append(LayerDrift(
             name=user_fqn(group[0]), kind="+".join(traced.kinds[m] for m in group), tensor=str(matches[name][0]),
             sqnr_db=sqnr, cosine=mean_cosine(references, candidates), input_sqnr_db=input_sqnr,
@@ -259,6 +262,21 @@ def localize(model: LoadedModel, artifact: Path, runtime: str, settings: dict, s
     return report
 
 
+def _token_masks(model: LoadedModel, samples: list[dict]) -> list[np.ndarray] | None:
+    """Per sample, the token positions a text model attends to: padding positions hold values no output
+    depends on (pooling and attention mask them), which drift freely and would swamp every layer's figures."""
+    if "attention_mask" not in model.input_names:
+        return None
+    return [np.asarray(sample["attention_mask"]).reshape(-1) != 0 for sample in samples]
+
+
+def _valid(arrays: list[np.ndarray], masks: list[np.ndarray] | None) -> list[np.ndarray]:
+    """The arrays restricted to attended token positions, for tensors laid out (batch, tokens, ...)."""
+    if masks is None:
+        return arrays
+    return [a[:, m] if a.ndim >= 2 and a.shape[1] == m.size else a for a, m in zip(arrays, masks)]
+
+
 def _source(traced: Trace, name: str, runtime_values: dict) -> str | None:
     """What made `name`'s input: a model input, a tapped module (through untapped ones), or None (unknown)."""
     source = traced.producers.get(name)
@@ -267,7 +285,7 @@ def _source(traced: Trace, name: str, runtime_values: dict) -> str | None:
     return source
 
 
-def _isolated_sqnr(traced, group, source, samples, runtime_values, references, candidates) -> float | None:
+def _isolated_sqnr(traced, group, source, samples, runtime_values, references, candidates, masks) -> float | None:
     """SQNR of what the artifact adds beyond FP32 PyTorch run on the artifact's own input to the group; None
     when that input is unknown or a module of the group takes more than one tensor."""
     if source is None or source != traced.producers.get(group[0]) or any(m not in traced.single_input for m in group):
@@ -285,6 +303,7 @@ def _isolated_sqnr(traced, group, source, samples, runtime_values, references, c
             for member in group:
                 x = traced.modules[member](x)
             expected.append(x.float().numpy())
+    expected = _valid(expected, masks)
     signal = sum(float(np.sum(np.square(r, dtype=np.float64))) for r in references)
     noise = sum(float(np.sum(np.square(c.astype(np.float64) - e, dtype=np.float64))) for c, e in zip(candidates, expected))
     return math.inf if noise == 0.0 else 10.0 * math.log10(max(signal, 1e-30) / noise)

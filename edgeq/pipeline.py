@@ -25,6 +25,7 @@ from edgeq.validate.budget import BudgetSyntaxError, parse_budget
 from edgeq.validate.check import run_artifact, runner_settings
 from edgeq.validate.drift import DriftReport, Status
 from edgeq.validate.latency import Latency
+from edgeq.validate.layer_drift import LayerReport
 from edgeq.validate.verdict import Verdict, combined_exit_code, verdict_of
 
 
@@ -42,6 +43,7 @@ class ConvertOptions:
     seed: int = 0
     keep_float: list[str] = field(default_factory=list)  # torch FQNs or re:REGEX kept float in quantized schemes
     quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
+    layers: bool = False  # per-layer drift of every ONNX and TFLite artifact (edgeq.layers)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Outcome:
     quantization: QuantizationDrift | None = None  # against the target's FP32 artifact; None for fp32
     outputs: list[dict[str, np.ndarray]] | None = field(default=None, repr=False)  # fp32 only: the baseline
     plan_notes: list[str] = field(default_factory=list)  # quantized schemes: how the plan was decided
+    layers: LayerReport | None = None  # per-layer drift, when asked for
 
 
 def expand_targets(targets: list[str]) -> list[str]:
@@ -95,7 +98,7 @@ def convert(model: LoadedModel, options: ConvertOptions, on_step: Callable[[str]
         on_step(f"{profile.id} {precision}: converting")
         outcome = _convert_one(
             model, profile, precision, validation, references, options, data_source, fp32_artifact=baselines.getter(profile),
-            calibration=calibration,
+            calibration=calibration, on_step=on_step,
         )
         baselines.record(profile, outcome)
         outcomes.append(outcome)
@@ -133,7 +136,10 @@ def describe_data(loaded: SampleSet, options: ConvertOptions, *, validation: int
     return loaded.describe(seed=options.seed, validation=validation, calibration=calibration)
 
 
-def _convert_one(model, profile, precision, validation, references, options, data_source, fp32_artifact=None, calibration=()) -> Outcome:
+LAYER_RUNTIMES = ("onnx", "tflite")  # runtimes whose intermediate tensors edgeq reads
+
+
+def _convert_one(model, profile, precision, validation, references, options, data_source, fp32_artifact=None, calibration=(), on_step=lambda _: None) -> Outcome:
     converter = get_converter(profile.runtime)
     request = ConversionRequest(model, profile, precision)
     refusals = converter.check(request)
@@ -170,6 +176,12 @@ def _convert_one(model, profile, precision, validation, references, options, dat
                 quantization = compare_with_fp32(fp32_artifact, run, model.outputs)
             violations = budget.violations(report) if report.status == Status.VALIDATED else []
             verdict = verdict_of(report, violations)
+            layers = None
+            if options.layers and report.status == Status.VALIDATED and profile.runtime.value in LAYER_RUNTIMES:
+                from edgeq.layers import localize
+
+                on_step(f"{profile.id} {precision}: per-layer drift")
+                layers = localize(model, artifact.path, profile.runtime.value, settings, validation, quantized=request.plan is not None)
             golden = stage / "golden.npz"
             write_golden(golden, validation, references)
             manifest = build_manifest(
@@ -178,7 +190,7 @@ def _convert_one(model, profile, precision, validation, references, options, dat
                 data_source=data_source, plan=request.plan, parity=parity,
                 latency=run.latency, latency_reason=run.latency_reason, quantization=quantization,
             )
-            write_json(stage / "report.json", _report_json(manifest))
+            write_json(stage / "report.json", _report_json(manifest, request.plan, layers))
             write_json(stage / "manifest.json", manifest)
             size = manifest["artifact"]["size_bytes"]
             final = dest if verdict in (Verdict.PASSED, Verdict.NOT_VALIDATED) else dest.with_name(dest.name + REJECTED_SUFFIX)
@@ -188,7 +200,7 @@ def _convert_one(model, profile, precision, validation, references, options, dat
     error = report.reason if report.status == Status.ERROR else None
     outputs = run.outputs if precision == Precision.FP32 else None
     notes = _plan_notes(request.plan)
-    return Outcome(profile.id, precision.value, verdict, final, report, violations, error, size, run.latency, quantization, outputs, notes)
+    return Outcome(profile.id, precision.value, verdict, final, report, violations, error, size, run.latency, quantization, outputs, notes, layers)
 
 
 def _plan_notes(plan) -> list[str]:
@@ -199,14 +211,46 @@ def _plan_notes(plan) -> list[str]:
     return [counted, *plan.notes]
 
 
-def _report_json(manifest: dict) -> dict:
-    """report.json: the drift part of the manifest, for tools that read only reports."""
+def _report_json(manifest: dict, plan=None, layers: LayerReport | None = None) -> dict:
+    """report.json: the drift part of the manifest, for tools that read only reports (docs/report-schema.md),
+    plus what a report page shows beside it: versions, the plan summary with its notes, weight parity."""
     keys = ("model", "target", "precision", "artifact", "validation", "budget")
-    return {key: manifest[key] for key in keys}
+    report = {key: manifest[key] for key in keys}
+    report["versions"] = manifest["versions"]
+    report["plan"] = None if manifest["plan"] is None else {**manifest["plan"], "notes": list(plan.notes) if plan is not None else []}
+    report["weight_parity"] = manifest["weight_parity"]
+    report["layers"] = None if layers is None else layers.to_json()  # edgeq convert/validate --layers
+    return report
+
+
+def write_run_reports(outcomes: list[Outcome]) -> list[Path]:
+    """OUT/<model>/report.html and report.md for one run: the report.json of every bundle the run
+    published, and a line for each target/precision that published none (conversion refused or failed).
+    Written atomically (temp + rename). Returns the paths written; none when the run published nothing."""
+    from edgeq.report_html import load_reports, render_html, write_atomic
+    from edgeq.report_markdown import render_markdown
+
+    published = [o for o in outcomes if o.path is not None and (o.path / "report.json").is_file()]
+    if not published:
+        return []
+    model_dir = published[0].path.parent.parent
+    model = model_dir.name
+    reports = load_reports((o.path for o in published), relative_to=model_dir)
+    for outcome in outcomes:
+        if outcome.path is None:
+            reports.append({
+                "model": {"name": model}, "target": {"id": outcome.target}, "precision": outcome.precision,
+                "budget": {"terms": None, "verdict": outcome.verdict.value, "violations": list(outcome.violations)},
+                "error": outcome.error,
+            })
+    written = []
+    for name, text in (("report.html", render_html(reports)), ("report.md", render_markdown(reports))):
+        written.append(write_atomic(model_dir / name, text))
+    return written
 
 
 def exit_code(outcomes: list[Outcome]) -> int:
     return combined_exit_code(o.verdict for o in outcomes)
 
 
-__all__ = ["ConvertOptions", "Outcome", "Verdict", "convert", "exit_code"]
+__all__ = ["ConvertOptions", "Outcome", "Verdict", "convert", "exit_code", "write_run_reports"]

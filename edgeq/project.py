@@ -45,6 +45,7 @@ class Job:
     name: str | None = None
     keep_float: list[str] = field(default_factory=list)
     quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
+    layers: bool = False  # per-layer drift of every ONNX and TFLite artifact
 
 
 _KEY_TYPES = {
@@ -53,7 +54,7 @@ _KEY_TYPES = {
     "samples": int, "seed": int,
     "budget": str, "out": str, "name": str, "keep_float": list,
     "calibration_samples": int, "observer": str, "smoothquant": (float, int, str), "auto_fallback": bool,
-    "fallback_max": (float, int),
+    "fallback_max": (float, int), "layers": bool,
 }
 
 
@@ -141,6 +142,7 @@ def _job(values: dict, base: Path, path: Path, where: str) -> Job:
         name=values.get("name"),
         keep_float=list(values.get("keep_float", [])),
         quantize=quantize,
+        layers=values.get("layers", False),
     )
 
 
@@ -157,7 +159,7 @@ def run_job(job: Job, on_step: Callable[[str], None] = lambda _: None):
         targets=job.targets, out=job.out, precisions=job.precisions or None, budget=job.budget,
         data=job.data, text_column=job.text_column, preprocess=job.preprocess,
         sample_rate=job.sample_rate, samples=job.samples, seed=job.seed, keep_float=job.keep_float,
-        quantize=job.quantize,
+        quantize=job.quantize, layers=job.layers,
     )
     return convert(model, options, on_step)
 

@@ -95,6 +95,9 @@ def print_outcomes(outcomes) -> None:
             console.print(f"  [yellow]{where}: not executed:[/] {outcome.report.reason}")
         for line in outcome.violations:
             console.print(f"  [red]{where}: over budget:[/] {line}")
+        if outcome.layers is not None and outcome.layers.top:
+            worst = ", ".join(f"{name} ({_fmt(row.local_sqnr_db, 3)} dB added noise)" for name in outcome.layers.top[:3] for row in outcome.layers.rows if row.name == name)
+            console.print(f"  {where}: layers adding the most noise: {worst}", markup=False)
         if outcome.error:
             console.print(f"  {where}: {outcome.error}", markup=False)
 
@@ -128,3 +131,22 @@ def print_bundle_check(result) -> None:
         console.print(f"  {result.report.reason}", markup=False)
     for line in result.violations:
         console.print(f"  over budget: {line}", markup=False)
+
+
+def print_layers(layers, title: str) -> None:
+    """The layers adding the most noise, worst first, then what could not be compared."""
+    console = _console()
+    rows = {row.name: row for row in layers.rows}
+    table = Table(title=f"{title}: per-layer drift against {layers.reference} ({layers.samples} samples), worst first")
+    for column in ("#", "layer", "kind", "SQNR dB", "input SQNR", "added-noise SQNR", "cosine"):
+        table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+    for rank, name in enumerate(layers.top, 1):
+        row = rows[name]
+        table.add_row(str(rank), name, row.kind, _fmt(row.sqnr_db, 4), _fmt(row.input_sqnr_db, 4), _fmt(row.local_sqnr_db, 4), _fmt(row.cosine, 7))
+    console.print(table)
+    console.print(f"  {len(layers.rows)} layers compared; executed by {layers.executor}", markup=False)
+    console.print("  added-noise SQNR: of the noise the layer adds to what it reads (low = this layer makes the drift)", markup=False)
+    if layers.unmatched:
+        console.print(f"  no tensor of their own in the artifact (fused or folded): {', '.join(layers.unmatched)}", markup=False)
+    for note in layers.notes:
+        console.print(f"  {note}", markup=False)

@@ -8,7 +8,7 @@ import numpy as np
 
 from edgeq.validate.budget import parse_budget
 from edgeq.validate.drift import DriftReport, Status, compare
-from edgeq.validate.junit import junit_xml
+from edgeq.validate.junit import Suite, junit_suites_xml, junit_xml
 
 
 def _report(noise: float) -> DriftReport:
@@ -36,3 +36,19 @@ def test_a_runtime_that_cannot_run_is_skipped_not_passed():
     assert suite.get("skipped") == "1" and suite.find("testcase/skipped").get("message").startswith("Core ML")
     failed = DriftReport(Status.ERROR, executor="litert", reason="Didn't find op for builtin opcode")
     assert ET.fromstring(junit_xml("m tflite", failed, [])).find("testsuite").get("errors") == "1"
+
+
+def test_several_artifacts_are_several_testsuites_with_totals_and_properties():
+    failed = DriftReport(Status.ERROR, executor="none", reason="refused: model.onnx: sha256 does not match")
+    suites = [
+        Suite("m/onnx/fp32", _report(noise=0.0), [], 0.5, {"latency_p50_ms": "0.05"}),
+        Suite("m/tflite/fp32", _report(noise=1.0), parse_budget("cosine>=0.99").violations(_report(noise=1.0)), 0.25),
+        Suite("m/onnx/fp16", failed),
+    ]
+    root = ET.fromstring(junit_suites_xml(suites))
+    assert [s.get("name") for s in root.findall("testsuite")] == ["m/onnx/fp32", "m/tflite/fp32", "m/onnx/fp16"]
+    assert (root.get("tests"), root.get("failures"), root.get("errors"), root.get("time")) == ("5", "1", "1", "0.750")
+    first = root.find("testsuite")
+    assert first.find("properties/property").attrib == {"name": "latency_p50_ms", "value": "0.05"}
+    assert root.findall("testsuite")[1].find("properties") is None
+    assert root.findall("testsuite")[2].find("testcase/error").get("message").startswith("refused")

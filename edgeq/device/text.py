@@ -1,0 +1,61 @@
+"""What a device run prints: plain text, one block per bundle (no colours, no tables library)."""
+
+from __future__ import annotations
+
+from edgeq.device.memory import megabytes
+from edgeq.device.results import BundleRun
+
+
+def _fmt(value, digits: int) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if value == float("inf") else f"{value:.{digits}g}"
+    return str(value)
+
+
+def bundle_lines(run: BundleRun) -> list[str]:
+    manifest, check = run.manifest, run.check
+    artifact = manifest.get("artifact") or {}
+    lines = [f"{run.name}: {run.verdict.upper()}"]
+    if check is None:
+        lines.append(f"  refused: {run.refused}")
+        return lines
+    report = check.report
+    lines.append(f"  artifact {artifact.get('file')} sha256 {str(artifact.get('sha256'))[:16]}... verified; golden file verified")
+    lines.append(f"  executed by: {report.executor}; {report.samples} golden samples")
+    lines.append(f"  budget ({run.budget_source}): {check.budget or 'none'}")
+    if report.outputs:
+        header = ("output", "cosine", "cos min", "SQNR dB", "max abs", "top-1")
+        rows = [
+            (d.name, _fmt(d.cosine, 7), _fmt(d.cosine_min, 7), _fmt(d.sqnr_db, 4), _fmt(d.max_abs, 3), _fmt(d.top1, 3))
+            for d in report.outputs
+        ]
+        widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+        for row in (header, *rows):
+            lines.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    if report.reason:
+        lines.append(f"  {report.reason}")
+    for line in check.violations:
+        lines.append(f"  over budget: {line}")
+    latency = check.latency
+    if latency is not None:
+        lines.append(
+            f"  latency: p50 {latency.median_ms:.4g} ms, p90 {latency.p90_ms:.4g} ms, p99 {latency.p99_ms:.4g} ms "
+            f"({latency.runs} timed runs after {latency.warmup} warm-up runs)"
+        )
+    else:
+        lines.append(f"  latency: {check.latency_reason}")
+    memory = run.memory
+    if memory is not None:
+        increase = "" if memory.rss_increase_bytes is None else f", +{megabytes(memory.rss_increase_bytes)} over the run"
+        lines.append(f"  memory: peak RSS {megabytes(memory.peak_rss_bytes)} (process){increase}")
+    return lines
+
+
+def summary_line(runs: list[BundleRun], code: int, host: str) -> str:
+    counts = {}
+    for run in runs:
+        counts[run.verdict] = counts.get(run.verdict, 0) + 1
+    told = ", ".join(f"{count} {verdict}" for verdict, count in counts.items())
+    return f"edgeq.device: {len(runs)} bundle(s): {told}; exit {code}; host: {host}"
