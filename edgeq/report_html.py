@@ -156,15 +156,10 @@ def size_ratio(report: dict, reports: list[dict]) -> float | None:
 
 def speed_text(ratio) -> str:
     """`latency_vs_fp32` (quantized median / FP32 median) in words, as the terminal prints it."""
+    from edgeq.validate.latency import speed_summary
+
     x = number(ratio)
-    if x is None or not math.isfinite(x) or x <= 0:
-        return "-"
-    speedup = 1.0 / x
-    if speedup >= 1.1:
-        return f"{speedup:.1f}x faster than FP32"
-    if speedup <= 1 / 1.1:
-        return f"{speedup:.1f}x: slower than FP32 on this machine"
-    return f"{speedup:.1f}x: no faster than FP32 on this machine"
+    return speed_summary(x if x is not None and math.isfinite(x) else None)
 
 
 def sort_reports(reports: Iterable[dict]) -> list[dict]:

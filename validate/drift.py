@@ -44,11 +44,13 @@ class DriftReport:
 
     def to_json(self) -> dict:
         data = asdict(self)
-        for output in data["outputs"]:
-            for key, value in output.items():
-                if isinstance(value, float) and math.isinf(value):
-                    output[key] = "inf" if value > 0 else "-inf"  # JSON has no infinity
+        data["outputs"] = [json_floats(output) for output in data["outputs"]]
         return data
+
+
+def json_floats(record: dict) -> dict:
+    """`record` with infinite floats as the strings "inf" / "-inf": JSON has no infinity."""
+    return {k: ("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v for k, v in record.items()}
 
 
 def is_logits(name: str) -> bool:

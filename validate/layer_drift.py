@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from edgeq.validate.drift import json_floats
+
 TOP = 5  # offenders named in reports
 
 
@@ -53,10 +55,7 @@ class LayerReport:
 
     def to_json(self) -> dict:
         data = asdict(self)
-        for row in data["rows"]:
-            for key, value in row.items():
-                if isinstance(value, float) and math.isinf(value):
-                    row[key] = "inf" if value > 0 else "-inf"  # JSON has no infinity
+        data["rows"] = [json_floats(row) for row in data["rows"]]
         data["top"] = self.top
         return data
 
