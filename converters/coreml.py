@@ -75,16 +75,17 @@ class CoreMLConverter(Converter):
             compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
             minimum_deployment_target=getattr(ct.target, target),
         )
+        io_names = {*model.input_names, *model.outputs}
         try:
             program = torch.export.export(module, examples, strict=False)
             try:
                 with quiet():  # coremltools draws a progress bar for every pass
-                    mlmodel = ct.convert(_named(program.run_decompositions({})), **options)
+                    mlmodel = ct.convert(_named(program.run_decompositions({}), io_names), **options)
             except Exception as exc:
                 if not _MISSING_OP.search(str(exc)):
                     raise
                 with quiet():
-                    mlmodel = ct.convert(_named(program.run_decompositions()), **options)
+                    mlmodel = ct.convert(_named(program.run_decompositions(), io_names), **options)
                 rewrites.append(f"default-decomposition-table: {str(exc).strip().splitlines()[0][:120]}")
         except Exception as exc:
             raise explain_failure(profile.id, exc, module, examples) from exc
@@ -99,19 +100,25 @@ class CoreMLConverter(Converter):
         return {"torch": torch.__version__, "coremltools": ct.__version__}
 
 
-def _named(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """Name each weight's dequantize node after its module's FQN, in place (the spelling: parity_coreml).
+def _named(program: torch.export.ExportedProgram, io_names: set[str]) -> torch.export.ExportedProgram:
+    """Name the fx nodes coremltools turns into MIL values, in place.
 
-    coremltools names the constexpr op after the fx node; left alone that is `dequantize_per_channel_3`,
-    which no reader can tie to a layer.
+    - Each weight's dequantize node after its module's FQN (the spelling: parity_coreml): left alone,
+      coremltools names the constexpr op `dequantize_per_channel_3`, which no reader can tie to a layer.
+    - An op whose name is one the model's inputs or outputs will take (an output named `linear` beside the
+      `linear` op) gets a fresh name: renaming the features afterwards would otherwise define that value
+      twice, and ops reading it would read the wrong one (measured: coremltools 9 renames without checking).
     """
     dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
     buffers = program.graph_signature.inputs_to_buffers
-    taken = {node.name for node in program.graph.nodes}
+    taken = {node.name for node in program.graph.nodes} | io_names
     for node in program.graph.nodes:
-        if node.target != dequantize or getattr(node.args[0], "name", None) not in buffers:
+        if node.target == dequantize and getattr(node.args[0], "name", None) in buffers:
+            base = mil_name(buffers[node.args[0].name].removesuffix(".codes"))  # the QuantizedWeight's FQN
+        elif node.op == "call_function" and node.name in io_names:
+            base = f"{node.name}_value"
+        else:
             continue
-        base = mil_name(buffers[node.args[0].name].removesuffix(".codes"))  # the QuantizedWeight's FQN
         name, count = base, 1
         while name in taken:  # a weight used twice: one node per use
             count += 1

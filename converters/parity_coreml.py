@@ -68,7 +68,9 @@ def _is_hex(text: str) -> bool:
 
 
 def load_program(path: Path):
-    """The saved package's MIL program, with its weight blobs read (MLModel.predict is macOS-only)."""
+    """The saved package's MIL program as coremltools' Python MIL objects (ops linked to their producers and
+    users, for tests that inspect the graph's structure). Weight parity and the MIL reference executor read
+    the stored program with `edgeq.validate.mil.read_program` instead."""
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
 
@@ -93,27 +95,27 @@ def operations(program):
 def coreml_weights(path: Path) -> StoredWeights:
     """{user FQN: (codes, per-channel scale)} of every int8 weight constexpr op that edgeq named.
 
-    constexpr_affine_dequantize (iOS16/17) stores quantized_data, zero_point, scale, axis;
-    constexpr_blockwise_shift_scale (iOS18) stores data, scale (rank of data) and an optional offset.
-    Codes come back in PyTorch layout (the converter keeps them so; a transposed store would show as a
+    Read with `edgeq.validate.mil.read_program`, the stored program as the MIL reference executor runs it
+    (the same bytes it dequantizes). constexpr_affine_dequantize (iOS16/17) stores quantized_data, zero_point,
+    scale, axis; constexpr_blockwise_shift_scale (iOS18) stores data, scale (rank of data) and an optional
+    offset. Codes come back in PyTorch layout (the converter keeps them so; a transposed store would show as a
     shape mismatch, not be hidden). `names` holds every op and value name, raw and decoded to FQN form,
     so a planned layer left float still counts as present.
     """
+    from edgeq.validate.mil import read_program
+
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     names: set[str] = set()
-    for op in operations(load_program(path)):
-        for name in (op.name, *(v.name for v in op.outputs)):
+    for op in read_program(path).operations():
+        for name in (op.name, *(name for name, _ in op.outputs)):
             names.add(name)
             decoded = fqn_of(name)
             if decoded is not None:
                 names.add(decoded[0])
         decoded = fqn_of(op.name)
-        if op.op_type not in _WEIGHT_OPS or decoded is None or not decoded[0].endswith(".weight"):
+        if op.type not in _WEIGHT_OPS or decoded is None or not decoded[0].endswith(".weight"):
             continue
         fqn = decoded[0].removesuffix(".weight").removeprefix("inner.")
-        if op.op_type == "constexpr_affine_dequantize":
-            codes, scale = op.quantized_data.val, op.scale.val
-        else:
-            codes, scale = op.data.val, op.scale.val
-        found[fqn] = (np.asarray(codes), np.asarray(scale, dtype=np.float32))
+        codes = op.constant("quantized_data" if op.type == "constexpr_affine_dequantize" else "data")
+        found[fqn] = (np.asarray(codes), np.asarray(op.constant("scale"), dtype=np.float32))
     return StoredWeights(found, names)

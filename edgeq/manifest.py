@@ -18,6 +18,7 @@ TIMING_FIELDS = (
     ("validation", "latency"),
     ("validation", "latency_vs_fp32"),
     ("validation", "fp32_artifact", "latency"),
+    ("validation", "per_compute_unit"),  # macOS only: latencies per Core ML compute unit
 )
 
 

@@ -22,7 +22,7 @@ from edgeq.targets import Precision, TargetProfile, load_profile
 from edgeq.quantize import QuantizeOptions, quantization_plan
 from edgeq.targets.resolve import QUANTIZED
 from edgeq.validate.budget import BudgetSyntaxError, parse_budget
-from edgeq.validate.check import run_artifact, runner_settings
+from edgeq.validate.check import per_compute_unit, run_artifact, runner_settings
 from edgeq.validate.drift import DriftReport, Status
 from edgeq.validate.latency import Latency
 from edgeq.validate.layer_drift import LayerReport
@@ -190,6 +190,8 @@ def _convert_one(model, profile, precision, validation, references, options, dat
                 data_source=data_source, plan=request.plan, parity=parity,
                 latency=run.latency, latency_reason=run.latency_reason, quantization=quantization,
             )
+            if profile.runtime.value == "coreml":
+                manifest["validation"]["per_compute_unit"] = per_compute_unit(artifact.path, settings, validation, references, model.outputs)
             write_json(stage / "report.json", _report_json(manifest, request.plan, layers))
             write_json(stage / "manifest.json", manifest)
             size = manifest["artifact"]["size_bytes"]

@@ -158,6 +158,8 @@ def time_artifact(files: BundleFiles, sample: dict, timing: Timing) -> tuple[Lat
     limits = {} if timing.runs is None else {"min_runs": timing.runs, "max_runs": timing.runs}
     try:
         runner = open_runner(files.artifact, files.runtime, **files.settings)
+        if runner.untimed is not None:
+            return None, f"not timed: {runner.untimed}"
         return measure_runner(runner, sample, warmup=timing.warmup, **limits), None
     except (ImportError, NotExecutable, RunnerError) as exc:
         return None, f"timing failed: {exc}"

@@ -68,8 +68,8 @@ def run_artifact(
         return _failed(DriftReport(Status.NOT_EXECUTED, executor="none", reason=str(exc)), runner.inputs)
     except (RunnerError, ValueError) as exc:
         return _failed(DriftReport(Status.ERROR, executor=runner.executor, reason=str(exc)), runner.inputs)
-    run = ArtifactRun(report, runner.inputs, candidates, latency_reason="not timed")
-    if timed and inputs:
+    run = ArtifactRun(report, runner.inputs, candidates, latency_reason=runner.untimed or "not timed")
+    if timed and inputs and runner.untimed is None:
         try:
             run.latency, run.latency_reason = measure_runner(runner, inputs[0]), None
         except (NotExecutable, RunnerError) as exc:
@@ -93,5 +93,23 @@ def runner_settings(runtime: str, options: dict) -> dict:
     if runtime == "tflite":
         return {"threads": options.get("threads")}
     if runtime == "coreml":
-        return {"compute_units": options.get("compute_units", "ALL")}
+        return {"compute_units": options.get("compute_units", "ALL"), "executor": options.get("executor", "auto")}
     return {}
+
+
+COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")  # where Core ML may run a model, on a Mac
+
+
+def per_compute_unit(path: Path, settings: dict, inputs, references, output_names) -> dict | None:
+    """On macOS, drift and latency of a Core ML artifact under each compute unit (MLModel.predict on CPU only,
+    CPU+GPU, CPU+Neural Engine): the same program can drift differently on the GPU and the Neural Engine
+    (fp16 there). None elsewhere: the reference executor has no compute units. Untested off a Mac."""
+    import platform
+
+    if platform.system() != "Darwin" or settings.get("executor", "auto") == "reference":
+        return None
+    runs = {}
+    for unit in COMPUTE_UNITS:
+        run = run_artifact(path, "coreml", {**settings, "compute_units": unit, "executor": "coreml"}, inputs, references, output_names)
+        runs[unit] = {**run.report.to_json(), "latency": None if run.latency is None else run.latency.to_json(), "latency_reason": run.latency_reason}
+    return runs

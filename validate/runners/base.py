@@ -36,6 +36,7 @@ class Runner(ABC):
     executor: str  # what executed it, for reports: runtime, version, provider/delegate
     inputs: list[IOSpec]
     outputs: list[str]
+    untimed: str | None = None  # why timing this runner would mean nothing for a device (None: time it)
 
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
