@@ -173,3 +173,23 @@ def edge_convnet():
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.normal_(0, 0.2)
     return model.eval(), (torch.randn(1, 3, 32, 32),)
+
+
+class MaskedMeanPool(nn.Module):
+    """Sentence-embedding pooling: masked mean over tokens, then L2 normalization (expand_dims, tile,
+    reduce_sum, real_div and reduce_l2_norm in Core ML)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # x: (1, 5, 8), mask: (1, 5) int64
+        hidden = self.proj(x)
+        weights = mask.unsqueeze(-1).expand(hidden.shape).float()
+        mean = (hidden * weights).sum(1) / torch.clamp(weights.sum(1), min=1e-9)
+        return torch.nn.functional.normalize(mean, p=2, dim=1)
+
+
+def masked_mean_pool():
+    torch.manual_seed(0)
+    return _seed(MaskedMeanPool()), {"x": torch.randn(1, 5, 8), "mask": torch.tensor([[1, 1, 1, 0, 0]])}

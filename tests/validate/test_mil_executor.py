@@ -27,6 +27,7 @@ SOURCES = [
     "tests.converters.models:new_ones",
     "tests.converters.models:edge_convnet",
     "tests.converters.test_coreml_quantized:token_classifier",
+    "tests.converters.models:masked_mean_pool",  # sentence-embedding pooling (MiniLM --task sentence-embedding)
 ]
 FLOOR_DB = {"fp32": 60.0, "fp16": 30.0}
 

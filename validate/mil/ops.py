@@ -166,11 +166,21 @@ def layer_norm(a: Args):
     return out
 
 
-def reduce_mean(a: Args):
-    x = _f(a("x"))
-    axes = a.scalar("axes")
-    axes = None if axes is None else tuple(int(i) for i in np.atleast_1d(axes))
-    return np.mean(x, axis=axes, keepdims=bool(a.scalar("keep_dims", False)))
+def _reduce(fn):
+    """reduce_* ops: `axes` (None: all), `keep_dims` (default False)."""
+    def run(a: Args):
+        x = _f(a("x"))
+        axes = a.scalar("axes")
+        axes = None if axes is None else tuple(int(i) for i in np.atleast_1d(axes))
+        return fn(x, axis=axes, keepdims=bool(a.scalar("keep_dims", False)))
+    return run
+
+
+def _l2_norm(x, axis, keepdims):  # sqrt(sum(x^2)), accumulated in float64 then rounded like the other ops
+    return np.sqrt(np.sum(np.square(x, dtype=np.float64), axis=axis, keepdims=keepdims)).astype(np.float32)
+
+
+reduce_mean = _reduce(np.mean)
 
 
 # ---- convolution and pooling ---------------------------------------------------------------------------
@@ -258,6 +268,18 @@ def reshape(a: Args):
 
 def transpose(a: Args):
     return np.transpose(np.asarray(a("x")), [int(p) for p in np.atleast_1d(a("perm"))])
+
+
+def expand_dims(a: Args):
+    x = np.asarray(a("x"))
+    axes = sorted(int(i) % (x.ndim + len(np.atleast_1d(a("axes")))) for i in np.atleast_1d(a("axes")))
+    for axis in axes:  # ascending positions in the output's rank
+        x = np.expand_dims(x, axis)
+    return x
+
+
+def tile(a: Args):
+    return np.tile(np.asarray(a("x")), [int(r) for r in np.atleast_1d(a("reps"))])
 
 
 def squeeze(a: Args):
@@ -400,6 +422,9 @@ OPS = {
     "add": _binary(np.add),
     "sub": _binary(np.subtract),
     "mul": _binary(np.multiply),
+    "real_div": _binary(np.divide),
+    "maximum": _binary(np.maximum),
+    "minimum": _binary(np.minimum),
     "greater_equal": _binary(np.greater_equal),
     "logical_and": _binary(np.logical_and),
     "relu": _unary(lambda x: np.maximum(x, np.float32(0.0))),
@@ -416,6 +441,10 @@ OPS = {
     "matmul": matmul,
     "layer_norm": layer_norm,
     "reduce_mean": reduce_mean,
+    "reduce_sum": _reduce(np.sum),
+    "reduce_l2_norm": _reduce(_l2_norm),
+    "expand_dims": expand_dims,
+    "tile": tile,
     "conv": conv,
     "max_pool": max_pool,
     "reshape": reshape,
