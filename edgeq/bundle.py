@@ -60,6 +60,23 @@ def publish(staged: Path, dest: Path) -> Path:
     return dest
 
 
+def write_atomic(path: Path, text: str) -> Path:
+    """Write `text` to `path` through a hidden temp file in the same folder and a rename: readers see the
+    old file or the new one, never half of one (reports, device results, a bundle's updated report.json)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes it private; these are ordinary files
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 

@@ -157,7 +157,7 @@ def _validate_layers(bundle: Path, manifest: dict, source: str | None, **load_op
 
     from edgeq.layers import localize_bundle
     from edgeq.report import print_layers
-    from edgeq.report_html import write_atomic
+    from edgeq.bundle import write_atomic
 
     _quiet_toolchain_logs()
     layer_report = localize_bundle(bundle, manifest, source, **load_options)
@@ -226,7 +226,8 @@ def report(paths, html_out, markdown_out):
     Each PATH is a bundle folder, a report.json, or a folder holding bundles (OUT/<model>/, OUT/). Without
     --html or --markdown both go into the first PATH (its folder, for a file).
     """
-    from edgeq.report_html import load_reports, render_html, write_atomic
+    from edgeq.bundle import write_atomic
+    from edgeq.report_html import load_reports, render_html
     from edgeq.report_markdown import render_markdown
 
     if html_out is None and markdown_out is None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.bundle import REJECTED_SUFFIX, bundle_path, publish, staging, write_golden, write_json
+from edgeq.bundle import REJECTED_SUFFIX, bundle_path, publish, staging, write_atomic, write_golden, write_json
 from edgeq.calibration.collect import run_module
 from edgeq.calibration.data import SampleSet, load_samples, split
 from edgeq.converters import ConversionRequest, get_converter
@@ -229,7 +229,7 @@ def write_run_reports(outcomes: list[Outcome]) -> list[Path]:
     """OUT/<model>/report.html and report.md for one run: the report.json of every bundle the run
     published, and a line for each target/precision that published none (conversion refused or failed).
     Written atomically (temp + rename). Returns the paths written; none when the run published nothing."""
-    from edgeq.report_html import load_reports, render_html, write_atomic
+    from edgeq.report_html import load_reports, render_html
     from edgeq.report_markdown import render_markdown
 
     published = [o for o in outcomes if o.path is not None and (o.path / "report.json").is_file()]

@@ -203,28 +203,6 @@ def load_reports(paths: Iterable[Path], relative_to: Path | None = None) -> list
     return sort_reports(reports)
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a hidden temp file in the same folder and a rename: readers see the
-    old file or the new one, never half of one."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(temp, 0o666 & ~mask)  # mkstemp makes it private; a report is an ordinary file
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _relative(folder: Path, base: Path | None) -> str:
     if base is None:
         return str(folder)
@@ -807,4 +785,4 @@ def render_html(reports: list[dict]) -> str:
     )
 
 
-__all__ = ["load_reports", "render_html", "write_atomic"]
+__all__ = ["load_reports", "render_html"]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from edgeq.device.archive import INDEX, bundle_name, open_lab_folder, unpack
 from edgeq.device.memory import MemoryWatch
-from edgeq.device.results import BundleRun, exit_code, junit_text, result_json, write_atomic
+from edgeq.bundle import write_atomic
+from edgeq.device.results import BundleRun, exit_code, junit_text, result_json
 from edgeq.device.runtime import INSTALL_HINTS, runtime_package
 from edgeq.device.text import bundle_lines, summary_line
 from edgeq.errors import EdgeqError, SourceError, ValidationError

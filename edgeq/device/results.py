@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,21 +155,6 @@ def _suite(run: BundleRun) -> Suite:
         run.name, run.report, [] if check is None else check.violations, 0.0 if check is None else check.seconds,
         {key: str(value) for key, value in properties.items()},
     )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as writer:
-            writer.write(text)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _edgeq_version() -> str:
