@@ -208,8 +208,9 @@ def localize(model: LoadedModel, artifact: Path, runtime: str, settings: dict, s
             notes.append(f"reference with BatchNorm folded into {', '.join(user_fqn(f) for f in folded)}, as in the plan")
     traced = trace(model, samples)
     if runtime == "onnx":
-        matches = onnx_match(traced, layer_taps.onnx_tensors(artifact))
-        values, executor = layer_taps.run_onnx_taps(artifact, settings, sorted({key for key, _ in matches.values()}), samples)
+        taps = layer_taps.OnnxTaps(artifact, settings)
+        matches = onnx_match(traced, taps.tensors)
+        values, executor = taps.run(sorted({key for key, _ in matches.values()}), samples)
         notes.append("layer tensors are extra outputs of a copy of the graph, run with the artifact's session settings")
     elif runtime == "tflite":
         taps = layer_taps.TFLiteTaps(artifact)
@@ -303,10 +304,7 @@ def _isolated_sqnr(traced, group, source, samples, runtime_values, references, c
             for member in group:
                 x = traced.modules[member](x)
             expected.append(x.float().numpy())
-    expected = _valid(expected, masks)
-    signal = sum(float(np.sum(np.square(r, dtype=np.float64))) for r in references)
-    noise = sum(float(np.sum(np.square(c.astype(np.float64) - e, dtype=np.float64))) for c, e in zip(candidates, expected))
-    return math.inf if noise == 0.0 else 10.0 * math.log10(max(signal, 1e-30) / noise)
+    return pooled_sqnr_db(_valid(expected, masks), candidates, signal=references)
 
 
 def localize_bundle(bundle: Path, manifest: dict, source: str | None = None, **load_options) -> LayerReport:

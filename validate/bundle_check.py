@@ -8,7 +8,6 @@ both read the bundle with `read_bundle`, refuse changed files with `verify_check
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +15,9 @@ from edgeq.bundle import read_golden
 from edgeq.errors import SourceError, UsageError
 from edgeq.hashing import sha256_path
 from edgeq.validate.budget import Budget, BudgetSyntaxError, parse_budget
-from edgeq.validate.check import run_and_compare
+from edgeq.validate.check import run_artifact
 from edgeq.validate.drift import DriftReport, Status
-from edgeq.validate.latency import WARMUP_RUNS, Latency, measure_runner
-from edgeq.validate.runners import NotExecutable, RunnerError, open_runner
+from edgeq.validate.latency import WARMUP_RUNS, Latency
 from edgeq.validate.verdict import Verdict, verdict_of
 
 
@@ -138,28 +136,16 @@ def run_bundle(files: BundleFiles, budget: Budget, timing: Timing | None = None)
     A runtime that is not installed raises ValidationError (exit 5), as in `edgeq convert`.
     """
     inputs, references = read_golden(files.golden)
-    start = time.perf_counter()
-    report, _ = run_and_compare(files.artifact, files.runtime, files.settings, inputs, references, files.outputs)
-    seconds = time.perf_counter() - start
+    limits = {} if timing is None else {"warmup": timing.warmup}
+    if timing is not None and timing.runs is not None:
+        limits.update(min_runs=timing.runs, max_runs=timing.runs)
+    # One session for the drift check and the timing: loading is not timed, and the artifact loads once.
+    run = run_artifact(files.artifact, files.runtime, files.settings, inputs, references, files.outputs, timed=timing is not None, **limits)
+    report = run.report
     violations = budget.violations(report) if report.status == Status.VALIDATED else []
     check = BundleCheck(
-        files.path, files.manifest, report, str(budget), verdict_of(report, violations), violations, seconds=seconds
+        files.path, files.manifest, report, str(budget), verdict_of(report, violations), violations, seconds=run.seconds
     )
     if timing is not None:
-        if report.status == Status.VALIDATED and inputs:
-            check.latency, check.latency_reason = time_artifact(files, inputs[0], timing)
-        else:
-            check.latency_reason = f"not measured: {report.reason or report.status}"
+        check.latency, check.latency_reason = run.latency, run.latency_reason
     return check
-
-
-def time_artifact(files: BundleFiles, sample: dict, timing: Timing) -> tuple[Latency | None, str | None]:
-    """Latency of the artifact on one golden sample, in a session of its own (loading is not timed)."""
-    limits = {} if timing.runs is None else {"min_runs": timing.runs, "max_runs": timing.runs}
-    try:
-        runner = open_runner(files.artifact, files.runtime, **files.settings)
-        if runner.untimed is not None:
-            return None, f"not timed: {runner.untimed}"
-        return measure_runner(runner, sample, warmup=timing.warmup, **limits), None
-    except (ImportError, NotExecutable, RunnerError) as exc:
-        return None, f"timing failed: {exc}"

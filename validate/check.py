@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,19 +23,7 @@ class ArtifactRun:
     outputs: list[dict[str, np.ndarray]] | None = None  # per sample, when it ran (the baseline of other artifacts)
     latency: Latency | None = None
     latency_reason: str | None = None  # why latency is None
-
-
-def run_and_compare(
-    path: Path,
-    runtime: str,
-    settings: dict,
-    inputs: list[dict[str, np.ndarray]],
-    references: list[dict[str, np.ndarray]],
-    output_names: list[str],
-) -> tuple[DriftReport, list[IOSpec] | None]:
-    """Execute `path` on every input and compare with `references`; also return the artifact's input specs."""
-    run = run_artifact(path, runtime, settings, inputs, references, output_names, timed=False)
-    return run.report, run.signature
+    seconds: float = 0.0  # wall time of running and comparing the inputs (not of the timing runs)
 
 
 def run_artifact(
@@ -45,8 +34,10 @@ def run_artifact(
     references: list[dict[str, np.ndarray]],
     output_names: list[str],
     timed: bool = True,
+    **limits,
 ) -> ArtifactRun:
-    """Execute `path` on every input and compare with `references`; then, if `timed`, time it on the first input.
+    """Execute `path` on every input and compare with `references`; then, if `timed`, time it on the first input
+    in the same session (`limits`: warm-up and run counts, as for `latency.measure`).
 
     A machine that cannot run the runtime at all gives status not_executed (honest, not a pass); a
     runtime that fails on the artifact gives status error with the runtime's message.
@@ -61,6 +52,7 @@ def run_artifact(
     if missing:
         reason = f"the artifact lacks output(s) {', '.join(missing)}; it returns {', '.join(runner.outputs)}"
         return _failed(DriftReport(Status.ERROR, executor=runner.executor, reason=reason), runner.inputs)
+    start = time.perf_counter()
     try:
         candidates = [runner.run(sample) for sample in inputs]
         report = compare(references, candidates, output_names, runner.executor)
@@ -68,10 +60,11 @@ def run_artifact(
         return _failed(DriftReport(Status.NOT_EXECUTED, executor="none", reason=str(exc)), runner.inputs)
     except (RunnerError, ValueError) as exc:
         return _failed(DriftReport(Status.ERROR, executor=runner.executor, reason=str(exc)), runner.inputs)
-    run = ArtifactRun(report, runner.inputs, candidates, latency_reason=runner.untimed or "not timed")
+    seconds = time.perf_counter() - start
+    run = ArtifactRun(report, runner.inputs, candidates, latency_reason=runner.untimed or "not timed", seconds=seconds)
     if timed and inputs and runner.untimed is None:
         try:
-            run.latency, run.latency_reason = measure_runner(runner, inputs[0]), None
+            run.latency, run.latency_reason = measure_runner(runner, inputs[0], **limits), None
         except (NotExecutable, RunnerError) as exc:
             run.latency_reason = f"timing failed: {exc}"
     return run

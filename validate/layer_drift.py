@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from edgeq.validate.drift import json_floats
+from edgeq.validate.metrics import cosine
 
 TOP = 5  # offenders named in reports
 
@@ -60,22 +61,18 @@ class LayerReport:
         return data
 
 
-def pooled_sqnr_db(references: list[np.ndarray], candidates: list[np.ndarray]) -> float:
-    """SQNR over all samples together: 10 log10(sum ref^2 / sum (ref - cand)^2)."""
-    signal = sum(float(np.sum(np.square(r, dtype=np.float64))) for r in references)
+def pooled_sqnr_db(references: list[np.ndarray], candidates: list[np.ndarray], signal: list[np.ndarray] | None = None) -> float:
+    """SQNR over all samples together: 10 log10(sum signal^2 / sum (ref - cand)^2); the signal is the
+    references unless given (a layer's noise beyond a re-run is measured against its FP32 output)."""
+    power = sum(float(np.sum(np.square(s, dtype=np.float64))) for s in (references if signal is None else signal))
     noise = sum(float(np.sum(np.square(r.astype(np.float64) - c, dtype=np.float64))) for r, c in zip(references, candidates))
     if noise == 0.0:
         return math.inf
-    return 10.0 * math.log10(max(signal, 1e-30) / noise)
+    return 10.0 * math.log10(max(power, 1e-30) / noise)
 
 
 def mean_cosine(references: list[np.ndarray], candidates: list[np.ndarray]) -> float:
-    values = []
-    for r, c in zip(references, candidates):
-        r, c = r.astype(np.float64).ravel(), c.astype(np.float64).ravel()
-        norms = np.linalg.norm(r) * np.linalg.norm(c)
-        values.append(1.0 if norms == 0 and np.array_equal(r, c) else (0.0 if norms == 0 else float(r @ c / norms)))
-    return float(np.mean(values))
+    return float(np.mean([cosine(r, c) for r, c in zip(references, candidates)]))
 
 
 def local_sqnr_db(input_sqnr: float, output_sqnr: float) -> float:

@@ -35,21 +35,55 @@ class Tensor:
     fused: tuple[tuple[str, ...], ...] = ()  # TFLite: the '/'-segments of the other locations fused into it
 
 
-def onnx_tensors(path: Path) -> list[Tensor]:
-    """Every node output of the ONNX graph in node order, with the node's module scopes."""
-    import onnx
+class OnnxTaps:
+    """An ONNX graph read once, with shapes inferred once: `tensors` lists every node output in node order
+    with the node's module scopes; `run` returns chosen values as extra outputs of a copy of the graph."""
 
-    proto = onnx.load(str(path), load_external_data=False)
-    shapes = _onnx_shapes(proto)
-    tensors = []
-    for node in proto.graph.node:
-        meta = {prop.key: prop.value for prop in node.metadata_props}
-        scopes = _literal_list(meta.get("pkg.torch.onnx.name_scopes"))
-        if not scopes or not node.output or not node.output[0]:
-            continue
-        # The last entry names the op itself, the first is the wrapper's empty root: the rest are modules.
-        tensors.append(Tensor(node.output[0], tuple(scopes[1:-1]), shapes.get(node.output[0])))
-    return tensors
+    def __init__(self, path: Path, settings: dict):
+        import onnx
+
+        self.proto = onnx.load(str(path))
+        self.settings = settings
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.proto).graph
+            self.value_info = {info.name: info for info in (*inferred.value_info, *inferred.output)}
+        except Exception:  # shape inference is a help for matching, not a requirement
+            self.value_info = {}
+        self.tensors = []
+        for node in self.proto.graph.node:
+            meta = {prop.key: prop.value for prop in node.metadata_props}
+            scopes = _literal_list(meta.get("pkg.torch.onnx.name_scopes"))
+            if not scopes or not node.output or not node.output[0]:
+                continue
+            # The last entry names the op itself, the first is the wrapper's empty root: the rest are modules.
+            self.tensors.append(Tensor(node.output[0], tuple(scopes[1:-1]), self._shape(node.output[0])))
+
+    def _shape(self, name: str) -> tuple[int, ...] | None:
+        info = self.value_info.get(name)
+        dims = info.type.tensor_type.shape.dim if info is not None else ()
+        return tuple(int(d.dim_value) for d in dims) if dims and all(d.HasField("dim_value") for d in dims) else None
+
+    def run(self, names: list[str], samples: list[dict]) -> tuple[list[dict], str]:
+        """Per sample {name: array}, the artifact's outputs included; and the executor."""
+        import onnx
+
+        from edgeq.validate.runners.onnxruntime import OnnxRuntimeRunner
+
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.proto)
+        present = {output.name for output in proto.graph.output}
+        for name in names:
+            if name not in present:
+                info = self.value_info.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                proto.graph.output.append(info)
+                present.add(name)
+        with tempfile.TemporaryDirectory(prefix="edgeq-taps-") as folder:
+            copy = Path(folder) / "taps.onnx"
+            onnx.save_model(proto, str(copy))
+            runner = OnnxRuntimeRunner(copy, **self.settings)
+            results = [runner.run(sample) for sample in samples]
+        floats = [{k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in r.items()} for r in results]
+        return floats, runner.executor
 
 
 def _literal_list(text: str | None) -> list[str]:
@@ -58,44 +92,6 @@ def _literal_list(text: str | None) -> list[str]:
     except (ValueError, SyntaxError):
         return []
     return [str(item) for item in value] if isinstance(value, list) else []
-
-
-def _onnx_shapes(proto) -> dict[str, tuple[int, ...]]:
-    import onnx
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # shape inference is a help for matching, not a requirement
-        return {}
-    shapes = {}
-    for info in (*inferred.graph.value_info, *inferred.graph.output):
-        dims = info.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[info.name] = tuple(int(d.dim_value) for d in dims)
-    return shapes
-
-
-def run_onnx_taps(path: Path, settings: dict, names: list[str], samples: list[dict]) -> tuple[list[dict], str]:
-    """Run `samples` through a copy of the graph that also returns the values `names`; (per sample
-    {name: array} with the artifact's outputs included, the executor)."""
-    import onnx
-
-    from edgeq.validate.runners.onnxruntime import OnnxRuntimeRunner
-
-    proto = onnx.load(str(path))
-    inferred = {info.name: info for info in onnx.shape_inference.infer_shapes(proto).graph.value_info}
-    present = {output.name for output in proto.graph.output}
-    for name in names:
-        if name not in present:
-            info = inferred.get(name) or onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-            proto.graph.output.append(info)
-            present.add(name)
-    with tempfile.TemporaryDirectory(prefix="edgeq-taps-") as folder:
-        copy = Path(folder) / "taps.onnx"
-        onnx.save_model(proto, str(copy))
-        runner = OnnxRuntimeRunner(copy, **settings)
-        results = [runner.run(sample) for sample in samples]
-    return [{k: np.asarray(v, dtype=np.float32) if np.issubdtype(np.asarray(v).dtype, np.floating) else v for k, v in r.items()} for r in results], runner.executor
 
 
 class TFLiteTaps:
