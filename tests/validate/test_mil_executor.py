@@ -29,7 +29,11 @@ SOURCES = [
     "tests.converters.test_coreml_quantized:token_classifier",
     "tests.converters.models:masked_mean_pool",  # sentence-embedding pooling (MiniLM --task sentence-embedding)
 ]
-FLOOR_DB = {"fp32": 60.0, "fp16": 30.0}
+# Measured on these models: FP32 138 to 144 dB (or exact), FP16 64 to 71 dB. The FP32 floor sits where a wrong
+# mode would land (GELU as tanh, layer_norm without epsilon: 60 to 110 dB); the FP16 band is bounded above too,
+# so an fp16 program computed without fp16 (weights, activations) cannot pass for one.
+FLOOR_DB = {"fp32": 120.0, "fp16": 55.0}
+CEILING_DB = {"fp32": float("inf"), "fp16": 85.0}
 
 
 def _convert(source: str, precision: str, path):
@@ -85,7 +89,7 @@ def test_executor_reproduces_pytorch(tmp_path, source, precision):
     model, path = _convert(source, precision, tmp_path)
     sqnr = _executor_vs_torch(model, path)
     print(f"{source} {precision}: " + ", ".join(f"{name} {db:.1f} dB" for name, db in sqnr.items()))
-    assert all(db >= FLOOR_DB[precision] for db in sqnr.values()), sqnr
+    assert all(FLOOR_DB[precision] <= db <= CEILING_DB[precision] for db in sqnr.values()), sqnr
 
 
 def test_colliding_output_names_fp32(tmp_path):
@@ -96,7 +100,7 @@ def test_colliding_output_names_fp32(tmp_path):
 
 def test_colliding_output_names_fp16(tmp_path):
     model, path = _convert("tests.converters.models:colliding_names", "fp16", tmp_path)
-    assert min(_executor_vs_torch(model, path).values()) >= FLOOR_DB["fp16"]
+    assert all(FLOOR_DB["fp16"] <= db <= CEILING_DB["fp16"] for db in _executor_vs_torch(model, path).values())
 
 
 def test_a_value_defined_twice_is_refused(tmp_path):
