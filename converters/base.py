@@ -32,7 +32,7 @@ class Refusal:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.layer or '<model>'}: {self.reason}"
+        return f"{self.layer}: {self.reason}" if self.layer else self.reason
 
 
 @dataclass

@@ -45,7 +45,7 @@ def main() -> None:
 @click.option("--sample-rate", type=click.IntRange(1), metavar="HZ", help="Sample rate every .wav file must have (edgeq does not resample).")
 @click.option("--samples", type=click.IntRange(1), default=32, show_default=True, help="Validation samples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection and synthetic inputs.")
-@click.option("--budget", help="Drift budget held by every output, e.g. 'cosine>=0.999,sqnr_db>=30' (default: the target's).")
+@click.option("--budget", help="Drift budget held by every output, e.g. 'cosine>=0.999,sqnr_db>=30', or 'none' (default: the target's).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("build/edge"), show_default=True, help="Bundles go to OUT/<model>/<target>/<precision>/.")
 @click.option("--name", help="Model name used for the bundle folder (default: from the source).")
 @click.option("--keep-float", "keep_float", multiple=True, metavar="FQN|re:REGEX", help="Keep these layers float in quantized schemes (repeatable), e.g. 're:.*classifier.*'.")
@@ -55,51 +55,72 @@ def main() -> None:
 @click.option("--auto-fallback", is_flag=True, help="Sweep layer sensitivity and keep the most harmful layers at higher precision until the budget holds.")
 @click.option("--fallback-max", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="At most this fraction of quantized layers is relaxed by --auto-fallback.")
 @click.option("--layers", is_flag=True, help="Also localize drift per layer (ONNX and TFLite): each layer's output in the runtime against FP32 PyTorch, worst offenders first.")
-@click.option("-c", "--config", type=click.Path(path_type=Path), help="edgeq.toml: convert every model x target it declares.")
-def convert(source, targets, precisions, inputs, task, factory, trust_pickle, data, text_column, preprocess, sample_rate, samples, seed, budget, out, name, keep_float, calibration_samples, observer, smoothquant, auto_fallback, fallback_max, layers, config):
+@click.option("-c", "--config", type=click.Path(path_type=Path), help="edgeq.toml: convert every model x target it declares. Options given beside it override the file for every model.")
+@click.option("-v", "--verbose", is_flag=True, help="Also show the toolchains' own log lines and warnings.")
+@click.pass_context
+def convert(ctx, source, config, verbose, **options):
     """Convert SOURCE and validate every artifact in its runtime.
 
     SOURCE is package.module:callable, a TorchScript file, a torch.export .pt2 program, a Hugging Face
     model folder (with --task), or a state dict (.pt/.safetensors) with --factory.
     """
-    from edgeq.report import print_outcomes
-
-    _quiet_toolchain_logs()
     try:
+        # Every option and the project file are checked here, before torch or a model loads.
+        from edgeq.project import command_line_job, load_project
+
         if config:
             if source:
                 raise UsageError("give either SOURCE or --config, not both")
-            from edgeq.project import load_project
-
-            jobs = load_project(config)
+            jobs = load_project(config, _job_values(ctx, options, only_given=True))
         else:
             if not source:
                 raise UsageError("missing SOURCE (or --config edgeq.toml); see edgeq convert --help")
-            from edgeq.calibration.sources.images import parse_preprocess
-            from edgeq.project import Job
-            from edgeq.quantize import QuantizeOptions, parse_smoothquant
-            from edgeq.signature import parse_input_spec
+            jobs = [command_line_job({"source": source, **_job_values(ctx, options, only_given=False)})]
+    except EdgeqError as error:
+        _fail(error)
+    from edgeq.noise import toolchain_output
 
-            if preprocess is not None:
-                parse_preprocess(preprocess)  # a typo fails now, not after the model has loaded
-            jobs = [
-                Job(
-                    source=source, targets=_split_list(targets) or ["all"], precisions=_split_list(precisions),
-                    inputs=[parse_input_spec(text) for text in inputs], task=task, factory=factory,
-                    trust_pickle=trust_pickle, data=data, text_column=text_column, preprocess=preprocess,
-                    sample_rate=sample_rate, samples=samples, seed=seed,
-                    budget=budget, out=out, name=name, keep_float=list(keep_float),
-                    quantize=QuantizeOptions(
-                        calibration_samples=calibration_samples, observer=observer, auto_fallback=auto_fallback,
-                        fallback_max=fallback_max, **parse_smoothquant(smoothquant),
-                    ),
-                    layers=layers,
-                )
-            ]
-        from edgeq.pipeline import exit_code, write_run_reports
-        from edgeq.project import run_job
+    with toolchain_output(verbose):
+        code = _run_jobs(jobs)
+    sys.exit(code)
 
-        outcomes = []
+
+# convert's options that are job keys (edgeq.job_keys), and how a command-line value becomes a key's value.
+_LIST_OPTIONS = {"targets", "precisions"}  # -t onnx -t tflite or -t onnx,tflite
+_REPEATED_OPTIONS = {"inputs", "keep_float"}
+_PATH_OPTIONS = {"data", "out"}
+
+
+def _job_values(ctx: click.Context, options: dict, *, only_given: bool) -> dict:
+    """convert's options as job values. With `only_given` (beside --config) just those typed on the command
+    line, made absolute, since the project file's paths are relative to the file, not to here."""
+    values = {}
+    for key, value in options.items():
+        given = ctx.get_parameter_source(key) == click.core.ParameterSource.COMMANDLINE
+        if only_given and not given:
+            continue
+        if key in _LIST_OPTIONS:
+            value = _split_list(value)
+            if not value and not given:
+                continue
+        elif key in _REPEATED_OPTIONS:
+            value = list(value)
+            if not value and not given:
+                continue
+        elif key in _PATH_OPTIONS and value is not None:
+            value = str(Path(value).absolute()) if only_given else str(value)
+        if value is not None:
+            values[key] = value
+    return values
+
+
+def _run_jobs(jobs) -> int:
+    from edgeq.pipeline import exit_code, write_run_reports
+    from edgeq.project import run_job
+    from edgeq.report import print_outcomes
+
+    outcomes = []
+    try:
         for job in jobs:
             job_outcomes = run_job(job, on_step=lambda text: click.echo(f"  {text}", err=True))
             print_outcomes(job_outcomes)
@@ -108,22 +129,7 @@ def convert(source, targets, precisions, inputs, task, factory, trust_pickle, da
             outcomes.extend(job_outcomes)
     except EdgeqError as error:
         _fail(error)
-    sys.exit(exit_code(outcomes))
-
-
-def _quiet_toolchain_logs() -> None:
-    """Converters log version nags and pass-by-pass chatter; edgeq reports what matters itself."""
-    import logging
-    import os
-    import warnings
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import torch  # noqa: F401  (convert needs it anyway; torch sets its loggers' levels on import)
-
-    for name in ("torch", "torch.onnx", "torch.utils._pytree", "coremltools", "absl", "jax", "litert_torch", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
+    return exit_code(outcomes)
 
 
 @main.command()
@@ -133,20 +139,27 @@ def _quiet_toolchain_logs() -> None:
 @click.option("--model", "model_source", metavar="SOURCE", help="With --layers: the model (default: the source recorded in the manifest).")
 @click.option("--factory", metavar="MODULE:CALLABLE", help="With --layers and a state dict: builds the model.")
 @click.option("--trust-pickle", is_flag=True, help="With --layers: allow unpickling a whole-model .pt file.")
-def validate(bundle, budget, layers, model_source, factory, trust_pickle):
+@click.option("-v", "--verbose", is_flag=True, help="Also show the toolchains' own log lines and warnings.")
+def validate(bundle, budget, layers, model_source, factory, trust_pickle, verbose):
     """Re-run a bundle's artifact on its golden inputs and compare with its FP32 outputs.
 
     Needs only numpy and the artifact's runtime; refuses an artifact whose checksum does not match.
     With --layers, also compares every layer's output in the runtime with FP32 PyTorch, worst first.
     """
+    from edgeq.noise import toolchain_output
     from edgeq.report import print_bundle_check
     from edgeq.validate.bundle_check import check_bundle
 
     try:
-        result = check_bundle(bundle, budget)
-        print_bundle_check(result)
-        if layers:
-            _validate_layers(Path(bundle), result.manifest, model_source, factory=factory, trust_pickle=trust_pickle)
+        if budget is not None:
+            from edgeq.preflight import check_budget
+
+            budget = check_budget(budget, "--budget")
+        with toolchain_output(verbose):
+            result = check_bundle(bundle, budget)
+            print_bundle_check(result)
+            if layers:
+                _validate_layers(Path(bundle), result.manifest, model_source, factory=factory, trust_pickle=trust_pickle)
     except EdgeqError as error:
         _fail(error)
     sys.exit(result.exit_code)
@@ -159,7 +172,6 @@ def _validate_layers(bundle: Path, manifest: dict, source: str | None, **load_op
     from edgeq.report import print_layers
     from edgeq.bundle import write_atomic
 
-    _quiet_toolchain_logs()
     layer_report = localize_bundle(bundle, manifest, source, **load_options)
     print_layers(layer_report, str(bundle))
     report_path = bundle / "report.json"

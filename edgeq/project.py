@@ -9,11 +9,15 @@
     source = "mypkg.models:build"   # or a path, relative to this file
     name = "classifier"
     precisions = ["fp32", "fp16"]
+
+The command line and the project file share one vocabulary (edgeq.job_keys) and one check (`make_job`), so
+`edgeq convert SOURCE -t onnx` and a `[[models]]` entry fail the same way, before torch or a model loads.
+Options given on the command line beside `-c edgeq.toml` override the file for every model:
+command line > [[models]] entry > [defaults] > built-in default.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 import tomllib
 from collections.abc import Callable
@@ -21,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeq.errors import UsageError
-from edgeq.quantize import QuantizeOptions, parse_smoothquant
-from edgeq.signature import TensorSpec, parse_input_spec
+from edgeq.job_keys import KEYS, check_value, check_values
+from edgeq.quantize import QuantizeOptions
+from edgeq.signature import TensorSpec
 
 
 @dataclass
@@ -40,7 +45,7 @@ class Job:
     sample_rate: int | None = None  # Hz, for WAV data
     samples: int = 32
     seed: int = 0
-    budget: str | None = None
+    budget: str | None = None  # None: each profile's default; "": no budget (the user wrote `none`)
     out: Path = Path("build/edge")
     name: str | None = None
     keep_float: list[str] = field(default_factory=list)
@@ -48,102 +53,154 @@ class Job:
     layers: bool = False  # per-layer drift of every ONNX and TFLite artifact
 
 
-_KEY_TYPES = {
-    "source": str, "targets": list, "precisions": list, "inputs": list, "task": str, "factory": str,
-    "trust_pickle": bool, "data": str, "text_column": (str, int), "preprocess": str, "sample_rate": int,
-    "samples": int, "seed": int,
-    "budget": str, "out": str, "name": str, "keep_float": list,
-    "calibration_samples": int, "observer": str, "smoothquant": (float, int, str), "auto_fallback": bool,
-    "fallback_max": (float, int), "layers": bool,
-}
-
-
-def load_project(path: Path) -> list[Job]:
-    """Parse edgeq.toml strictly: unknown keys and wrong types are errors naming the file and key."""
+def load_project(path: Path, overrides: dict | None = None) -> list[Job]:
+    """Parse edgeq.toml strictly: unknown keys, wrong types and values are errors naming the file and key.
+    `overrides` (key -> value, from the command line) replace the file's values in every model."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--config {path}: no such file")
+        raise UsageError(f"--config {path}: no such file; expected an edgeq.toml (see README, 'Project files')")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML: {exc}") from exc
     unknown = set(data) - {"defaults", "models"}
     if unknown:
         raise UsageError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; expected [defaults] and [[models]]")
-    defaults = _checked(data.get("defaults", {}), path, "defaults")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise UsageError(f"{path}: defaults: expected a table ([defaults]), found {type(defaults).__name__}")
     models = data.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(entry, dict) for entry in models):
+        raise UsageError(f"{path}: models: expected [[models]] tables, each with a source; found {_describe(models)}")
     if not models:
         raise UsageError(f"{path}: declares no [[models]]")
+    check_values(defaults, lambda key: f"{path}: defaults.{key}")
     base = path.parent.resolve()
-    if str(base) not in sys.path:
-        sys.path.insert(0, str(base))  # callables next to the project file import as they would from there
     jobs = []
     for index, entry in enumerate(models):
         where = f"models[{index}]"
-        values = {**defaults, **_checked(entry, path, where)}
+        check_values(entry, lambda key, where=where: f"{path}: {where}.{key}")
+        values = {**defaults, **entry, **(overrides or {})}
         if "source" not in values:
             raise UsageError(f"{path}: {where}: key 'source' is missing")
-        jobs.append(_job(values, base, path, where))
+        jobs.append(make_job(values, base, lambda key, where=where, entry=entry: _origin(path, where, entry, key, overrides)))
+    if str(base) not in sys.path:
+        sys.path.insert(0, str(base))  # callables next to the project file import as they would from there
     return jobs
 
 
-def _checked(table: dict, path: Path, where: str) -> dict:
-    for key, value in table.items():
-        if key not in _KEY_TYPES:
-            raise UsageError(f"{path}: {where}.{key}: unknown key; known keys: {', '.join(_KEY_TYPES)}")
-        if not isinstance(value, _KEY_TYPES[key]):
-            raise UsageError(f"{path}: {where}.{key}: wrong type {type(value).__name__}")
-    return table
+def _origin(path: Path, where: str, entry: dict, key: str, overrides: dict | None) -> str:
+    """Where a model's value for `key` came from: the command line, its [[models]] entry, or [defaults]."""
+    if overrides and key in overrides:
+        return KEYS[key].flag
+    return f"{path}: {where if key in entry else 'defaults'}.{key}"
 
 
-def _job(values: dict, base: Path, path: Path, where: str) -> Job:
+def _describe(value) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def command_line_job(values: dict) -> Job:
+    """The job `edgeq convert SOURCE ...` describes; paths stay as the user typed them (relative to here)."""
+    check_values(values, lambda key: KEYS[key].flag)
+    return make_job(values, None, lambda key: KEYS[key].flag)
+
+
+def make_job(values: dict, base: Path | None, label: Callable[[str], str]) -> Job:
+    """Check every value a job needs without loading torch or the model, and build the Job.
+    `base`: the folder relative paths start from (the project file's), None for the command line.
+    `label(key)` names the option or file key in messages."""
+    from edgeq.preflight import (
+        check_budget, check_data, check_keep_float, check_name, check_out, check_precisions, check_source,
+        check_targets, check_task,
+    )
+
     def relative(value: str) -> str:
         """Paths in the file are relative to it; `package.module:callable` references stay as they are."""
-        return value if re.fullmatch(r"[\w.]+:[\w.]+", value) else str(base / value)
+        if base is None or _is_reference(value):
+            return value
+        return str(base / value)
 
-    try:
-        inputs = [parse_input_spec(text) for text in values.get("inputs", [])]
-    except UsageError as exc:
-        raise UsageError(f"{path}: {where}.inputs: {exc}") from exc
+    for key, value in values.items():
+        check_value(key, value, label(key))
+    source = relative(values["source"])
+    check_source(source, label("source"))
+    targets = [relative(t) if t.endswith(".toml") else t for t in values.get("targets", ["all"])]
+    check_targets(targets, label("targets"))
+    precisions = values.get("precisions")
+    check_precisions(precisions, label("precisions"))
+    check_task(values.get("task"), source, label("task"))
+    data = relative(values["data"]) if "data" in values else None
+    if data is not None:
+        check_data(data, label("data"))
+    name = values.get("name")
+    if name is not None:
+        check_name(name, label("name"))
+    out = Path(relative(values.get("out", "build/edge")))
+    check_out(out, label("out"))
+    keep_float = list(values.get("keep_float", []))
+    check_keep_float(keep_float, label("keep_float"))
     if "preprocess" in values:
-        from edgeq.calibration.sources.images import parse_preprocess
-
-        try:
-            parse_preprocess(values["preprocess"])
-        except UsageError as exc:
-            raise UsageError(f"{path}: {where}.preprocess: {exc}") from exc
-    rate = values.get("sample_rate")
-    if rate is not None and (isinstance(rate, bool) or rate < 1):
-        raise UsageError(f"{path}: {where}.sample_rate: {rate!r}; expected a rate in Hz, e.g. 16000")
-    try:
-        quantize = QuantizeOptions(
-            calibration_samples=values.get("calibration_samples", 32), observer=values.get("observer", "mse"),
-            auto_fallback=values.get("auto_fallback", False), fallback_max=float(values.get("fallback_max", 0.1)),
-            **parse_smoothquant(values.get("smoothquant")),
-        )
-    except UsageError as exc:
-        raise UsageError(f"{path}: {where}: {exc}") from exc
+        _parsed(label("preprocess"), _parse_preprocess, values["preprocess"])
     return Job(
-        source=relative(values["source"]),
-        targets=[relative(t) if t.endswith(".toml") else t for t in values.get("targets", ["all"])],
-        precisions=list(values.get("precisions", [])),
-        inputs=inputs,
+        source=source,
+        targets=targets,
+        precisions=list(precisions or []),
+        inputs=[_parsed(label("inputs"), _parse_input, text) for text in values.get("inputs", [])],
         task=values.get("task"),
         factory=values.get("factory"),
         trust_pickle=values.get("trust_pickle", False),
-        data=Path(relative(values["data"])) if "data" in values else None,
+        data=Path(data) if data is not None else None,
         text_column=str(values["text_column"]) if "text_column" in values else None,
         preprocess=values.get("preprocess"),
-        sample_rate=rate,
+        sample_rate=values.get("sample_rate"),
         samples=values.get("samples", 32),
         seed=values.get("seed", 0),
-        budget=values.get("budget"),
-        out=base / values.get("out", "build/edge"),
-        name=values.get("name"),
-        keep_float=list(values.get("keep_float", [])),
-        quantize=quantize,
+        budget=check_budget(values.get("budget"), label("budget")),
+        out=out,
+        name=name,
+        keep_float=keep_float,
+        quantize=_parsed(label("smoothquant"), _quantize_options, values),
         layers=values.get("layers", False),
     )
+
+
+def _is_reference(value: str) -> bool:
+    from edgeq.calibration.sources.function import is_function_reference
+
+    return is_function_reference(value) and not value.split(":", 1)[0].endswith(".py")
+
+
+def _parse_input(text: str) -> TensorSpec:
+    from edgeq.signature import parse_input_spec
+
+    return parse_input_spec(text)
+
+
+def _parse_preprocess(text: str):
+    from edgeq.calibration.sources.images import parse_preprocess
+
+    return parse_preprocess(text)
+
+
+def _quantize_options(values: dict) -> QuantizeOptions:
+    from edgeq.quantize import parse_smoothquant
+
+    return QuantizeOptions(
+        calibration_samples=values.get("calibration_samples", 32), observer=values.get("observer", "mse"),
+        auto_fallback=values.get("auto_fallback", False), fallback_max=float(values.get("fallback_max", 0.1)),
+        **parse_smoothquant(values.get("smoothquant")),
+    )
+
+
+def _parsed(label: str, parse, value):
+    try:
+        return parse(value)
+    except UsageError as exc:
+        message = str(exc)
+        raise UsageError(message if message.startswith(label) else f"{label}: {message}") from exc
 
 
 def run_job(job: Job, on_step: Callable[[str], None] = lambda _: None):
@@ -164,4 +221,4 @@ def run_job(job: Job, on_step: Callable[[str], None] = lambda _: None):
     return convert(model, options, on_step)
 
 
-__all__ = ["Job", "load_project", "run_job"]
+__all__ = ["Job", "command_line_job", "load_project", "make_job", "run_job"]

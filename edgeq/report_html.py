@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 
-from edgeq.errors import UsageError
+from edgeq.errors import SourceError
 
 VERDICTS = ("passed", "not_validated", "over_budget", "validation_failed", "conversion_failed")
 _VERDICT_TEXT = {
@@ -186,18 +186,18 @@ def load_reports(paths: Iterable[Path], relative_to: Path | None = None) -> list
         elif path.is_dir():
             hits = [p for p in sorted(path.rglob("report.json")) if not any(part.startswith(".") for part in p.relative_to(path).parts)]
             if not hits:
-                raise UsageError(f"{path}: no bundle (no report.json) in this folder")
+                raise SourceError(f"{path}: no bundle (no report.json) in this folder")
             found.extend(hits)
         else:
-            raise UsageError(f"{path}: no such bundle, folder or report.json")
+            raise SourceError(f"{path}: no such bundle, folder or report.json")
     reports = []
     for file in dict.fromkeys(found):
         try:
             data = json.loads(file.read_text())
         except (OSError, ValueError) as exc:
-            raise UsageError(f"{file}: not a readable report.json ({exc})") from exc
+            raise SourceError(f"{file}: not a readable report.json ({exc})") from exc
         if not isinstance(data, dict):
-            raise UsageError(f"{file}: not a report.json (expected an object)")
+            raise SourceError(f"{file}: not a report.json (expected an object)")
         data.setdefault("bundle", _relative(file.parent, relative_to))
         reports.append(data)
     return sort_reports(reports)

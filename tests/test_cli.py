@@ -89,7 +89,7 @@ def test_usage_errors_exit_2():
 
 def test_bad_source_exits_3(tmp_path):
     result = CliRunner().invoke(main, ["convert", str(tmp_path / "missing.pt")])
-    assert result.exit_code == 3 and "neither an existing file" in result.output
+    assert result.exit_code == 3 and "no such file or folder" in result.output
 
 
 def test_pickled_model_is_refused_with_exit_3(tmp_path):

@@ -40,7 +40,7 @@ def test_load_project_applies_defaults_and_paths(tmp_path):
     "text, message",
     [
         ("[[models]]\nsource = 'a:b'\ncolor = 1\n", "models\\[0\\].color: unknown key"),
-        ("[defaults]\nsamples = 'many'\n[[models]]\nsource = 'a:b'\n", "defaults.samples: wrong type"),
+        ("[defaults]\nsamples = 'many'\n[[models]]\nsource = 'a:b'\n", "defaults.samples: 'many' is not valid"),
         ("[[models]]\nname = 'x'\n", "'source' is missing"),
         ("[model]\nsource = 'a:b'\n", "unknown table"),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -19,8 +20,19 @@ METRICS = {
     "mean_abs": "<=",
     "rel_l2": "<=",
 }
+# The values each metric can take: a bound outside them can never hold (cosine>=1.5) and is refused at parse.
+RANGES = {
+    "cosine": (-1.0, 1.0),
+    "cosine_min": (-1.0, 1.0),
+    "sqnr_db": (-math.inf, math.inf),
+    "top1": (0.0, 1.0),
+    "top5": (0.0, 1.0),
+    "max_abs": (0.0, math.inf),
+    "mean_abs": (0.0, math.inf),
+    "rel_l2": (0.0, math.inf),
+}
 _OPS = {">=": operator.ge, "<=": operator.le}
-_BOUND = re.compile(r"^\s*([a-z_0-9]+)\s*(>=|<=)\s*([-+0-9.eE]+|inf)\s*$")
+_BOUND = re.compile(r"^\s*([a-z_0-9]+)\s*(>=|<=)\s*([-+0-9.eE]+|[-+]?inf)\s*$")
 
 
 class BudgetSyntaxError(ValueError):
@@ -57,9 +69,12 @@ class Budget:
         return lines
 
 
-def parse_budget(text: str | None) -> Budget:
-    """Parse `metric>=value,...`; an empty text is an empty budget."""
-    if not text:
+def parse_budget(text: str | None, require_terms: bool = False) -> Budget:
+    """Parse `metric>=value,...`; an empty text is an empty budget (refused with `require_terms`: a user who
+    types `--budget ''` most likely lost a shell variable, and would otherwise hold no budget at all)."""
+    if not text or not text.strip():
+        if require_terms:
+            raise BudgetSyntaxError("empty budget; give terms such as 'cosine>=0.999', or 'none' to hold no budget")
         return Budget(())
     bounds = []
     for part in text.split(","):
@@ -74,5 +89,14 @@ def parse_budget(text: str | None) -> Budget:
                 f"budget term {part.strip()!r}: {metric} is better when {'higher' if METRICS[metric] == '>=' else 'lower'}; "
                 f"write {metric}{METRICS[metric]}{limit}"
             )
-        bounds.append(Bound(metric, op, float(limit)))
+        try:
+            value = float(limit)
+        except ValueError:
+            raise BudgetSyntaxError(f"budget term {part.strip()!r}: {limit!r} is not a number") from None
+        low, high = RANGES[metric]
+        if (op == ">=" and value > high) or (op == "<=" and value < low):
+            raise BudgetSyntaxError(
+                f"budget term {part.strip()!r} can never hold: {metric} lies in [{low:g}, {high:g}]"
+            )
+        bounds.append(Bound(metric, op, value))
     return Budget(tuple(bounds))

@@ -1,0 +1,120 @@
+"""Checks on a job's values that need no torch and no model: run before anything heavy loads, so a wrong
+target, precision, budget, name, output folder or missing file fails in well under a second.
+
+Each check takes `label`, the option or project-file key the value came from, and names it in its message.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from edgeq.errors import SourceError, UsageError
+
+_CALLABLE = re.compile(r"[\w.]+:[\w.]+")
+# A bundle folder name: one path component, no hidden or parent-directory names.
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# Hugging Face tasks edgeq exports (edgeq.load.huggingface.Task; a test keeps the two the same).
+HF_TASKS = ("feature-extraction", "sentence-embedding", "text-classification", "image-classification")
+
+
+def check_source(source: str, label: str) -> None:
+    if Path(source).exists() or _CALLABLE.fullmatch(source):
+        return
+    raise SourceError(
+        f"{label} {source!r}: no such file or folder, and not a 'package.module:callable' reference "
+        "(e.g. mypkg.models:build, model.pt2, a Hugging Face folder)"
+    )
+
+
+def check_targets(targets: list[str], label: str) -> None:
+    from edgeq.targets import expand_targets, load_profile
+
+    if not targets:
+        raise UsageError(f"{label}: no target given; use onnx, tflite, coreml or all")
+    for target in expand_targets(targets):
+        try:
+            load_profile(target)
+        except UsageError as exc:
+            raise UsageError(f"{label}: {exc}") from exc
+
+
+def check_precisions(precisions: list[str] | None, label: str) -> None:
+    """None: each target's default precision; an empty list was typed by the user and names none."""
+    from edgeq.targets import Precision
+
+    if precisions is None:
+        return
+    if not precisions:
+        raise UsageError(f"{label}: no precision given; leave it out for each target's default, or name one")
+    known = [p.value for p in Precision]
+    unknown = [p for p in precisions if p not in known]
+    if unknown:
+        raise UsageError(f"{label} {', '.join(unknown)}: not one of {', '.join(known)}")
+
+
+def check_task(task: str | None, source: str, label: str) -> None:
+    if task is None:
+        return
+    if task not in HF_TASKS:
+        raise UsageError(f"{label} {task!r}: not one of {', '.join(HF_TASKS)}")
+    if not Path(source).is_dir():
+        raise UsageError(f"{label} applies to Hugging Face model folders; {source} is not a folder")
+
+
+def check_data(data: str, label: str) -> None:
+    from edgeq.calibration.sources.function import is_function_reference
+
+    if Path(data).exists() or is_function_reference(data):
+        return
+    raise SourceError(
+        f"{label} {data}: no such file or folder, and not a 'module:function' or 'file.py:function' reference"
+    )
+
+
+def check_budget(text: str | None, label: str) -> str | None:
+    """The budget to hold: None for the profile's default, "" for none at all (`none`), else the terms."""
+    from edgeq.validate.budget import BudgetSyntaxError, parse_budget
+
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ""
+    try:
+        parse_budget(text, require_terms=True)
+    except BudgetSyntaxError as exc:
+        raise UsageError(f"{label}: {exc}") from exc
+    return text
+
+
+def check_name(name: str, label: str) -> None:
+    if not _FOLDER_NAME.fullmatch(name) or name in {".", ".."}:
+        raise UsageError(
+            f"{label} {name!r}: must be a plain folder name (letters, digits, '_', '.', '-'; no '/' or '..'), "
+            "e.g. 'classifier': bundles go to OUT/<name>/<target>/<precision>/"
+        )
+
+
+def check_out(out: Path, label: str) -> None:
+    """`out` is a folder edgeq can create files in (or can create): found before any work, not after."""
+    probe = Path(os.path.abspath(out))
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == Path(os.path.abspath(out)) else f"sits below {probe}, which is a file"
+        raise UsageError(f"{label} {out}: {where}; give a folder for the bundles, e.g. build/edge")
+    try:
+        tempfile.TemporaryDirectory(prefix=".edgeq-write-check-", dir=probe).cleanup()
+    except OSError as exc:
+        raise UsageError(f"{label} {out}: cannot write in {probe} ({exc.strerror}); give a folder you can write") from exc
+
+
+def check_keep_float(patterns: list[str], label: str) -> None:
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise UsageError(f"{label} {pattern!r}: not a valid regular expression: {exc}") from exc
