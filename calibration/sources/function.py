@@ -8,12 +8,9 @@ A sized result (list, tuple, array) gets the seeded selection; a generator is re
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import itertools
 import re
 from collections.abc import Iterable, Mapping, Sized
-from pathlib import Path
 
 import numpy as np
 
@@ -30,23 +27,23 @@ def is_function_reference(text: str) -> bool:
 
 
 def function_samples(ref: str, inputs: list[TensorSpec], count: int, seed: int) -> SampleSet:
+    from edgeq.load.user_code import call_user_function
+
     function = _resolve(ref)
-    try:
-        result = function()
-    except Exception as exc:  # the user's code: report it, with where it came from
-        raise SourceError(f"--data {ref}: the function raised {type(exc).__name__}: {exc}") from exc
+    result = call_user_function(function, f"--data {ref}: the function")
     if isinstance(result, Mapping) or not isinstance(result, Iterable):
         raise SourceError(
             f"--data {ref}: returned a {type(result).__name__}; return an iterable of samples "
             "(e.g. a list of dicts input name -> array)"
         )
     notes: tuple[str, ...] = ()
-    if isinstance(result, Sized):
-        items = list(result)
+    sized = isinstance(result, Sized)
+    # Iterating runs the user's code too (a generator's body): its errors name the user's line.
+    items = call_user_function(lambda: list(result if sized else itertools.islice(result, count)), f"--data {ref}: reading its samples")
+    if sized:
         found: int | None = len(items)
         chosen = select(len(items), count, seed)
     else:
-        items = list(itertools.islice(result, count))
         found, chosen = None, list(range(len(items)))
         notes = (f"a generator: its first {len(items)} samples were taken",)
     if not items:
@@ -80,32 +77,12 @@ def _sample(item, index: int, inputs: list[TensorSpec], ref: str) -> Sample:
 
 
 def _resolve(ref: str):
-    match = _REFERENCE.match(ref)
-    if match is None:
+    from edgeq.load.callable import resolve_callable
+
+    if _REFERENCE.match(ref) is None:
         raise SourceError(f"--data {ref!r}: expected package.module:function or path/to/file.py:function")
-    module_ref, attr = match["module"], match["attr"]
-    if module_ref.endswith(".py"):
-        path = Path(module_ref)
-        if not path.is_file():
-            raise SourceError(f"--data {ref}: no such file {path}")
-        # A name unique to the file, so two data files called data.py do not replace each other.
-        name = "edgeq_data_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            raise SourceError(f"--data {ref}: importing {path} raised {type(exc).__name__}: {exc}") from exc
-        from edgeq.load.callable import attribute
-
-        target = attribute(module, attr, f"--data {ref}: {path} has no attribute {attr!r}")
-    else:
-        from edgeq.load.callable import resolve_callable
-
-        try:
-            target = resolve_callable(ref)
-        except SourceError as exc:
-            raise SourceError(f"--data {exc}") from exc
+    # Errors inside the user's module (syntax, an exception at import) name its file and line.
+    target = resolve_callable(ref, what=f"--data {ref}")
     if not callable(target):
-        raise SourceError(f"--data {ref}: {attr} is a {type(target).__name__}, not a function returning samples")
+        raise SourceError(f"--data {ref}: {ref.rpartition(':')[2]} is a {type(target).__name__}, not a function returning samples")
     return target

@@ -1,4 +1,4 @@
-"""Model source `package.module:callable`: a function (or class) returning an nn.Module.
+"""Model source `package.module:callable` (or `path/to/file.py:callable`): a function or class returning an nn.Module.
 
 The callable may return the module alone, or `(module, example_inputs)` where example_inputs is a tensor, a
 tuple of tensors or a dict name -> tensor (whose keys name the inputs).
@@ -6,27 +6,33 @@ tuple of tensors or a dict name -> tensor (whose keys name the inputs).
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
+import re
 
 import torch
 
 from edgeq.errors import SourceError
+from edgeq.load.user_code import call_user_function, import_module_of
+
+# `package.module:attr.path` or `path/to/file.py:attr.path`.
+CALLABLE_REFERENCE = re.compile(r"^(?P<module>[\w.]+|.+\.py):(?P<attr>[\w.]+)$")
 
 
-def resolve_callable(ref: str):
-    """Import `package.module:attr.path` and return the object it names."""
-    module_name, _, attr_path = ref.partition(":")
-    if not module_name or not attr_path:
-        raise SourceError(f"{ref!r}: expected 'package.module:callable'")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # `edgeq convert mypkg.models:build` imports from where it runs, like python -m
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SourceError(f"{ref!r}: cannot import module {module_name!r}: {exc}") from exc
-    return attribute(module, attr_path, f"{ref!r}: module {module_name!r} has no attribute {attr_path!r}")
+def is_callable_reference(text: str) -> bool:
+    return CALLABLE_REFERENCE.match(text) is not None
+
+
+def resolve_callable(ref: str, what: str | None = None):
+    """Import `package.module:attr.path` (or `file.py:attr.path`) and return the object it names.
+
+    Errors inside the module (syntax, an exception at import) become SourceErrors naming its file and line;
+    `what` prefixes messages (default: the reference itself)."""
+    what = what or repr(ref)
+    match = CALLABLE_REFERENCE.match(ref)
+    if match is None:
+        raise SourceError(f"{what}: expected 'package.module:callable' or 'path/to/file.py:callable'")
+    module = import_module_of(ref, what)
+    attr_path = match["attr"]
+    return attribute(module, attr_path, f"{what}: module {match['module']!r} has no attribute {attr_path!r}")
 
 
 def attribute(owner, attr_path: str, missing: str):
@@ -45,10 +51,7 @@ def call_model_factory(ref: str) -> tuple[torch.nn.Module, object | None]:
     if isinstance(target, torch.nn.Module):
         result = target
     elif callable(target):
-        try:
-            result = target()
-        except Exception as exc:  # the user's code: report it, with where it came from
-            raise SourceError(f"{ref!r} raised {type(exc).__name__}: {exc}") from exc
+        result = call_user_function(target, repr(ref))
     else:
         raise SourceError(f"{ref!r} is a {type(target).__name__}, not a callable returning an nn.Module")
 

@@ -1,5 +1,11 @@
 """Model source: a Hugging Face model folder (config.json + safetensors), loaded offline.
 
+Nothing in the folder runs as code unless the user passes --trust-pickle: a config (or tokenizer config) with
+`auto_map` names Python files transformers would import (trust_remote_code), and is refused; `pytorch_model.bin`
+weights are pickles, loaded weights-only (safetensors are preferred when both are there); tokenizers load from
+tokenizer.json, vocabulary files or sentencepiece models, none of which transformers 5 unpickles. Loading stays
+offline either way: the folder is the whole source.
+
 `--task` picks the head: feature-extraction (last_hidden_state), sentence-embedding (attention-masked mean
 pooling + L2 normalisation, as sentence-transformers does), text-classification (logits) and
 image-classification (logits). Text models get tokenizer-made example inputs.
@@ -16,6 +22,7 @@ import torch
 
 from edgeq.errors import SourceError, UsageError
 from edgeq.load.examples import torch_dtype
+from edgeq.load.kinds import read_json_file
 from edgeq.signature import Dim, TensorSpec
 
 DEFAULT_SEQUENCE_LENGTH = 128  # fits STS-style sentences; override with --input input_ids:1xN:int64
@@ -66,10 +73,13 @@ class Logits(torch.nn.Module):
         return {"logits": self.model(**inputs).logits}
 
 
-def load_huggingface(folder: Path, task: str | None, declared: list[TensorSpec]):
+def load_huggingface(folder: Path, task: str | None, declared: list[TensorSpec], *, trust_pickle: bool = False):
     """Return (module taking keyword inputs, input specs, example tensors, tokenizer)."""
     if not (folder / "config.json").is_file():
         raise SourceError(f"{folder}: a Hugging Face model folder needs config.json")
+    config = read_json_file(folder / "config.json", "the model config")
+    if not isinstance(config, dict):
+        raise SourceError(f"{folder / 'config.json'}: expected a JSON object (the model config), found {type(config).__name__}")
     if task is None:
         raise UsageError(
             f"{folder} is a Hugging Face model folder: say what to export with --task "
@@ -80,7 +90,10 @@ def load_huggingface(folder: Path, task: str | None, declared: list[TensorSpec])
     except ValueError:
         raise UsageError(f"--task {task!r} is not one of {', '.join(t.value for t in Task)}") from None
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: the folder is the source
+    if not trust_pickle:
+        _refuse_remote_code(folder)
+    weights_only = _check_weights(folder, trust_pickle)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for a hub: the folder is the source
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # edgeq prints its own steps
@@ -92,13 +105,16 @@ def load_huggingface(folder: Path, task: str | None, declared: list[TensorSpec])
     }[task]
     try:
         # Eager attention exports to every runtime the same way; SDPA's fused kernel is a torch detail.
-        model = auto.from_pretrained(folder, local_files_only=True, attn_implementation="eager").eval()
+        model = auto.from_pretrained(
+            folder, local_files_only=True, attn_implementation="eager", trust_remote_code=trust_pickle,
+            weights_only=weights_only, **({"use_safetensors": True} if _safetensors(folder) else {}),
+        ).eval()
     except Exception as exc:
         raise SourceError(f"{folder}: transformers could not load it for {task}: {exc}") from exc
 
     declared_by_name = {spec.name: spec for spec in declared}
     if task in TEXT_TASKS:
-        tokenizer = _load_tokenizer(folder)
+        tokenizer = _load_tokenizer(folder, trust_pickle)
         accepted = set(inspect.signature(model.forward).parameters)
         names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
         declared_text = [declared_by_name[n] for n in names if n in declared_by_name]
@@ -134,10 +150,65 @@ def load_huggingface(folder: Path, task: str | None, declared: list[TensorSpec])
     return head(model).eval(), specs, tuple(examples), tokenizer
 
 
-def _load_tokenizer(folder: Path):
+def _load_tokenizer(folder: Path, trust_pickle: bool):
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_pickle)
     except Exception as exc:
         raise SourceError(f"{folder}: a text model needs its tokenizer files in the folder: {exc}") from exc
+
+
+# Configs whose `auto_map` makes transformers import Python files (remote code) from the folder.
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json", "image_processor_config.json", "feature_extractor_config.json")
+
+
+def _refuse_remote_code(folder: Path) -> None:
+    for name in _CODE_CONFIGS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        values = read_json_file(path, name)
+        auto_map = values.get("auto_map") if isinstance(values, dict) else None
+        if auto_map:
+            code = sorted({str(v) for v in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])})
+            raise SourceError(
+                f"{path}: its auto_map names Python code ({', '.join(code[:4])}) that transformers would import and "
+                "run (trust_remote_code); edgeq runs no code from a model folder unless you pass --trust-pickle "
+                "(then the code must be in the folder: nothing is downloaded)"
+            )
+
+
+def _safetensors(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
+
+
+def _check_weights(folder: Path, trust_pickle: bool) -> bool:
+    """The weights_only flag for from_pretrained; refuses pickled .bin weights that are more than tensors."""
+    if _safetensors(folder):
+        return True  # transformers reads safetensors (use_safetensors=True), never the .bin next to them
+    shards = sorted(folder.glob("pytorch_model*.bin"))
+    if not shards:
+        found = ", ".join(sorted(p.name for p in folder.iterdir())[:8])
+        raise SourceError(
+            f"{folder}: holds no weights (model.safetensors or pytorch_model.bin); it has {found}. Save the model "
+            "with model.save_pretrained(folder)"
+        )
+    if trust_pickle:
+        return False
+    import pickle
+
+    import torch
+
+    for shard in shards:
+        try:  # mmap: only the pickle's structure is read, not the tensors
+            torch.load(str(shard), map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            raise SourceError(
+                f"{shard} holds pickled Python objects, not just tensors: loading it would run code from the file. "
+                "Re-save the model as safetensors (model.save_pretrained(folder, safe_serialization=True)), or pass "
+                "--trust-pickle if you trust this file."
+            ) from exc
+        except Exception as exc:
+            raise SourceError(f"{shard}: torch.load could not read it ({type(exc).__name__}: {exc}); the file may be truncated or damaged") from exc
+    return True
