@@ -17,6 +17,7 @@ from edgeq.errors import UsageError
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 
 _DIM = re.compile(r"^(?:(?P<size>\d+)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<example>\d+))$")
+_DIM_AT = re.compile(r"\d+|[A-Za-z_][A-Za-z0-9_]*=\d+")
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def parse_input_spec(text: str) -> TensorSpec:
     if dtype not in DTYPES:
         raise UsageError(f"--input {text!r}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     dims = []
-    for token in shape_text.split("x"):
+    for token in _dim_tokens(shape_text):
         match = _DIM.match(token)
         if not match:
             raise UsageError(
@@ -91,6 +92,23 @@ def parse_input_spec(text: str) -> TensorSpec:
     if any(d.size <= 0 for d in dims):
         raise UsageError(f"--input {text!r}: every dimension must be at least 1")
     return TensorSpec(name, tuple(dims), dtype)
+
+
+def _dim_tokens(shape_text: str) -> list[str]:
+    """`1x3xseq_max=128` -> ['1', '3', 'seq_max=128']: an `x` separates dimensions except inside an axis name
+    (`max_len=64` keeps its x). A piece that is no dimension comes back whole, for the error message."""
+    tokens, position = [], 0
+    while True:
+        match = _DIM_AT.match(shape_text, position)
+        if match is None:  # the first piece that is no dimension
+            return [*tokens, shape_text[position:].split("x", 1)[0]]
+        position = match.end()
+        if position < len(shape_text) and shape_text[position] != "x":  # e.g. '3q': report the whole piece
+            return [*tokens, match.group() + shape_text[position:].split("x", 1)[0]]
+        tokens.append(match.group())
+        if position == len(shape_text):
+            return tokens
+        position += 1
 
 
 def spec_from_array(name: str, array: np.ndarray) -> TensorSpec:

@@ -46,7 +46,9 @@ class Bound:
     limit: float
 
     def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.limit:g}"
+        # the shortest text that reads back as the same float: a manifest's budget re-parses to the same bound
+        limit = int(self.limit) if self.limit.is_integer() and abs(self.limit) < 1e15 else self.limit
+        return f"{self.metric}{self.op}{limit!r}"
 
 
 @dataclass(frozen=True)
