@@ -18,6 +18,7 @@ Every source holding more samples than asked for gives a seeded choice of them, 
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import numpy as np
@@ -184,18 +185,31 @@ def synthesize(inputs: list[TensorSpec], example: Sample, count: int, seed: int)
 
 
 def read_texts(path: Path, column: str | None) -> list[str]:
+    text = read_utf8(path)
     if path.suffix.lower() == ".txt":
-        texts = [line.strip() for line in path.read_text().splitlines()]
-        return [t for t in texts if t]
-    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in path.read_text()[:4096] else ","
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE))
+        texts = [t for t in (line.strip() for line in text.splitlines()) if t]
+        if not texts:
+            raise SourceError(f"--data {path}: holds no text (one text per line)")
+        return texts
+    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in text[:4096] else ","
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_NONE))
+    except csv.Error as exc:
+        raise SourceError(f"--data {path}: not a readable {'TSV' if delimiter == chr(9) else 'CSV'} file ({exc})") from exc
+    rows = [row for row in rows if any(cell.strip() for cell in row)]
+    if not rows:
+        raise SourceError(f"--data {path}: holds no rows")
     if column is None:
         raise UsageError(f"--data {path}: say which column holds the text with --text-column (index or header)")
     if column.isdigit():
         index = int(column)
+        widest = max(len(row) for row in rows)
+        if index >= widest:
+            raise UsageError(
+                f"--text-column {column}: {path} has {widest} column(s), numbered from 0; header: {', '.join(rows[0])}"
+            )
     else:
-        header = rows[0] if rows else []
+        header = [cell.strip() for cell in rows[0]]
         if column not in header:
             raise UsageError(f"--text-column {column!r}: not in the header of {path} ({', '.join(header)})")
         index, rows = header.index(column), rows[1:]
@@ -203,6 +217,34 @@ def read_texts(path: Path, column: str | None) -> list[str]:
     if not texts:
         raise SourceError(f"--data {path}: column {column} holds no text")
     return texts
+
+
+# Encodings text files often come in, tried (in this order) only to say which one a non-UTF-8 file is.
+_LIKELY_ENCODINGS = ("cp1252", "latin-1")
+
+
+def read_utf8(path: Path) -> str:
+    """A text file as UTF-8 (a BOM is fine); otherwise a SourceError with the byte offset and a working encoding."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise SourceError(f"--data {path}: is UTF-16 text; edgeq reads UTF-8: re-save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        guess = next((e for e in _LIKELY_ENCODINGS if _decodes(raw, e)), None)
+        hint = f"it decodes as {guess}: re-save it as UTF-8 (e.g. iconv -f {guess} -t UTF-8)" if guess else "re-save it as UTF-8"
+        raise SourceError(
+            f"--data {path}: not UTF-8 text (byte {exc.start}, line {line}: {raw[exc.start:exc.start + 4]!r}); {hint}"
+        ) from exc
+
+
+def _decodes(raw: bytes, encoding: str) -> bool:
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def tokenize(texts: list[str], inputs: list[TensorSpec], tokenizer) -> list[Sample]:

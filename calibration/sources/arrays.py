@@ -1,6 +1,8 @@
 """Array files: `.npz` (one array per input name) and `.npy` (a single-input model's input), alone or a folder.
 
 Either file holds one sample of the input's shape, or several along a leading sample axis.
+Arrays of Python objects are refused from their header, before any data is read: reading them means unpickling,
+which edgeq never does for data (np.load(allow_pickle=False) everywhere).
 """
 
 from __future__ import annotations
@@ -41,20 +43,27 @@ def npy_samples(paths: list[Path], inputs: list[TensorSpec], data: Path, count: 
     for index in select(len(rows), count, seed):
         path, row = rows[index]
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-        samples.append({spec.name: conform(np.array(array if row is None else array[row]), spec, f"--data {path}")})
+        where = f"--data {path}" if row is None else f"--data {path}: sample {row}"
+        samples.append({spec.name: conform(np.array(array if row is None else array[row]), spec, where)})
     return SampleSet(samples, SourceKind.NPY, str(data), len(rows))
 
 
 def from_npz(path: Path, inputs: list[TensorSpec]) -> list[Sample]:
     """Every sample of one `.npz` file: an array per input name, of the input's shape or with a sample axis."""
+    _refuse_object_arrays_in_npz(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise SourceError(f"--data {path}: not a readable .npz file ({exc})") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise SourceError(f"--data {path}: not a readable .npz file ({exc}); it may be truncated or damaged") from exc
+    if not arrays:
+        raise SourceError(f"--data {path}: holds no arrays; save one per input name, e.g. np.savez(path, {inputs[0].name}=array)")
     missing = [spec.name for spec in inputs if spec.name not in arrays]
     if missing:
-        raise SourceError(f"--data {path}: no array for input(s) {', '.join(missing)}; it has {', '.join(arrays) or 'none'}")
+        raise SourceError(
+            f"--data {path}: no array for input(s) {', '.join(missing)}; it has {', '.join(arrays) or 'none'} "
+            f"(the arrays are matched to the model's inputs by name: {', '.join(spec.name for spec in inputs)})"
+        )
     stacked = {}
     for spec in inputs:
         array = arrays[spec.name]
@@ -70,14 +79,53 @@ def from_npz(path: Path, inputs: list[TensorSpec]) -> list[Sample]:
     if len(counts) != 1:
         raise SourceError(f"--data {path}: arrays have different sample counts {sorted(counts)}")
     return [
-        {name: conform(array[i], spec, f"--data {path}") for spec, (name, array) in zip(inputs, stacked.items())}
+        {name: conform(array[i], spec, f"--data {path}: sample {i}") for spec, (name, array) in zip(inputs, stacked.items())}
         for i in range(counts.pop())
     ]
 
 
 def _npy_shape(path: Path) -> tuple[int, ...]:
-    """The array's shape from its header (mapped, not read; the map closes when dropped)."""
+    """The array's shape from its header alone (object arrays refused before any data is read)."""
     try:
-        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"--data {path}: not a readable .npy file ({exc})") from exc
+        with open(path, "rb") as handle:
+            shape, dtype = _header(handle)
+    except (OSError, ValueError, EOFError) as exc:
+        empty = " (the file is empty)" if path.stat().st_size == 0 else ""
+        raise SourceError(f"--data {path}: not a readable .npy file{empty} ({exc or type(exc).__name__})") from exc
+    if dtype.hasobject:
+        raise _object_arrays(path, None)
+    return shape
+
+
+def _refuse_object_arrays_in_npz(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                if member.endswith(".npy"):
+                    with archive.open(member) as handle:
+                        _, dtype = _header(handle)
+                    if dtype.hasobject:
+                        raise _object_arrays(path, member[: -len(".npy")])
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        empty = " (the file is empty)" if path.stat().st_size == 0 else ""
+        raise SourceError(f"--data {path}: not a readable .npz file{empty} ({exc or type(exc).__name__}); it may be truncated or damaged") from exc
+
+
+def _header(handle) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy header; reads nothing else."""
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+    else:  # 3.0 (utf-8 field names) has no public reader; numpy's own is only a private name
+        raise ValueError(f".npy format version {version[0]}.{version[1]}; edgeq reads versions 1.0 and 2.0")
+    return tuple(shape), dtype
+
+
+def _object_arrays(path: Path, key: str | None) -> SourceError:
+    which = f"array {key!r}" if key else "the array"
+    return SourceError(
+        f"--data {path}: {which} holds Python objects (dtype=object), which only unpickling could read; edgeq never "
+        "unpickles data (a pickle runs code from the file): save numeric arrays, e.g. np.savez(path, x=array.astype(np.float32))"
+    )

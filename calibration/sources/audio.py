@@ -90,15 +90,26 @@ def _starts(frames: int, window: int) -> list[int]:
     return [i * window for i in range(frames // window)]
 
 
+# WAV format tags the stdlib `wave` module does not read, named so the message says what the file holds.
+_FORMATS = {"3": "32/64-bit float samples", "6": "A-law samples", "7": "mu-law samples", "2": "ADPCM samples", "85": "MP3 data"}
+
+
 def read_header(path: Path) -> WavHeader:
     try:
         with wave.open(str(path), "rb") as handle:
-            return WavHeader(path, handle.getnchannels(), handle.getsampwidth(), handle.getframerate(), handle.getnframes())
-    except (wave.Error, EOFError, OSError) as exc:
+            header = WavHeader(path, handle.getnchannels(), handle.getsampwidth(), handle.getframerate(), handle.getnframes())
+    except EOFError as exc:
+        raise SourceError(f"--data {path}: the WAV file ends inside its header: truncated or empty") from exc
+    except (wave.Error, OSError) as exc:
+        tag = str(exc).rpartition("unknown format: ")[2] if "unknown format" in str(exc) else None
+        what = f"holds {_FORMATS.get(tag, f'format {tag}')}" if tag else f"is not a readable WAV file ({exc})"
         raise SourceError(
-            f"--data {path}: not an integer PCM WAV file ({exc}); edgeq reads 8/16/24/32-bit PCM, so re-save "
-            "float or compressed audio as PCM"
+            f"--data {path}: {what}; edgeq reads 8/16/24/32-bit integer PCM WAV, so re-save float or compressed audio "
+            "as PCM (e.g. sox in.wav -b 16 -e signed-integer out.wav)"
         ) from exc
+    if header.channels < 1 or header.rate_hz < 1:
+        raise SourceError(f"--data {path}: the WAV header says {header.channels} channel(s) at {header.rate_hz} Hz: a damaged file")
+    return header
 
 
 def read_pcm(header: WavHeader) -> np.ndarray:
@@ -117,5 +128,10 @@ def read_pcm(header: WavHeader) -> np.ndarray:
         values = np.where(values >= 1 << 23, values - (1 << 24), values).astype(np.float64)
     else:
         values = np.frombuffer(raw, "<i2" if width == 2 else "<i4").astype(np.float64)
-    frames = len(values) // header.channels  # a truncated file ends early; keep the whole frames it holds
+    frames = len(values) // header.channels
+    if frames < header.frames:  # windows were planned from the header: a short file would give silent zeros
+        raise SourceError(
+            f"--data {header.path}: truncated: its header declares {header.frames} frames, the file holds {frames}; "
+            "copy or export it again"
+        )
     return (values[: frames * header.channels] / _FULL_SCALE[width]).reshape(frames, header.channels).astype(np.float32)

@@ -68,12 +68,43 @@ def single_input(inputs: list[TensorSpec], what: str, data: Path | str) -> Tenso
 
 
 def conform(value, spec: TensorSpec, where: str) -> np.ndarray:
-    """`value` as an array of `spec`'s shape and dtype; refuses other shapes and casts that change kind."""
-    array = np.asarray(value)
+    """`value` as an array of `spec`'s shape and dtype; refuses other shapes, casts that change kind, and
+    NaN or Inf (no drift figure means anything on them: they are bad data, said as such)."""
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # ragged lists, objects numpy cannot take
+        raise SourceError(f"{where}: input {spec.name!r} is not an array ({type(exc).__name__}: {exc})") from exc
+    if array.dtype == object:
+        raise SourceError(f"{where}: input {spec.name!r} holds Python objects, not numbers; give numeric arrays of {spec.dtype}")
     if tuple(array.shape) != spec.shape:
         raise SourceError(f"{where}: input {spec.name!r} has shape {tuple(array.shape)}; expected {spec.shape}")
     if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
         raise SourceError(
             f"{where}: input {spec.name!r} is {array.dtype}; expected {spec.dtype} (or a dtype of the same kind)"
         )
-    return np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+    with np.errstate(over="ignore"):
+        result = np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+    check_finite(result, spec.name, where, original=array)
+    return result
+
+
+def check_finite(array: np.ndarray, name: str, where: str, original: np.ndarray | None = None) -> None:
+    """Refuse NaN and Inf in a float input, naming the first bad element."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    bad = ~np.isfinite(array)
+    if not bad.any():
+        return
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    value = array[first]
+    source = original[first] if original is not None and original.shape == array.shape else value
+    if np.isfinite(source):
+        what = f"a value ({source!r}) beyond the range of {array.dtype} at index {first}"
+    else:
+        kind = "NaN" if np.isnan(value) else "Inf"
+        count = int(np.isnan(array).sum() if kind == "NaN" else np.isinf(array).sum())
+        what = f"{count} {kind} value(s), the first at index {first}"
+    raise SourceError(
+        f"{where}: input {name!r} holds {what}; NaN and Inf are bad data (no drift figure means anything on "
+        "them, in calibration or validation): clean or drop that sample"
+    )
