@@ -192,8 +192,10 @@ def pack_bundles(bundles, out, allow_rejected):
     the device: python -m edgeq.device lab.zip --junit result.xml --json result.json
     """
     from edgeq.device.archive import pack
+    from edgeq.preflight import check_output_file
 
     try:
+        check_output_file(out, "--out", "lab.zip")
         index = pack(list(bundles), out, allow_rejected=allow_rejected)
     except EdgeqError as error:
         _fail(error)
@@ -246,6 +248,11 @@ def report(paths, html_out, markdown_out):
         folder = paths[0] if paths[0].is_dir() else paths[0].parent
         html_out, markdown_out = folder / "report.html", folder / "report.md"
     try:
+        from edgeq.preflight import check_output_file
+
+        for path, flag in ((html_out, "--html"), (markdown_out, "--markdown")):
+            if path is not None:
+                check_output_file(path, flag, f"report{path.suffix or '.html'}")
         reports = load_reports(paths, relative_to=(html_out or markdown_out).parent)
     except EdgeqError as error:
         _fail(error)

@@ -97,18 +97,27 @@ def check_name(name: str, label: str) -> None:
         )
 
 
-def check_out(out: Path, label: str) -> None:
+def check_out(out: Path, label: str, wanted: str = "a folder for the bundles, e.g. build/edge") -> None:
     """`out` is a folder edgeq can create files in (or can create): found before any work, not after."""
     probe = Path(os.path.abspath(out))
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     if not probe.is_dir():
         where = "is a file" if probe == Path(os.path.abspath(out)) else f"sits below {probe}, which is a file"
-        raise UsageError(f"{label} {out}: {where}; give a folder for the bundles, e.g. build/edge")
+        raise UsageError(f"{label} {out}: {where}; give {wanted}")
     try:
         tempfile.TemporaryDirectory(prefix=".edgeq-write-check-", dir=probe).cleanup()
     except OSError as exc:
         raise UsageError(f"{label} {out}: cannot write in {probe} ({exc.strerror}); give a folder you can write") from exc
+
+
+def check_output_file(path: Path, label: str, example: str) -> None:
+    """`path` names a file edgeq can write (replacing an older file of that name), not a folder."""
+    path = Path(path)
+    wanted = f"the path of a file to write, e.g. {example}"
+    if path.is_dir():
+        raise UsageError(f"{label} {path}: is a folder; give {wanted}")
+    check_out(path.parent, f"{label} {path}: its folder", wanted)
 
 
 def check_keep_float(patterns: list[str], label: str) -> None:

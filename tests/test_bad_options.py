@@ -195,8 +195,20 @@ def test_command_line_overrides_the_project_file(tmp_path):
         _assert_clean_failure(CliRunner().invoke(main, ["convert", "-c", str(project), *args]), 2, words)
 
 
-def test_other_commands_refuse_bad_input_cleanly(tmp_path):
+@ONNX
+def test_other_commands_refuse_bad_input_cleanly(tmp_path, good_out):
+    bundle = good_out[0] / "tiny_mlp" / "onnx" / "fp32"
+    (tmp_path / "folder").mkdir()
+    write(tmp_path, "file.txt", "x")
+    (tmp_path / "broken").mkdir()
+    write(tmp_path / "broken", "manifest.json", "{")
     cases = [
+        (["bundle", str(bundle), "-o", str(tmp_path / "folder")], 2, ["--out", "is a folder", "lab.zip"]),
+        (["bundle", str(bundle), "-o", str(tmp_path / "file.txt" / "lab.zip")], 2, ["--out", "is a file"]),
+        (["report", str(bundle), "--html", str(tmp_path / "folder")], 2, ["--html", "is a folder", "report.html"]),
+        (["report", str(bundle), "--markdown", "/proc/edgeq.md"], 2, ["--markdown", "cannot write in /proc"]),
+        (["validate", str(tmp_path / "broken")], 3, ["manifest.json", "malformed"]),
+        (["validate", str(tmp_path / "folder")], 3, ["not a bundle", "no manifest.json"]),
         (["validate", str(tmp_path / "nothere")], 3, ["nothere"]),
         (["validate", str(tmp_path), "--budget", "cosine>=2"], 2, ["--budget", "can never hold"]),
         (["validate", str(tmp_path), "--budget", ""], 2, ["--budget", "empty budget"]),
@@ -206,7 +218,8 @@ def test_other_commands_refuse_bad_input_cleanly(tmp_path):
     ]
     for args, code, words in cases:
         _assert_clean_failure(CliRunner().invoke(main, args), code, words)
-    assert not (tmp_path / "lab.zip").exists()
+    assert not (tmp_path / "lab.zip").exists() and list((tmp_path / "folder").iterdir()) == []
+    assert tree_digest(good_out[0]) == good_out[1]
 
 
 def test_usage_errors_come_before_torch_loads(tmp_path):
