@@ -2,9 +2,9 @@
 
 Nothing in the folder runs as code unless the user passes --trust-pickle: a config (or tokenizer config) with
 `auto_map` names Python files transformers would import (trust_remote_code), and is refused; `pytorch_model.bin`
-weights are pickles, loaded weights-only (safetensors are preferred when both are there); tokenizers load from
-tokenizer.json, vocabulary files or sentencepiece models, none of which transformers 5 unpickles. Loading stays
-offline either way: the folder is the whole source.
+weights are pickles, loaded weights-only, trusted or not (safetensors are preferred when both are there);
+tokenizers load from tokenizer.json, vocabulary files or sentencepiece models, none of which transformers 5
+unpickles. Loading stays offline either way: the folder is the whole source.
 
 `--task` picks the head: feature-extraction (last_hidden_state), sentence-embedding (attention-masked mean
 pooling + L2 normalisation, as sentence-transformers does), text-classification (logits) and
@@ -92,7 +92,7 @@ def load_huggingface(folder: Path, task: str | None, declared: list[TensorSpec],
 
     if not trust_pickle:
         _refuse_remote_code(folder)
-    weights_only = _check_weights(folder, trust_pickle)
+    _check_weights(folder)
     os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for a hub: the folder is the source
     import transformers
 
@@ -107,7 +107,7 @@ def load_huggingface(folder: Path, task: str | None, declared: list[TensorSpec],
         # Eager attention exports to every runtime the same way; SDPA's fused kernel is a torch detail.
         model = auto.from_pretrained(
             folder, local_files_only=True, attn_implementation="eager", trust_remote_code=trust_pickle,
-            weights_only=weights_only, **({"use_safetensors": True} if _safetensors(folder) else {}),
+            weights_only=True, **({"use_safetensors": True} if _safetensors(folder) else {}),
         ).eval()
     except Exception as exc:
         raise SourceError(f"{folder}: transformers could not load it for {task}: {exc}") from exc
@@ -183,10 +183,13 @@ def _safetensors(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
 
 
-def _check_weights(folder: Path, trust_pickle: bool) -> bool:
-    """The weights_only flag for from_pretrained; refuses pickled .bin weights that are more than tensors."""
+def _check_weights(folder: Path) -> None:
+    """Refuse a folder without weights, or whose pickled .bin weights hold more than tensors.
+
+    transformers 5 reads pytorch_model.bin with torch.load(weights_only=True) whatever from_pretrained is told
+    (modeling_utils.load_state_dict), so such a file cannot load even with --trust-pickle: say so up front."""
     if _safetensors(folder):
-        return True  # transformers reads safetensors (use_safetensors=True), never the .bin next to them
+        return  # transformers reads safetensors (use_safetensors=True), never the .bin next to them
     shards = sorted(folder.glob("pytorch_model*.bin"))
     if not shards:
         found = ", ".join(sorted(p.name for p in folder.iterdir())[:8])
@@ -194,8 +197,6 @@ def _check_weights(folder: Path, trust_pickle: bool) -> bool:
             f"{folder}: holds no weights (model.safetensors or pytorch_model.bin); it has {found}. Save the model "
             "with model.save_pretrained(folder)"
         )
-    if trust_pickle:
-        return False
     import pickle
 
     import torch
@@ -205,10 +206,9 @@ def _check_weights(folder: Path, trust_pickle: bool) -> bool:
             torch.load(str(shard), map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as exc:
             raise SourceError(
-                f"{shard} holds pickled Python objects, not just tensors: loading it would run code from the file. "
-                "Re-save the model as safetensors (model.save_pretrained(folder, safe_serialization=True)), or pass "
-                "--trust-pickle if you trust this file."
+                f"{shard} holds pickled Python objects, not just tensors: loading it would run code from the file, "
+                "and transformers reads .bin weights weights-only even with --trust-pickle. Re-save the model as "
+                "safetensors (model.save_pretrained(folder, safe_serialization=True)) from where you trust it."
             ) from exc
         except Exception as exc:
             raise SourceError(f"{shard}: torch.load could not read it ({type(exc).__name__}: {exc}); the file may be truncated or damaged") from exc
-    return True

@@ -57,7 +57,10 @@ def where_it_failed(exc: BaseException) -> str | None:
 def describe_failure(exc: BaseException) -> str:
     """`SyntaxError: invalid syntax (at x.py, line 3: def f(:)` - the exception's last line and where it came from."""
     message = exc.msg if isinstance(exc, SyntaxError) else str(exc)
-    message = (message.strip().splitlines() or [""])[-1]
+    message = (message.strip().splitlines() or [""])[-1].strip()
+    prefix = f"{type(exc).__name__}: "
+    while message.startswith(prefix):  # TorchScript repeats the exception's name inside its message
+        message = message[len(prefix):]
     where = where_it_failed(exc)
     return f"{type(exc).__name__}: {message}" + (f" (at {where})" if where else "")
 
