@@ -12,13 +12,14 @@ import numpy as np
 from edgeq.bundle import REJECTED_SUFFIX, bundle_path, publish, staging, write_atomic, write_golden, write_json
 from edgeq.calibration.collect import run_module
 from edgeq.calibration.data import SampleSet, load_samples, split
+from edgeq.calibration.memory import check_request
 from edgeq.converters import ConversionRequest, get_converter
 from edgeq.converters.parity import artifact_weights, compare_weights
-from edgeq.errors import ConversionError, UsageError
+from edgeq.errors import ConversionError, SourceError, UsageError
 from edgeq.load import LoadedModel
 from edgeq.manifest import build_manifest
 from edgeq.reference_artifact import Fp32Baselines, QuantizationDrift, compare_with_fp32, fp32_first
-from edgeq.targets import Precision, TargetProfile, load_profile
+from edgeq.targets import Precision, TargetProfile, expand_targets, load_profile
 from edgeq.quantize import QuantizeOptions, quantization_plan
 from edgeq.targets.resolve import QUANTIZED
 from edgeq.validate.budget import BudgetSyntaxError, parse_budget
@@ -63,16 +64,6 @@ class Outcome:
     layers: LayerReport | None = None  # per-layer drift, when asked for
 
 
-def expand_targets(targets: list[str]) -> list[str]:
-    """`all` means the generic onnx, tflite and coreml profiles."""
-    expanded = []
-    for target in targets:
-        for item in ["onnx", "tflite", "coreml"] if target == "all" else [target]:
-            if item not in expanded:
-                expanded.append(item)
-    return expanded
-
-
 def convert(model: LoadedModel, options: ConvertOptions, on_step: Callable[[str], None] = lambda _: None) -> list[Outcome]:
     """Convert `model` for every requested target and precision; one Outcome each, failures included."""
     profiles = [load_profile(t) for t in expand_targets(options.targets)]
@@ -82,12 +73,14 @@ def convert(model: LoadedModel, options: ConvertOptions, on_step: Callable[[str]
     on_step("preparing validation data")
     example = {s.name: t.numpy() for s, t in zip(model.inputs, model.example_inputs)}
     wanted = _calibration_count(plans, options)
+    check_request(model, validation=options.samples, calibration=wanted)  # before loading: a clear error, not an OOM kill
     loaded = load_samples(
         model.inputs, example, data=options.data, tokenizer=model.tokenizer, text_column=options.text_column,
         preprocess=options.preprocess, sample_rate=options.sample_rate, count=options.samples + wanted, seed=options.seed,
     )
     samples = loaded.samples
-    calibration_count = min(wanted, len(samples) // 2)  # a short source never starves validation
+    # A short source never starves validation (at most half goes to calibration); a long one gives both their count.
+    calibration_count = min(wanted, max(len(samples) - options.samples, len(samples) // 2))
     calibration, validation = split(samples, calibration_count=calibration_count, seed=options.seed)
     references = reference_outputs(model, validation)
     data_source = describe_data(loaded, options, validation=len(validation), calibration=len(calibration))
@@ -126,8 +119,20 @@ def _check_budget(text: str | None) -> None:
 
 
 def reference_outputs(model: LoadedModel, samples: list[dict]) -> list[dict[str, np.ndarray]]:
-    """FP32 PyTorch outputs for each sample: the reference every artifact is held to."""
-    return run_module(model.module, samples, model.input_names, model.outputs, "FP32 reference outputs")
+    """FP32 PyTorch outputs for each sample: the reference every artifact is held to. A reference that is not
+    finite can hold no artifact to anything (every comparison with NaN fails): that is the model's or the
+    data's problem, said as such, not drift."""
+    outputs = run_module(model.module, samples, model.input_names, model.outputs, "FP32 reference outputs")
+    for index, sample in enumerate(outputs):
+        for name, value in sample.items():
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                kind = "NaN" if np.isnan(value).any() else "Inf"
+                raise SourceError(
+                    f"the FP32 PyTorch model returns {kind} in output {name!r} for validation sample {index}: "
+                    "no artifact can be compared with that. Check the model and the data it is given "
+                    "(--data, --input, --preprocess)"
+                )
+    return outputs
 
 
 def describe_data(loaded: SampleSet, options: ConvertOptions, *, validation: int, calibration: int = 0) -> dict:

@@ -144,11 +144,15 @@ def make_job(values: dict, base: Path | None, label: Callable[[str], str]) -> Jo
     check_keep_float(keep_float, label("keep_float"))
     if "preprocess" in values:
         _parsed(label("preprocess"), _parse_preprocess, values["preprocess"])
+    inputs = [_parsed(label("inputs"), _parse_input, text) for text in values.get("inputs", [])]
+    repeated = sorted({spec.name for spec in inputs if [s.name for s in inputs].count(spec.name) > 1})
+    if repeated:
+        raise UsageError(f"{label('inputs')}: input {', '.join(repeated)} declared more than once; declare each input once")
     return Job(
         source=source,
         targets=targets,
         precisions=list(precisions or []),
-        inputs=[_parsed(label("inputs"), _parse_input, text) for text in values.get("inputs", [])],
+        inputs=inputs,
         task=values.get("task"),
         factory=values.get("factory"),
         trust_pickle=values.get("trust_pickle", False),

@@ -88,6 +88,7 @@ OPTION_CASES = [
     ("preprocess-bad-value", [SOURCE, "--preprocess", "resize=big"], 2, ["resize"]),
     ("preprocess-unknown-key", [SOURCE, "--preprocess", "colour=red"], 2, ["colour"]),
     ("config-missing", ["-c", "{tmp}/nothere.toml"], 2, ["--config", "no such file"]),
+    ("input-repeated", [SOURCE, "--input", "x:1x16", "--input", "x:1x16"], 2, ["--input", "x declared more than once"]),
 ]
 
 
@@ -193,6 +194,27 @@ def test_command_line_overrides_the_project_file(tmp_path):
         (["-o", str(project)], ["--out", "is a file"]),
     ):
         _assert_clean_failure(CliRunner().invoke(main, ["convert", "-c", str(project), *args]), 2, words)
+
+
+@ONNX
+def nan_model():
+    """A model whose own FP32 output is NaN on ordinary inputs (log of a negative number)."""
+    import torch
+
+    class LogOfNegative(torch.nn.Module):
+        def forward(self, x):
+            return torch.log(x - 100.0)
+
+    return LogOfNegative(), (torch.zeros(1, 4),)
+
+
+@ONNX
+def test_non_finite_reference_is_bad_input_not_drift(good_out):
+    """NaN from FP32 PyTorch itself would make every comparison fail (exit 6): it is the model's problem."""
+    out, digest = good_out
+    result = CliRunner().invoke(main, ["convert", "tests.test_bad_options:nan_model", "-t", "onnx", "-o", str(out), "--samples", "2"])
+    _assert_clean_failure(result, 3, ["FP32 PyTorch model returns NaN", "output 'output'", "sample 0", "--data"])
+    assert tree_digest(out) == digest and not (out / "nan_model").exists()
 
 
 @ONNX
