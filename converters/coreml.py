@@ -14,7 +14,9 @@ plan's scales already lie on that grid, so the artifact holds exactly the plan's
 
 from __future__ import annotations
 
+import json
 import re
+import uuid
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from edgeq.converters.failures import explain_failure
 from edgeq.converters.parity_coreml import mil_name
 from edgeq.converters.tracing import quiet, shape_notes
 from edgeq.errors import ConversionError
+from edgeq.hashing import sha256_path
 from edgeq.rewrites import apply_rewrites
 from edgeq.targets import Precision, Runtime
 
@@ -91,6 +94,7 @@ class CoreMLConverter(Converter):
             raise explain_failure(profile.id, exc, module, examples) from exc
         mlmodel = _rename_features(mlmodel, model.input_names, model.outputs)
         mlmodel.save(str(dest))
+        make_reproducible(dest)
         return Artifact(dest, self.runtime, request.precision, profile.id, self.versions(), rewrites, notes)
 
     @staticmethod
@@ -146,3 +150,43 @@ def _rename_features(mlmodel, input_names: list[str], output_names: list[str]):
     if not changed:
         return mlmodel
     return ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir)
+
+
+# What coremltools writes that changes from run to run (measured, docs/research/determinism.md): the day of
+# the conversion. Its version, source framework and dialect stay: they describe how the model was made.
+VOLATILE_METADATA = ("com.github.apple.coremltools.conversion_date",)
+_SPEC = Path("Data") / "com.apple.CoreML" / "model.mlmodel"
+_ITEM_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "edgeq:mlpackage-item")  # fixed: ids depend on content only
+
+
+def make_reproducible(package: Path) -> None:
+    """Rewrite a saved .mlpackage so that the same model gives the same bytes, in place:
+
+    - model.mlmodel without the conversion date, serialized deterministically: protobuf maps (the user
+      metadata, every MIL op's attributes) otherwise come out in an order that changes from process to process;
+    - Manifest.json with each item's identifier derived from its path and content (uuid5) instead of a
+      random uuid4, so the package's identity follows what it holds.
+    Core ML and coremltools read the package as before (tests/test_determinism.py loads it).
+    """
+    from coremltools.proto import Model_pb2
+
+    spec_path = package / _SPEC
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    metadata = spec.description.metadata.userDefined
+    for key in VOLATILE_METADATA:
+        if key in metadata:
+            del metadata[key]
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
+
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entries = manifest.get("itemInfoEntries", {})
+    renamed = {
+        old: str(uuid.uuid5(_ITEM_NAMESPACE, f"{entry['path']}\0{sha256_path(package / 'Data' / entry['path'])}"))
+        for old, entry in entries.items()
+    }
+    manifest["itemInfoEntries"] = {renamed[old]: entry for old, entry in entries.items()}
+    if manifest.get("rootModelIdentifier") in renamed:
+        manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -77,6 +78,7 @@ class OnnxConverter(Converter):
             # keep_io_types: inputs/outputs stay float32 with Cast nodes at the boundary.
             proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
             sort_nodes(proto.graph)  # the float16 pass appends its boundary Casts after their consumers
+        portable_metadata(proto)
         try:
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as exc:
@@ -117,6 +119,53 @@ def name_outputs(proto, names: list[str]):
     for value in list(graph.output) + list(graph.value_info):
         value.name = renames.get(value.name, value.name)
     return proto
+
+
+_TRACE_FILE = re.compile(r'File "([^"]+)"')
+
+
+def portable_metadata(proto) -> None:
+    """Name the source files cited in the exporter's metadata by import path, in place.
+
+    `pkg.torch.onnx.stack_trace` (on every node) cites each frame's absolute file: the model's module, edgeq
+    and torch in the venv. The same model exported from another folder or venv gave other bytes; with
+    `File "torch/nn/modules/linear.py"` it does not (edgeq.reproducible). Name scopes, which the per-layer
+    taps read, hold no paths and are left alone.
+    """
+    from edgeq.reproducible import module_files, source_file_label
+
+    modules = module_files()
+
+    def portable(text: str) -> str:
+        if 'File "' not in text:
+            return text
+        return _TRACE_FILE.sub(lambda m: f'File "{source_file_label(m.group(1), modules)}"', text)
+
+    def fix(item) -> None:
+        if item.doc_string:
+            item.doc_string = portable(item.doc_string)
+        for prop in getattr(item, "metadata_props", ()):
+            prop.value = portable(prop.value)
+
+    def walk(graph) -> None:
+        fix(graph)
+        for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+            fix(value)
+        for node in graph.node:
+            walk_node(node)
+
+    def walk_node(node) -> None:
+        fix(node)
+        for attribute in node.attribute:  # If/Loop/Scan bodies
+            for graph in (*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs):
+                walk(graph)
+
+    fix(proto)
+    walk(proto.graph)
+    for function in proto.functions:
+        fix(function)
+        for node in function.node:
+            walk_node(node)
 
 
 def _has_16bit_activations(plan) -> bool:

@@ -10,6 +10,7 @@ import numpy as np
 import edgeq
 from edgeq.bundle import size_bytes
 from edgeq.hashing import sha256_path
+from edgeq.reproducible import recorded_path
 
 MANIFEST_SCHEMA = 1
 
@@ -24,14 +25,15 @@ TIMING_FIELDS = (
 
 def build_manifest(*, model, profile, artifact, report, budget, violations, verdict, signature, settings, golden, data_source, plan=None, parity=None, latency=None, latency_reason=None, quantization=None) -> dict:
     """Everything a build step or a device lab needs to trust the artifact, with no timestamps: reruns
-    match except the TIMING_FIELDS. `quantization` (a QuantizationDrift) holds a quantized artifact
-    against its target's FP32 artifact; None for FP32 artifacts."""
+    match except the TIMING_FIELDS, also from another folder (paths inside the working directory are
+    recorded relative to it: edgeq.reproducible). `quantization` (a QuantizationDrift) holds a quantized
+    artifact against its target's FP32 artifact; None for FP32 artifacts."""
     return {
         "schema": MANIFEST_SCHEMA,
         "model": {
             "name": model.name,
             "task": model.task,
-            "source": {"kind": model.source.kind, "location": model.source.location, "sha256": model.source.sha256},
+            "source": {"kind": model.source.kind, "location": recorded_path(model.source.location), "sha256": model.source.sha256},
             "parameters": sum(p.numel() for p in model.module.parameters()),
         },
         "target": {"id": profile.id, "runtime": profile.runtime.value, "hardware": profile.hardware},
@@ -60,7 +62,7 @@ def build_manifest(*, model, profile, artifact, report, budget, violations, verd
         "runtime_settings": settings,
         "validation": {
             **report.to_json(),
-            "data": data_source,  # pipeline.describe_data: source, path, samples_found/used, split, preprocess, notes
+            "data": {**data_source, "path": recorded_path(data_source.get("path"))},  # pipeline.describe_data: source, path, samples_found/used, split, preprocess, notes
             "latency": None if latency is None else latency.to_json(),
             "latency_reason": latency_reason,
             **_against_fp32_artifact(quantization),
