@@ -29,6 +29,10 @@ NOISE = tuple(
         r"^Could not find cuda drivers on your machine",
         r"^To enable the following instructions: .* in other operations, rebuild TensorFlow",
         r"^This TensorFlow binary is optimized to use available CPU instructions",
+        # coremltools on import, off macOS and beside newer torch / scikit-learn than it lists
+        r"^Failed to load _ML\w+: No module named 'coremltools\.libcoremlpython'$",
+        r"^Torch version [\w.+]+ has not been tested with coremltools\.",
+        r"^scikit-learn version [\w.+]+ is not supported\. ",
     )
 )
 

@@ -21,6 +21,7 @@ from edgeq.device.results import BundleRun, exit_code, junit_text, result_json
 from edgeq.device.runtime import INSTALL_HINTS, runtime_package
 from edgeq.device.text import bundle_lines, summary_line
 from edgeq.errors import EdgeqError, SourceError, ValidationError
+from edgeq.noise import toolchain_output
 from edgeq.validate.budget import BudgetSyntaxError, parse_budget
 from edgeq.validate.bundle_check import BundleCheck, Timing, bundle_budget, read_bundle, run_bundle, verify_checksums
 from edgeq.validate.drift import DriftReport, Status
@@ -55,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-latency", action="store_true", help="skip timing")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--junit", type=Path, metavar="PATH", help="write JUnit XML: a testsuite per bundle, a test case per output")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also show the runtime's own log lines and warnings")
     return parser
 
 
@@ -62,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.budget is not None:
         try:
-            parse_budget(args.budget)
+            if args.budget.strip().lower() == "none":  # hold no budget, said explicitly
+                args.budget = ""
+            else:
+                parse_budget(args.budget, require_terms=True)
         except BudgetSyntaxError as exc:
             print(f"error: --budget: {exc}", file=sys.stderr)
             return 2
@@ -75,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
             _write_results(args, [], error=error)
             return error.exit_code
         runs = []
-        for folder, shown in folders:
-            run = run_one(folder, args.budget, timing)
-            run.path = shown
-            print("\n".join(bundle_lines(run)), flush=True)
-            runs.append(run)
+        with toolchain_output(args.verbose):
+            for folder, shown in folders:
+                run = run_one(folder, args.budget, timing)
+                run.path = shown
+                print("\n".join(bundle_lines(run)), flush=True)
+                runs.append(run)
     code = exit_code(runs)
     _write_results(args, runs)
     print(summary_line(runs, code, host_description()))
