@@ -25,13 +25,16 @@ def recorded_path(location: str | os.PathLike | None) -> str | None:
     if _REFERENCE.fullmatch(text) or not os.path.isabs(text):
         return text
     try:
-        relative = Path(os.path.abspath(text)).relative_to(Path.cwd().resolve())
-    except ValueError:
-        try:  # the working directory may be reached through a symlink (macOS /tmp -> /private/tmp)
-            relative = Path(os.path.realpath(text)).relative_to(Path.cwd().resolve())
+        here = Path.cwd().resolve()
+    except OSError:  # the working directory was removed
+        return text
+    for candidate in (os.path.abspath(text), os.path.realpath(text)):  # realpath: /tmp -> /private/tmp on macOS
+        try:
+            relative = Path(candidate).relative_to(here)
         except ValueError:
-            return text
-    return relative.as_posix() if relative.parts else "."
+            continue
+        return relative.as_posix() if relative.parts else "."
+    return text
 
 
 def source_file_label(filename: str, modules: dict[str, str] | None = None) -> str:

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from edgeq.cli import main
 from edgeq.manifest import without_timings
+from edgeq.reproducible import recorded_path, source_file_label
 from tests.conftest import COREML, ONNX, TFLITE
 
 MODULE = "determinism_proj"  # the same module name in both folders, as in two checkouts of one project
@@ -161,3 +162,15 @@ def test_coreml_bundles_are_identical_from_two_folders(tmp_path, monkeypatch):
     model = ct.models.MLModel(str(package), skip_model_load=True)  # the rewritten package still loads
     assert "com.github.apple.coremltools.conversion_date" not in model.user_defined_metadata
     assert model.user_defined_metadata["com.github.apple.coremltools.version"] == ct.__version__
+
+
+def test_recorded_paths_do_not_name_the_project_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert recorded_path(str(tmp_path / "data" / "calib.npz")) == "data/calib.npz"
+    assert recorded_path("data/calib.npz") == "data/calib.npz"  # as typed
+    assert recorded_path("mypkg.models:build") == "mypkg.models:build"
+    outside = str(tmp_path.parent / "elsewhere.pt2")
+    assert recorded_path(outside) == outside  # nothing better to say than where it is
+    assert source_file_label(torch.nn.modules.linear.__file__) == "torch/nn/modules/linear.py"
+    assert source_file_label("/somewhere/not/imported.py") == "imported.py"
+    assert source_file_label("<string>") == "<string>"
