@@ -30,6 +30,7 @@ class FileKind(StrEnum):
     EMPTY = "an empty file"
     ZIP = "a zip archive"
     BROKEN_ZIP = "a damaged or truncated zip archive"  # torch's formats are zips: a cut-off copy lands here
+    BROKEN_SAFETENSORS = "a truncated safetensors file"  # its header is longer than the file
     NUMPY = "a numpy array file (.npy)"
     ONNX = "an ONNX model"
     TFLITE = "a TFLite model"
@@ -67,6 +68,8 @@ def file_kind(path: Path) -> FileKind:
         return FileKind.GGUF
     if _is_safetensors(head, path.stat().st_size):
         return FileKind.SAFETENSORS
+    if path.suffix.lower() == ".safetensors" and head[8:9] == b"{":
+        return FileKind.BROKEN_SAFETENSORS
     if path.suffix.lower() == ".onnx":
         return FileKind.ONNX  # protobuf has no magic number; the suffix is all there is
     if b"\0" not in head and _decodes(head):
@@ -115,6 +118,8 @@ def describe_file(path: Path, kind: FileKind) -> tuple[str, str]:
             names = []
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         return f"a zip archive of {len(names)} file(s) ({shown or 'unreadable'})", "torch's files are zips of another layout"
+    if kind == FileKind.BROKEN_SAFETENSORS:
+        return str(kind), "copy or save it again"
     if kind == FileKind.BROKEN_ZIP:
         return str(kind), "torch.save, torch.export and TorchScript files are zips: copy or save it again"
     if kind == FileKind.ONNX:

@@ -1,4 +1,5 @@
 """Malicious files of every source kind edgeq accepts: none runs code unless --trust-pickle is given.
+And broken (not malicious) sources: each gets a clear early error, not a traceback.
 
 Each payload, if executed, creates a marker file (`pathlib.Path.touch`, no shell). Every refused case asserts:
 the marker is absent, exit code 3, no traceback, the message names the file and mentions --trust-pickle, and a
@@ -361,3 +362,132 @@ def test_object_arrays_in_data_are_never_unpickled(tmp_path, good_bundle, suffix
         np.save(path, payload, allow_pickle=True)
     result = convert(good_bundle, MLP, "--data", str(path))
     assert_refused(result, path, marker, "Python objects", "unpickl")
+
+
+# --- broken sources: plausible user mistakes, each a clear early error ---------------------------------------
+
+FACTORIES = """
+import torch
+from edgeq.examples import tiny_mlp
+
+def garbage():
+    return "not a model"
+
+def explodes():
+    raise ValueError("no weights for this config")
+
+def bad_examples():
+    return torch.nn.Linear(2, 2), "x"
+
+def returns_text():
+    class Text(torch.nn.Module):
+        def forward(self, x):
+            return "text"
+    return Text(), (torch.zeros(1, 2),)
+"""
+
+
+def _module(tmp_path: Path, monkeypatch, text: str) -> str:
+    """Write `text` as a uniquely named module importable from tmp_path; return its name."""
+    name = f"edgeq_case_{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:10]}"
+    (tmp_path / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def _state(tmp_path: Path, **changes) -> Path:
+    state = dict(tiny_mlp()[0].state_dict())
+    state.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del state[key]
+    torch.save(state, tmp_path / "w.pt")
+    return tmp_path / "w.pt"
+
+
+def _truncated(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _exported(tmp_path: Path) -> Path:
+    module, examples = tiny_mlp()
+    torch.export.save(torch.export.export(module, examples), str(tmp_path / "m.pt2"))
+    return tmp_path / "m.pt2"
+
+
+def _file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _zip(path: Path, **members: str) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    return path
+
+
+def _folder(path: Path, **files: str) -> Path:
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+def _safetensors(tmp_path: Path) -> Path:
+    import safetensors.torch
+
+    safetensors.torch.save_file(dict(tiny_mlp()[0].state_dict()), str(tmp_path / "w.safetensors"))
+    return tmp_path / "w.safetensors"
+
+
+F = ["--factory", MLP]
+# id: (build(tmp_path, monkeypatch) -> arguments, exit code, words the message must hold)
+BROKEN_SOURCES = {
+    "onnx-file": (lambda t, m: [str(_file(t / "model.onnx", b"\x08\x07\x12\x07pytorch\x00\x01"))], 3, ["ONNX model", "SOURCE may be", "--factory"]),
+    "text-file": (lambda t, m: [str(_file(t / "notes.txt", b"my model\n"))], 3, ["text file", "'my model'", "torch.export"]),
+    "empty-pt": (lambda t, m: [str(_file(t / "empty.pt", b""))], 3, ["empty file", "SOURCE may be"]),
+    "empty-pt2": (lambda t, m: [str(_file(t / "empty.pt2", b""))], 3, ["empty file", "not a torch.export program"]),
+    "folder-without-config": (lambda t, m: [str(_folder(t / "ckpt", **{"weights.bin": "x"}))], 3, ["without config.json", "weights.bin"]),
+    "npy-as-source": (lambda t, m: [str(_file(t / "x.pt", np.lib.format.magic(1, 0) + b"\0" * 8))], 3, ["numpy", "--data"]),
+    "truncated-state-dict": (lambda t, m: [str(_truncated(_state(t))), *F], 3, ["truncated", "save it again"]),
+    "truncated-pt2": (lambda t, m: [str(_truncated(_exported(t)))], 3, ["truncated", "not a torch.export program"]),
+    "truncated-safetensors": (lambda t, m: [str(_truncated(_safetensors(t))), *F], 3, ["not a readable safetensors file", "truncated"]),
+    "zip-as-pt2": (lambda t, m: [str(_zip(t / "m.pt2", **{"a.txt": "hello"}))], 3, ["zip archive of 1 file", "a.txt"]),
+    "state-dict-as-pt2": (lambda t, m: [str(_zip_state(t))], 2, ["torch.save file", "not a torch.export program", "--factory"]),
+    "pt2-with-factory": (lambda t, m: [str(_exported(t)), *F], 2, ["drop --factory"]),
+    "misshapen-state-dict": (lambda t, m: [str(_state(t, **{"layers.0.weight": torch.zeros(3, 3)})), *F], 3, ["layers.0.weight is 3x3 in the file, 64x16"]),
+    "missing-keys": (lambda t, m: [str(_state(t, **{"layers.3.bias": None})), *F], 3, ["missing keys: layers.3.bias"]),
+    "not-tensors": (lambda t, m: [str(_state(t, epoch=3)), *F], 3, ["epoch (int)", "'state_dict'"]),
+    "factory-returns-text": (lambda t, m: [str(_state(t)), "--factory", f"{_module(t, m, FACTORIES)}:garbage"], 3, ["returned str", "nn.Module"]),
+    "factory-raises": (lambda t, m: [str(_state(t)), "--factory", f"{_module(t, m, FACTORIES)}:explodes"], 3, ["ValueError: no weights for this config", "line 9"]),
+    "examples-not-tensors": (lambda t, m: [f"{_module(t, m, FACTORIES)}:bad_examples"], 3, ["example inputs must be a tensor", "not str"]),
+    "forward-returns-text": (lambda t, m: [f"{_module(t, m, FACTORIES)}:returns_text"], 3, ["returned a str", "tensors"]),
+    "source-syntax-error": (lambda t, m: [f"{_module(t, m, 'def build(:  # oops' + chr(10))}:build"], 3, ["SyntaxError", "line 1", "def build(:"]),
+    "source-raises-at-import": (lambda t, m: [f"{_module(t, m, 'import os' + chr(10) + 'raise OSError(5, chr(98))' + chr(10))}:build"], 3, ["OSError", "line 2"]),
+    "source-exits-at-import": (lambda t, m: [f"{_module(t, m, 'import sys' + chr(10) + 'sys.exit(2)' + chr(10))}:build"], 3, ["SystemExit", "line 2"]),
+    "unknown-attribute": (lambda t, m: [f"{_module(t, m, FACTORIES)}:nope"], 3, ["has no attribute 'nope'"]),
+    "wrong-features": (lambda t, m: [MLP, "--input", "x:1x3"], 3, ["forward failed on x:1x3:float32", "declared with --input", "mat1", "Check --input"]),
+    "wrong-dtype": (lambda t, m: [MLP, "--input", "x:1x16:int64"], 3, ["x:1x16:int64", "Long and Float", "Check --input"]),
+    "wrong-channels": (lambda t, m: ["edgeq.examples:tiny_convnet", "--input", "pixels:1x1x32x32"], 3, ["pixels:1x1x32x32:float32", "channels"]),
+    "hf-config-not-json": (lambda t, m: [str(_folder(t / "hf", **{"config.json": "{model_type: bert"})), "--task", "feature-extraction"], 3, ["config.json", "not valid JSON", "line 1"]),
+    "hf-config-not-object": (lambda t, m: [str(_folder(t / "hf", **{"config.json": "[]"})), "--task", "feature-extraction"], 3, ["expected a JSON object"]),
+    "hf-without-weights": (lambda t, m: [str(_folder(t / "hf", **{"config.json": "{}"})), "--task", "feature-extraction"], 3, ["holds no weights", "save_pretrained"]),
+}
+
+
+def _zip_state(tmp_path: Path) -> Path:
+    torch.save(dict(tiny_mlp()[0].state_dict()), tmp_path / "m.pt2")
+    return tmp_path / "m.pt2"
+
+
+@ONNX
+@pytest.mark.parametrize("case", BROKEN_SOURCES, ids=str)
+def test_broken_sources_fail_early_and_clearly(tmp_path, monkeypatch, good_bundle, case):
+    build, code, words = BROKEN_SOURCES[case]
+    result = convert(good_bundle, *build(tmp_path, monkeypatch))
+    text = " ".join(result.output.split())
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output, result.output
+    assert all(word in text for word in words), result.output
