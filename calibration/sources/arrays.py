@@ -108,7 +108,9 @@ def _refuse_object_arrays_in_npz(path: Path) -> None:
                         raise _object_arrays(path, member[: -len(".npy")])
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         empty = " (the file is empty)" if path.stat().st_size == 0 else ""
-        raise SourceError(f"--data {path}: not a readable .npz file{empty} ({exc or type(exc).__name__}); it may be truncated or damaged") from exc
+        raise SourceError(
+            f"--data {path}: not a readable .npz file{empty} ({exc or type(exc).__name__}); it may be truncated or damaged"
+        ) from exc
 
 
 def _header(handle) -> tuple[tuple[int, ...], np.dtype]:

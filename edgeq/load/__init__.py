@@ -99,7 +99,9 @@ def _load_path(path: Path, declared, task, factory, trust_pickle):
     if kind not in MODEL_KINDS:
         raise refuse_file(path, kind)
     if factory and kind in (FileKind.EXPORT, FileKind.TORCHSCRIPT):
-        raise UsageError(f"--factory builds the model a state dict belongs to; {path} is {kind}, which carries its own model: drop --factory")
+        raise UsageError(
+            f"--factory builds the model a state dict belongs to; {path} is {kind}, which carries its own model: drop --factory"
+        )
     if kind == FileKind.EXPORT:
         module, names, examples = files.load_exported(path, trust_pickle)
         return module, names, examples, "export", None, False

@@ -44,11 +44,13 @@ _RAW_PAYLOAD = re.compile(r"data/(weights|constants)/[^/]+")  # raw tensor bytes
 _TENSOR_CONSTANT_PREFIX = "tensor_"  # torch.export.pt2_archive.constants.TENSOR_CONSTANT_FILENAME_PREFIX
 
 
-def refuse(path: Path, member: str, why: str) -> SourceError:
+def refuse(path: Path, member: str | None, why: str) -> SourceError:
+    """The refusal of an archive `member` (None: its program) that loading could run code from."""
+    what = f"member {member!r} of this torch.export archive" if member else "this torch.export program"
     return SourceError(
-        f"{path}: member {member!r} of this torch.export archive {why}; edgeq does not run code from a model "
-        "file unless you pass --trust-pickle (do so only if you trust where the file came from), or re-save "
-        "the program with torch.export.save from a plain nn.Module"
+        f"{path}: {what} {why}; edgeq does not run code from a model file unless you pass --trust-pickle (do so "
+        "only if you trust where the file came from: it loads the file unchecked), or re-save the program with "
+        "torch.export.save from a plain nn.Module"
     )
 
 
@@ -57,8 +59,12 @@ def check_archive(path: Path, data: bytes) -> None:
     bytes: the caller hands torch the same bytes, so nothing can change between the check and the load."""
     members = _members(path, data)
     reader = torch._C.PyTorchFileReader(io.BytesIO(data))
-    if sorted(reader.get_all_records()) != sorted(members):
-        raise SourceError(f"{path}: the zip's directory lists other members than torch reads from it; a damaged or crafted file")
+    records = reader.get_all_records()
+    if sorted(records) != sorted(members):
+        odd = sorted(set(records) ^ set(members)) or sorted(members)
+        raise refuse(
+            path, odd[0], "is listed differently by Python's zip reader and torch's, so edgeq cannot check what torch would read"
+        )
     for member in members:
         if member in _METADATA or member.startswith("extra/"):
             continue
@@ -83,16 +89,20 @@ def _members(path: Path, data: bytes) -> list[str]:
             names = archive.namelist()
     except zipfile.BadZipFile as exc:
         raise SourceError(f"{path}: not a readable zip archive, so not a torch.export program ({exc})") from exc
-    roots = {name.split("/", 1)[0] for name in names}
-    if len(roots) != 1 or any("/" not in name for name in names):
-        raise SourceError(
-            f"{path}: a torch.export archive keeps every member in one top folder; this zip has "
-            f"{', '.join(sorted(roots)[:5])} at its top: not a file torch.export.save wrote"
+    roots = sorted({name.split("/", 1)[0] for name in names})
+    loose = [name for name in names if "/" not in name]
+    if len(roots) != 1 or loose:
+        odd = (loose or roots[1:])[0]
+        raise refuse(
+            path, odd, f"sits outside the archive's top folder {roots[0]!r}, where torch.export.save puts every member "
+            "(torch reads older layouts from there, with a pickle fallback)",
         )
     folded = [name.casefold() for name in names]
     if len(set(folded)) != len(folded):
         twice = sorted({name for name in names if folded.count(name.casefold()) > 1})
-        raise SourceError(f"{path}: the archive names a member twice ({', '.join(twice[:3])}); a damaged or crafted file")
+        raise refuse(
+            path, twice[0], "is named twice (zip readers differ on which copy they read), so edgeq cannot check what torch would read"
+        )
     return [name.split("/", 1)[1] for name in names if not name.endswith("/")]
 
 
@@ -134,7 +144,8 @@ def _check_expressions(path: Path, member: str, program) -> None:
             for key, value in item.items():
                 if key == "expr_str":
                     if not (isinstance(value, str) and _is_arithmetic(value)):
-                        raise refuse(path, member, f"holds the shape expression {str(value)[:80]!r}, which is not arithmetic: torch would evaluate it as Python")
+                        shown = str(value)[:80]
+                        raise refuse(path, member, f"holds the shape expression {shown!r}, which is not arithmetic: torch would evaluate it as Python")
                 else:
                     stack.append(value)
         elif isinstance(item, list):
@@ -239,7 +250,7 @@ def check_program_calls(path: Path, program) -> None:
             continue
         for node in module.graph.nodes:
             if node.op in ("call_module", "call_method"):
-                raise refuse(path, "models/", f"calls {node.op} {node.target!r}, which a torch.export program never does")
+                raise refuse(path, None, f"calls {node.op} {node.target!r}, which a torch.export program never does")
             if node.op != "call_function":
                 continue
             arguments = []
@@ -247,4 +258,5 @@ def check_program_calls(path: Path, program) -> None:
             for value in (node.target, *arguments):
                 if not harmless(value):
                     name = getattr(value, "__qualname__", repr(value))
-                    raise refuse(path, "models/", f"calls {getattr(value, '__module__', '')}.{name} in node {node.name!r}, which is not a PyTorch operator")
+                    called = f"{getattr(value, '__module__', '')}.{name}"
+                    raise refuse(path, None, f"calls {called} in node {node.name!r}, which is not a PyTorch operator")

@@ -160,7 +160,10 @@ def _load_tokenizer(folder: Path, trust_pickle: bool):
 
 
 # Configs whose `auto_map` makes transformers import Python files (remote code) from the folder.
-_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json", "image_processor_config.json", "feature_extractor_config.json")
+_CODE_CONFIGS = (
+    "config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+    "image_processor_config.json", "feature_extractor_config.json",
+)
 
 
 def _refuse_remote_code(folder: Path) -> None:
@@ -211,4 +214,6 @@ def _check_weights(folder: Path) -> None:
                 "safetensors (model.save_pretrained(folder, safe_serialization=True)) from where you trust it."
             ) from exc
         except Exception as exc:
-            raise SourceError(f"{shard}: torch.load could not read it ({type(exc).__name__}: {exc}); the file may be truncated or damaged") from exc
+            raise SourceError(
+                f"{shard}: torch.load could not read it ({type(exc).__name__}: {exc}); the file may be truncated or damaged"
+            ) from exc
