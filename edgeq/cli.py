@@ -38,7 +38,7 @@ def main() -> None:
 @click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE[:DTYPE]", help="Declare an input, e.g. pixels:1x3x224x224:float32; batch=1x... marks a dynamic axis.")
 @click.option("--task", help="For Hugging Face folders: feature-extraction, sentence-embedding, text-classification, image-classification.")
 @click.option("--factory", metavar="MODULE:CALLABLE", help="Builds the model a state dict (.pt/.safetensors) belongs to.")
-@click.option("--trust-pickle", is_flag=True, help="Allow unpickling a whole-model .pt file (runs code from the file).")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading that can run code from the source: pickled models and weights, pickles inside .pt2, Hugging Face auto_map code in the folder (never downloaded).")
 @click.option("--data", type=click.Path(path_type=Path), help="Validation data: .npz/.npy, a folder of .npz, .npy, images or .wav files, .txt/.csv/.tsv text for text models, or module:function (or file.py:function) returning samples.")
 @click.option("--text-column", help="Column (index or header name) of a .csv/.tsv holding the text.")
 @click.option("--preprocess", metavar="KEY=VALUE,...", help="Image preprocessing, e.g. 'resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nchw' (keys: resize crop mean std scale layout channels interpolation; default: fit the input's H, W, scale 1/255).")
@@ -78,9 +78,10 @@ def convert(ctx, source, config, verbose, **options):
             jobs = [command_line_job({"source": source, **_job_values(ctx, options, only_given=False)})]
     except EdgeqError as error:
         _fail(error)
+    from edgeq.interrupt import interrupt_guard
     from edgeq.noise import toolchain_output
 
-    with toolchain_output(verbose):
+    with interrupt_guard(), toolchain_output(verbose):  # Ctrl-C: exit 130, one line, nothing published
         code = _run_jobs(jobs)
     sys.exit(code)
 

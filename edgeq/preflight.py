@@ -13,7 +13,6 @@ from pathlib import Path
 
 from edgeq.errors import SourceError, UsageError
 
-_CALLABLE = re.compile(r"[\w.]+:[\w.]+")
 # A bundle folder name: one path component, no hidden or parent-directory names.
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Hugging Face tasks edgeq exports (edgeq.load.huggingface.Task; a test keeps the two the same).
@@ -21,11 +20,13 @@ HF_TASKS = ("feature-extraction", "sentence-embedding", "text-classification", "
 
 
 def check_source(source: str, label: str) -> None:
-    if Path(source).exists() or _CALLABLE.fullmatch(source):
+    from edgeq.calibration.sources.function import is_function_reference  # module:callable or file.py:callable
+
+    if Path(source).exists() or is_function_reference(source):
         return
     raise SourceError(
         f"{label} {source!r}: no such file or folder, and not a 'package.module:callable' reference "
-        "(e.g. mypkg.models:build, model.pt2, a Hugging Face folder)"
+        "(e.g. mypkg.models:build, models.py:build, model.pt2, a Hugging Face folder)"
     )
 
 
