@@ -2,7 +2,8 @@
 """Mutation check: break edgeq's core promises on purpose, one at a time, and expect the tests to fail.
 
 A suite that only shows good artifacts passing proves little; this script keeps it honest. Each mutation
-below is a small textual patch (search -> replacement, in one file) that breaks one promise the README makes:
+below is a small textual patch (search -> replacement, in one file; searches leave out the indentation, so a
+re-indented block keeps them valid) that breaks one promise the README makes:
 weight parity, publish-replaces-not-merges, exit codes, the calibration/validation split, tamper refusal,
 per-layer ranking, budgets, and the MIL reference executor's semantics (fp16 rounding, GELU, padding, ...).
 For each, the script
@@ -62,31 +63,28 @@ MUTATIONS = [
     # ---- the eleven of issue 9 --------------------------------------------------------------------------
     Mutation(
         "parity-ignores-scales", "weight parity compares codes and scales", "converters/parity.py",
-        "        if not np.array_equal(np.asarray(scale, dtype=np.float32).ravel(), layer.weight.scale.ravel()):",
-        "        if False:  # MUTATION: scales never compared",
+        "if not np.array_equal(np.asarray(scale, dtype=np.float32).ravel(), layer.weight.scale.ravel()):",
+        "if False:  # MUTATION: scales never compared",
         (P + "test_weight_parity_compares_codes_and_scales", P + "test_weight_parity_reads_the_artifact_and_reports_any_difference",
          P + "test_weights_that_differ_from_the_plan_fail_with_exit_4_and_publish_nothing"),
     ),
     Mutation(
         "pipeline-ignores-parity", "a parity mismatch fails the conversion (exit 4)", "edgeq/pipeline.py",
-        "                if parity.mismatches or parity.missing:",
-        "                if False:  # MUTATION: parity computed, never enforced",
+        "if parity.mismatches or parity.missing:",
+        "if False:  # MUTATION: parity computed, never enforced",
         (P + "test_weights_that_differ_from_the_plan_fail_with_exit_4_and_publish_nothing",),
     ),
     Mutation(
         "publish-merges", "a republished bundle replaces the old one", "edgeq/bundle.py",
-        "    if dest.exists():\n        old = ",
-        "    if dest.exists():  # MUTATION: merge the new files into the old bundle\n"
-        "        shutil.copytree(staged, dest, dirs_exist_ok=True)\n"
-        "        shutil.rmtree(staged)\n"
-        "        return dest\n"
-        "        old = ",
+        'os.rename(dest, old / "bundle")',
+        "shutil.copytree(dest, staged, dirs_exist_ok=True, copy_function=lambda s, d: os.path.exists(d) or shutil.copy2(s, d)); "
+        'os.rename(dest, old / "bundle")  # MUTATION: the old files are merged into the new bundle',
         (P + "test_republishing_replaces_the_old_bundle_instead_of_merging", P + "test_a_rerun_replaces_a_bundle_with_stray_files"),
     ),
     Mutation(
         "verdict-passes-runtime-error", "an artifact the runtime could not run is never passed (exit 5)", "validate/verdict.py",
-        "    if report.status == Status.ERROR:\n        return Verdict.VALIDATION_FAILED",
-        "    if report.status == Status.ERROR:\n        return Verdict.PASSED  # MUTATION",
+        "return Verdict.VALIDATION_FAILED",
+        "return Verdict.PASSED  # MUTATION: a runtime error passes",
         (P + "test_verdict_of_each_run", P + "test_an_artifact_the_runtime_cannot_run_exits_5_and_is_kept_aside",
          P + "test_validate_exits_5_when_the_runtime_cannot_run_a_checksummed_artifact"),
     ),
@@ -98,20 +96,20 @@ MUTATIONS = [
     ),
     Mutation(
         "calibration-overlaps-validation", "calibration samples never reach validation", "calibration/data.py",
-        "    calibration = [samples[i] for i in sorted(order[:calibration_count])]",
-        "    calibration = [samples[i] for i in sorted(order[len(order) - calibration_count:])]  # MUTATION: from validation's part",
+        "calibration = [samples[i] for i in sorted(order[:calibration_count])]",
+        "calibration = [samples[i] for i in sorted(order[len(order) - calibration_count:])]  # MUTATION: from validation's part",
         (P + "test_the_split_never_shares_a_sample", P + "test_calibration_samples_never_reach_validation"),
     ),
     Mutation(
         "mil-no-fp16-rounding", "fp16-typed MIL values are rounded to float16 per op", "validate/mil/executor.py",
-        "        return array.astype(np.float16).astype(np.float32)",
-        "        return array.astype(np.float32)  # MUTATION: fp16 not emulated",
+        "return array.astype(np.float16).astype(np.float32)",
+        "return array.astype(np.float32)  # MUTATION: fp16 not emulated",
         (OPS + "test_fp16_is_rounded_per_op",),
     ),
     Mutation(
         "mil-gelu-exact-as-tanh", "MIL gelu EXACT is erf GELU", "validate/mil/ops.py",
-        "        return 0.5 * x * (1.0 + _erf(x / np.float32(math.sqrt(2.0))))",
-        "        return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x**3)))",
+        "return 0.5 * x * (1.0 + _erf(x / np.float32(math.sqrt(2.0))))",
+        "return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + np.float32(0.044715) * x**3)))",
         (OPS + "test_op_matches_pytorch[gelu_exact]", OPS + "test_op_matches_pytorch[gelu_default_is_exact]",
          "tests/validate/test_mil_executor.py::test_executor_reproduces_pytorch[edgeq.examples:tiny_mlp-fp32]"),
     ),
@@ -124,14 +122,14 @@ MUTATIONS = [
     ),
     Mutation(
         "mil-quantize-half-up", "MIL quantize rounds half to even", "validate/mil/ops.py",
-        '    q = np.around(x / _f(_along(a("scale"), x.ndim, axis)))',
-        '    q = np.floor(x / _f(_along(a("scale"), x.ndim, axis)) + np.float32(0.5))  # MUTATION: half up',
+        'q = np.around(x / _f(_along(a("scale"), x.ndim, axis)))',
+        'q = np.floor(x / _f(_along(a("scale"), x.ndim, axis)) + np.float32(0.5))  # MUTATION: half up',
         (OPS + "test_op_matches_pytorch[quantize_ties_int8]", OPS + "test_op_matches_pytorch[quantize_ties_uint8_zero_point]"),
     ),
     Mutation(
         "mil-layer-norm-no-epsilon", "MIL layer_norm adds epsilon to the variance", "validate/mil/ops.py",
-        "    out = (x - mean) / np.sqrt(variance + epsilon)",
-        "    out = (x - mean) / np.sqrt(variance)  # MUTATION: epsilon ignored",
+        "out = (x - mean) / np.sqrt(variance + epsilon)",
+        "out = (x - mean) / np.sqrt(variance)  # MUTATION: epsilon ignored",
         (OPS + "test_op_matches_pytorch[layer_norm_eps]",
          "tests/validate/test_mil_executor.py::test_executor_reproduces_pytorch[edgeq.examples:tiny_mlp-fp32]"),
     ),
@@ -150,38 +148,38 @@ MUTATIONS = [
     ),
     Mutation(
         "tamper-ignores-checksums", "a changed artifact is refused (exit 3)", "validate/bundle_check.py",
-        "        if actual != digest:",
-        "        if False:  # MUTATION: checksums computed, never compared",
+        "if actual != digest:",
+        "if False:  # MUTATION: checksums computed, never compared",
         (P + "test_a_changed_file_is_refused_with_exit_3[model.onnx]",),
     ),
     Mutation(
         "budget-keeps-one-term", "every budget term is held", "validate/budget.py",
-        "    return Budget(tuple(bounds))",
-        "    return Budget(tuple(bounds[-1:]))  # MUTATION: only the last term survives parsing",
+        "return Budget(tuple(bounds))",
+        "return Budget(tuple(bounds[-1:]))  # MUTATION: only the last term survives parsing",
         (P + "test_every_budget_term_is_held",),
     ),
     Mutation(
         "budget-checks-one-term", "every budget term is held", "validate/budget.py",
-        "            for bound in self.bounds:",
-        "            for bound in self.bounds[:1]:  # MUTATION: only the first term is held",
+        "for bound in self.bounds:",
+        "for bound in self.bounds[:1]:  # MUTATION: only the first term is held",
         (P + "test_every_budget_term_is_held",),
     ),
     Mutation(
         "rejected-published-as-canonical", "over budget or unrunnable bundles go to <precision>.rejected", "edgeq/pipeline.py",
-        "            final = dest if verdict in (Verdict.PASSED, Verdict.NOT_VALIDATED) else",
-        "            final = dest if True else  # MUTATION",
+        "final = dest if verdict in (Verdict.PASSED, Verdict.NOT_VALIDATED) else",
+        "final = dest if True else  # MUTATION",
         (P + "test_an_artifact_the_runtime_cannot_run_exits_5_and_is_kept_aside", P + "test_a_refused_target_outranks_one_over_budget"),
     ),
     Mutation(
         "pipeline-validates-on-all-samples", "calibration samples never reach validation", "edgeq/pipeline.py",
-        "    calibration, validation = split(samples, calibration_count=calibration_count, seed=options.seed)",
-        "    calibration, validation = split(samples, calibration_count=calibration_count, seed=options.seed)[0], samples  # MUTATION",
+        "calibration, validation = split(samples, calibration_count=calibration_count, seed=options.seed)",
+        "calibration, validation = split(samples, calibration_count=calibration_count, seed=options.seed)[0], samples  # MUTATION",
         (P + "test_calibration_samples_never_reach_validation",),
     ),
     Mutation(
         "publish-loses-previous-on-failure", "a failed publish puts the previous bundle back", "edgeq/bundle.py",
-        '            os.rename(old / "bundle", dest)  # put the previous bundle back',
-        "            pass  # MUTATION: the previous bundle stays in the temporary folder",
+        'os.rename(old / "bundle", dest)  # put the previous bundle back',
+        "pass  # MUTATION: the previous bundle stays in the temporary folder",
         (P + "test_a_publish_that_fails_puts_the_previous_bundle_back",),
     ),
     Mutation(
@@ -204,8 +202,8 @@ MUTATIONS = [
     ),
     Mutation(
         "mil-matmul-ignores-transpose-y", "MIL matmul honours transpose_y", "validate/mil/ops.py",
-        '    if a.scalar("transpose_y", False):',
-        '    if False:  # MUTATION',
+        'if a.scalar("transpose_y", False):',
+        'if False:  # MUTATION',
         (OPS + "test_op_matches_pytorch[matmul_tx0_ty1]",),
     ),
 ]
