@@ -4,12 +4,18 @@ Everything is written into a hidden staging folder beside the destination, then 
 renames, so an interrupted or failed run never leaves a half bundle and never touches the previous one.
 A bundle that fails its budget or validation is published beside the good one as `<precision>.rejected`,
 so the canonical path only ever holds a bundle that passed.
+
+One run at a time writes into a model folder `out/<model>/`: the run holds an exclusive lock on
+`out/<model>/.edgeq.lock` (flock: the kernel drops it when the process ends, SIGKILL included, so a lock is
+never stale) and a second run into the same folder is refused. Under the lock, what a killed run left there
+(staging folders, a bundle moved aside mid-publish, half-written reports) is cleaned up or put back.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -17,22 +23,93 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq import interrupt
+from edgeq.errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs into the same folder are not kept apart there
+    fcntl = None
+
 REJECTED_SUFFIX = ".rejected"
+LOCK_NAME = ".edgeq.lock"
+# What an interrupted or killed run can leave beside a bundle `<name>` (see staging, publish, write_atomic).
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>staging|old)-[A-Za-z0-9_]+")
+_PARTIAL_FILE = re.compile(r"\..+\.partial")
+_held: dict[Path, int] = {}  # model folder (absolute) -> open lock file descriptor, for this process
 
 
 def bundle_path(out: Path, model: str, target: str, precision: str) -> Path:
     return Path(out) / model / target / precision
 
 
+def claim_output(model_dir: Path) -> None:
+    """Hold `out/<model>/` for this process until it ends (or release_outputs): refuse when another run
+    holds it, then clean up what killed runs left there. Called again for a folder already held: no-op."""
+    model_dir = Path(model_dir)
+    key = Path(os.path.abspath(model_dir))
+    if key in _held or fcntl is None:
+        return
+    key.mkdir(parents=True, exist_ok=True)
+    handle = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(handle)
+        raise UsageError(
+            f"another edgeq run (pid {holder}) is writing {model_dir}; wait for it to finish, or give another --out"
+            " (or --name)"
+        ) from None
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)  # for the message a second run prints
+    _held[key] = handle
+    remove_leftovers(key)
+
+
+def release_outputs() -> None:
+    """Let other runs write where this process wrote (closing the lock file drops the lock)."""
+    while _held:
+        _, handle = _held.popitem()
+        os.close(handle)
+
+
+def remove_leftovers(model_dir: Path) -> list[Path]:
+    """Clean what a killed run left in `model_dir` and its target folders: staging folders, half-written
+    reports, and bundles moved aside by a publish cut between its two renames (put back when nothing took
+    their place, else removed). Call only while holding the folder (claim_output). Returns what it touched."""
+    touched = []
+    for folder in [model_dir, *(p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith("."))]:
+        for path in sorted(folder.iterdir()):
+            match = _LEFTOVER.fullmatch(path.name)
+            if match and path.is_dir():
+                moved_aside = path / "bundle"
+                dest = folder / match["name"]
+                if match["kind"] == "old" and moved_aside.is_dir() and not dest.exists():
+                    os.rename(moved_aside, dest)  # killed between publish's renames: the previous bundle returns
+                shutil.rmtree(path, ignore_errors=True)
+                touched.append(path)
+            elif _PARTIAL_FILE.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                touched.append(path)
+    return touched
+
+
 @contextmanager
 def staging(dest: Path):
-    """A fresh hidden folder on the same filesystem as `dest`; removed if the block raises."""
+    """A fresh hidden folder on the same filesystem as `dest` (`out/<model>/<target>/<precision>`); removed
+    if the block raises. Claims `out/<model>/` first (claim_output), so stale leftovers go before it's made."""
+    claim_output(dest.parent.parent)
+    interrupt.checkpoint()  # a Ctrl-C a toolchain swallowed stops the run here, before new work
     dest.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f".{dest.name}.staging-", dir=dest.parent))
+    interrupt.note_writing(dest)
     os.chmod(folder, 0o777 & ~_umask())  # mkdtemp makes it private; a published bundle is an ordinary folder
     try:
         yield folder
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            interrupt.seen()  # cleaning up now: a second Ctrl-C must not cut the removal short
         shutil.rmtree(folder, ignore_errors=True)
         raise
 
@@ -44,19 +121,24 @@ def _umask() -> int:
 
 
 def publish(staged: Path, dest: Path) -> Path:
-    """Move a complete staged bundle to `dest`, replacing what was there only once the new one is whole."""
-    old = None
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-        os.rename(dest, old / "bundle")
-    try:
-        os.rename(staged, dest)
-    except BaseException:
+    """Move a complete staged bundle to `dest`, replacing what was there only once the new one is whole.
+    Never after an interrupt, and never split by one (a signal during the renames waits for them)."""
+    interrupt.checkpoint()
+    with interrupt.deferred():
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.rename(dest, old / "bundle")
+        try:
+            os.rename(staged, dest)
+        except BaseException:
+            if old is not None:
+                os.rename(old / "bundle", dest)  # put the previous bundle back
+                old.rmdir()
+            raise
+        interrupt.note_published(dest)
         if old is not None:
-            os.rename(old / "bundle", dest)  # put the previous bundle back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)  # a kill here leaves `.old-*`: the next run removes it
     return dest
 
 
@@ -64,6 +146,7 @@ def write_atomic(path: Path, text: str) -> Path:
     """Write `text` to `path` through a hidden temp file in the same folder and a rename: readers see the
     old file or the new one, never half of one (reports, device results, a bundle's updated report.json)."""
     path = Path(path)
+    interrupt.checkpoint()  # nothing is written after an interrupt, even one a toolchain swallowed
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
