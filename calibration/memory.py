@@ -72,8 +72,11 @@ def model_need(model) -> MemoryNeed:
     import torch
 
     input_bytes = sum(tensor_bytes(spec.shape, spec.dtype) for spec in model.inputs)
-    with torch.no_grad():
-        outputs = model.module(*model.example_inputs)
+    try:
+        with torch.no_grad():
+            outputs = model.module(*model.example_inputs)
+    except Exception:  # noqa: BLE001 - loading ran this forward already; if it fails now, the reference pass says why
+        outputs = ()
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     # Outputs are kept as float32 whatever torch returned (calibration.collect.run_module).
     output_bytes = sum(out.numel() * 4 for out in outputs if isinstance(out, torch.Tensor))
