@@ -149,12 +149,17 @@ def write_atomic(path: Path, text: str) -> Path:
     interrupt.checkpoint()  # nothing is written after an interrupt, even one a toolchain swallowed
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    interrupt.note_writing(path, "file")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
         os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes it private; these are ordinary files
-        os.replace(temp, path)
-    except BaseException:
+        with interrupt.deferred():
+            os.replace(temp, path)
+            interrupt.note_published(path)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            interrupt.seen()
         Path(temp).unlink(missing_ok=True)
         raise
     return path

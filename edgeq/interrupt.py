@@ -37,8 +37,9 @@ class _Run:
     signum: int | None = None  # the first stop signal received
     seen: bool = False  # edgeq's own code holds the KeyboardInterrupt (cleanup under way): don't raise again
     deferring: int = 0  # depth of deferred() sections: a signal there is acted on at their end
-    writing: Path | None = None  # the bundle being staged, for the message
-    published: list[Path] = field(default_factory=list)  # bundles this run published, for the message
+    writing: tuple[Path, str] | None = None  # what is being written and what it is (bundle, file), for the message
+    unchanged: str | None = None  # what the command writes, named when nothing was written yet
+    published: list[Path] = field(default_factory=list)  # bundles and files this run put in place, for the message
 
 
 _run = _Run()
@@ -65,13 +66,17 @@ def seen() -> None:
         _run.seen = True
 
 
-def note_writing(dest: Path) -> None:
-    _run.writing = Path(dest)
+def note_writing(dest: Path, kind: str = "bundle") -> None:
+    """For the message: `dest` (a bundle, a file) is being written."""
+    if _guarded:
+        _run.writing = (Path(dest), kind)
 
 
 def note_published(dest: Path) -> None:
-    _run.writing = None
-    _run.published.append(Path(dest))
+    """For the message: `dest` is in place, whole."""
+    if _guarded:
+        _run.writing = None
+        _run.published.append(Path(dest))
 
 
 @contextmanager
@@ -96,17 +101,18 @@ def deferred():
 
 
 @contextmanager
-def interrupt_guard():
+def interrupt_guard(unchanged: str | None = None):
     """Around a whole command: SIGINT/SIGTERM end it with one line and exit 130/143 (no traceback, no
     "Aborted!"); whatever the block raised after a signal (a toolchain's secondary error, an exit code
     from a run that went on) is reported as the interruption it is. Enter it in the main thread, before
     anything heavy is imported. Also releases the output folders the run claimed (edgeq.bundle).
+    `unchanged` names what the command writes (e.g. "lab.zip"), for the message when nothing was written yet.
 
     An interrupted process ends with os._exit once edgeq's own cleanup (staging folders, temp files) has
     run: the toolchains' exit handlers (jax, TensorFlow) are what can crash after an interrupt.
     """
     global _run, _guarded
-    _run, _guarded = _Run(), True
+    _run, _guarded = _Run(unchanged=unchanged), True
     previous_handlers = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _unraisable_hook(previous_hook)
@@ -134,9 +140,12 @@ def message() -> str:
     """One line: what stopped the run and what it left (nothing half-written, previous bundles kept)."""
     what = "interrupted (Ctrl-C)" if _run.signum == signal.SIGINT else f"stopped by {signal.Signals(_run.signum).name}"
     if _run.writing is not None:
-        parts = [f"the previous bundle at {_run.writing} is untouched (nothing half-written left)"]
+        path, kind = _run.writing
+        parts = [f"the previous {kind} at {path} is untouched (nothing half-written left)"]
     elif _run.published:
         parts = ["nothing half-written left"]
+    elif _run.unchanged:
+        parts = [f"{_run.unchanged} is unchanged (nothing half-written left)"]
     else:
         parts = ["no bundle was being written; previous bundles are untouched"]
     if _run.published:
@@ -145,8 +154,11 @@ def message() -> str:
 
 
 def _exit_interrupted() -> None:
+    import gc
+
     import click
 
+    gc.collect()  # finalizers that remove the toolchains' temp files run now; os._exit skips exit handlers
     click.echo(message(), err=True)
     for stream in (sys.stdout, sys.stderr):
         try:

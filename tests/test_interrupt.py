@@ -105,14 +105,14 @@ def _assert_interrupted_cleanly(run: Run, out: Path, before: dict[str, str], bun
 
 
 @ONNX
-def test_ctrl_c_while_loading_the_model(tmp_path):
+@pytest.mark.parametrize("stop, code, said", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"), (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_stop_signal_while_loading_the_model(tmp_path, stop, code, said):
     before = _previous_bundles(tmp_path, "onnx/fp32")
     run = Run(tmp_path, "-t", "onnx", "-p", "fp32", pause="loading")
     run.wait_for("edgeq-test: loading begins")
-    run.process.send_signal(signal.SIGINT)
-    code = run.finish()
-    assert code == 130 and "Traceback" not in run.stderr, run.stderr
-    assert "no bundle was being written; previous bundles are untouched" in run.stderr, run.stderr
+    run.process.send_signal(stop)
+    assert run.finish() == code and "Traceback" not in run.stderr, run.stderr
+    assert f"{said}: no bundle was being written; previous bundles are untouched" in run.stderr, run.stderr
     assert _hashes(tmp_path) == before and _leftovers(tmp_path) == []
 
 
