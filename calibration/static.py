@@ -60,11 +60,12 @@ def calibrate_activations(
         if fqn in points:
             points[fqn].observe(y)
 
-    for sample in samples:  # model inputs: the samples themselves
+    def record_inputs(sample) -> None:  # model inputs: the samples themselves, in the same pass (one load each)
         for name in input_names:
             if INPUT_PREFIX + name in points:
                 points[INPUT_PREFIX + name].observe(np.asarray(sample[name], dtype=np.float32))
-    watch(module, set(layers) | set(points), samples, input_names, record, f"calibration: {observer} ranges")
+
+    watch(module, set(layers) | set(points), samples, input_names, record, f"calibration: {observer} ranges", record_inputs)
     for fqn, layer in layers.items():
         layer.activation = activation_quant(*inputs[fqn].range(), dtype, symmetric, scale_dtype)
         if fqn in outputs:
