@@ -50,8 +50,11 @@ def claim_output(model_dir: Path) -> None:
     key = Path(os.path.abspath(model_dir))
     if key in _held or fcntl is None:
         return
-    key.mkdir(parents=True, exist_ok=True)
-    handle = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        key.mkdir(parents=True, exist_ok=True)
+        handle = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:  # a file where the model's folder goes, a read-only place
+        raise UsageError(f"cannot write bundles in {model_dir} ({exc.strerror}); give another --out or --name") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
