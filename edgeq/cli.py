@@ -156,7 +156,9 @@ def validate(bundle, budget, layers, model_source, factory, trust_pickle, verbos
             from edgeq.preflight import check_budget
 
             budget = check_budget(budget, "--budget")
-        with toolchain_output(verbose):
+        from edgeq.interrupt import interrupt_guard
+
+        with interrupt_guard(unchanged=str(bundle)), toolchain_output(verbose):
             result = check_bundle(bundle, budget)
             print_bundle_check(result)
             if layers:
@@ -195,9 +197,12 @@ def pack_bundles(bundles, out, allow_rejected):
     from edgeq.device.archive import pack
     from edgeq.preflight import check_output_file
 
+    from edgeq.interrupt import interrupt_guard
+
     try:
         check_output_file(out, "--out", "lab.zip")
-        index = pack(list(bundles), out, allow_rejected=allow_rejected)
+        with interrupt_guard(unchanged=str(out)):
+            index = pack(list(bundles), out, allow_rejected=allow_rejected)
     except EdgeqError as error:
         _fail(error)
     for entry in index["bundles"]:
@@ -257,9 +262,12 @@ def report(paths, html_out, markdown_out):
         reports = load_reports(paths, relative_to=(html_out or markdown_out).parent)
     except EdgeqError as error:
         _fail(error)
-    for path, render in ((html_out, render_html), (markdown_out, render_markdown)):
-        if path is not None:
-            click.echo(f"wrote {write_atomic(path, render(reports))}")
+    from edgeq.interrupt import interrupt_guard
+
+    with interrupt_guard(unchanged=" and ".join(str(p) for p in (html_out, markdown_out) if p is not None)):
+        for path, render in ((html_out, render_html), (markdown_out, render_markdown)):
+            if path is not None:
+                click.echo(f"wrote {write_atomic(path, render(reports))}")
 
 
 if __name__ == "__main__":
