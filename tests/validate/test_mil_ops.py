@@ -279,6 +279,53 @@ def _quantization_cases() -> list[Case]:
     cases.append(Case("constexpr_blockwise_shift_scale", "constexpr_blockwise_shift_scale",
                       {"data": data, "scale": block_scale, "offset": block_offset},
                       _np((_t(data.astype(np.float32)) - rep(block_offset.astype(np.float32))) * rep(block_scale)), ulps=0))
+    cases.extend(_low_bit_cases())
+    return cases
+
+
+def _low_bit_cases() -> list[Case]:
+    """Palettes and sparsity (tests/validate/test_mil_lowbit.py holds them to coremltools' own decompression on
+    real artifacts). Indices arrive unpacked (the reader unpacks sub-byte types); iOS16 forms pack their own."""
+    cases = []
+    # 4 tables over the rows (blocks of 2 rows) x 1 over the columns: row r reads table r // 2
+    idx = RNG.integers(0, 4, (8, 5)).astype(np.uint8)
+    lut = _randn(4, 1, 4, 1)
+    rows = _t(np.arange(8) // 2)
+    per_row = _t(lut[:, 0, :, 0])[rows]  # (8, 4): the table each row reads
+    cases.append(Case("constexpr_lut_to_dense_grouped", "constexpr_lut_to_dense", {"indices": idx, "lut": lut},
+                      _np(torch.gather(per_row, 1, _t(idx.astype(np.int64)))), exact=True, fp16=False, tags=["mode"]))
+    # vector palette: each index writes 2 consecutive values along axis 0
+    vidx = RNG.integers(0, 2, (3, 4)).astype(np.uint8)
+    vlut = _randn(1, 1, 2, 2)
+    vectors = _t(vlut[0, 0])[_t(vidx.astype(np.int64))]  # (3, 4, 2)
+    cases.append(Case("constexpr_lut_to_dense_vector", "constexpr_lut_to_dense", {"indices": vidx, "lut": vlut, "vector_axis": np.int32(0)},
+                      _np(vectors.permute(0, 2, 1).reshape(6, 4)), exact=True, fp16=False, tags=["mode"]))
+    # iOS16: 2-bit indices packed LSB first in a uint8 vector, one table, a `shape`
+    flat = RNG.integers(0, 4, 10)
+    packed = np.array([sum(int(v) << (2 * (k % 4)) for k, v in enumerate(flat[i : i + 4])) for i in range(0, 10, 4)], np.uint8)
+    table = _randn(4)
+    cases.append(Case("constexpr_lut_to_dense_ios16", "constexpr_lut_to_dense", {"indices": packed, "lut": table, "shape": np.array([2, 5], np.uint32)},
+                      _np(_t(table)[_t(flat)].reshape(2, 5)), exact=True, fp16=False, tags=["mode"]))
+    mask = RNG.random((3, 4)) > 0.5
+    nonzero = _randn(int(mask.sum()))
+    dense = torch.zeros(3, 4)
+    dense[_t(mask)] = _t(nonzero)
+    cases.append(Case("constexpr_sparse_to_dense", "constexpr_sparse_to_dense", {"nonzero_data": nonzero, "mask": mask.astype(np.uint8)},
+                      _np(dense), exact=True, fp16=False))
+    mask_bytes = np.packbits(mask.reshape(-1), bitorder="little")  # iOS16: one bit per element, LSB first
+    cases.append(Case("constexpr_sparse_to_dense_ios16", "constexpr_sparse_to_dense",
+                      {"nonzero_data": nonzero, "mask": mask_bytes, "shape": np.array([3, 4], np.uint32)}, _np(dense), exact=True, fp16=False))
+    sparse_idx = RNG.integers(0, 4, int(mask.sum())).astype(np.uint8)
+    cases.append(Case("constexpr_lut_to_sparse", "constexpr_lut_to_sparse",
+                      {"indices_mask": mask.astype(np.uint8), "indices_nonzero_data": sparse_idx, "lut": table.reshape(1, 1, 4, 1)},
+                      [mask.astype(np.float32), _np(_t(table)[_t(sparse_idx.astype(np.int64))])], exact=True, fp16=False))
+    codes = RNG.integers(-8, 8, int(mask.sum())).astype(np.int8)
+    col_scale, col_offset = RNG.uniform(0.01, 0.1, (1, 4)).astype(np.float32), RNG.integers(-2, 2, (1, 4)).astype(np.int8)
+    cols = _t(np.nonzero(mask)[1])  # the column of each non-zero, row-major
+    expected = (_t(codes.astype(np.float32)) - _t(col_offset[0].astype(np.float32))[cols]) * _t(col_scale[0])[cols]
+    cases.append(Case("constexpr_sparse_blockwise_shift_scale", "constexpr_sparse_blockwise_shift_scale",
+                      {"data_mask": mask.astype(np.uint8), "nonzero_data": codes, "scale": col_scale, "offset": col_offset},
+                      [mask.astype(np.float32), _np(expected)], ulps=0, fp16=False))
     return cases
 
 

@@ -97,7 +97,7 @@ class MILExecutor:
 
         with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
             try:
-                result = OPS[op.type](Args(op, resolve))
+                result = OPS[op.type](Args(op, resolve, self.types.get))
             except (MILError, UnsupportedOp):
                 raise
             except Exception as exc:  # a numpy error inside an op: name the op, keep the cause
@@ -120,9 +120,12 @@ def _compute_form(value, vtype: ValueType, op=None):
         return array.astype(np.float16).astype(np.float32)
     if vtype.dtype == "float32":
         return array.astype(np.float32)
+    where = f" of MIL op {op.type!r} (named {op.name!r})" if op is not None else ""
     if array.dtype.kind == "f" and vtype.numpy.kind in "iub":
-        where = f" of MIL op {op.type!r} (named {op.name!r})" if op is not None else ""
         raise MILError(f"a float result{where} where the program declares {vtype.dtype}")
+    bounds = vtype.value_range()  # sub-byte values live in int8/uint8: they must fit the declared width
+    if bounds is not None and array.size and (array.min() < bounds[0] or array.max() > bounds[1]):
+        raise MILError(f"a value{where} outside {vtype.dtype}'s range {list(bounds)}")
     return array.astype(vtype.numpy)
 
 

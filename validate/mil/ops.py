@@ -14,7 +14,8 @@ import math
 
 import numpy as np
 
-from edgeq.validate.mil.program import DTYPES, MILError
+from edgeq.validate.mil.decompress import DECOMPRESSION_OPS
+from edgeq.validate.mil.program import DTYPES, Const, MILError
 
 
 class UnsupportedOp(MILError):
@@ -24,9 +25,20 @@ class UnsupportedOp(MILError):
 class Args:
     """The inputs of one op, resolved to arrays (names looked up in the executor's values)."""
 
-    def __init__(self, op, resolve):
+    def __init__(self, op, resolve, declared=None):
         self.op = op
         self._resolve = resolve
+        self._declared = declared  # value name -> ValueType, where the executor knows it
+
+    def vtype(self, key: str):
+        """The declared type (ValueType) of the value bound to `key`; None where unknown (an attribute, a value
+        built in memory without a type)."""
+        bound = self.op.inputs.get(key)
+        if not bound or len(bound) != 1:
+            return None
+        if isinstance(bound[0], Const):
+            return bound[0].vtype
+        return self._declared(bound[0]) if self._declared else None
 
     def __call__(self, key: str, default=None):
         bound = self.op.inputs.get(key)
@@ -400,24 +412,6 @@ def constexpr_affine_dequantize(a: Args):
     return _dequantize(a("quantized_data"), a("zero_point"), a("scale"), a.scalar("axis"))
 
 
-def constexpr_blockwise_shift_scale(a: Args):
-    """iOS18: scale * (data - offset), scale (and offset) of data's rank, each repeated over blocks of data."""
-    data = np.asarray(a("data")).astype(np.float32)
-
-    def expand(param):
-        param = np.asarray(param)
-        if param.ndim != data.ndim or any(d % p for d, p in zip(data.shape, param.shape)):
-            raise MILError(f"op {a.op.name!r}: scale/offset {param.shape} does not tile data {data.shape}")
-        for axis, (d, p) in enumerate(zip(data.shape, param.shape)):
-            param = np.repeat(param, d // p, axis=axis)
-        return param
-
-    offset = a("offset")
-    if offset is not None:
-        data = data - expand(offset).astype(np.float32)
-    return data * _f(expand(a("scale")))
-
-
 OPS = {
     "add": _binary(np.add),
     "sub": _binary(np.subtract),
@@ -458,7 +452,7 @@ OPS = {
     "quantize": quantize,
     "dequantize": dequantize,
     "constexpr_affine_dequantize": constexpr_affine_dequantize,
-    "constexpr_blockwise_shift_scale": constexpr_blockwise_shift_scale,
+    **DECOMPRESSION_OPS,
 }
 # compile-time ops: evaluated once when the program is loaded, as Core ML materializes them
-CONSTEXPR = frozenset({"constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"})
+CONSTEXPR = frozenset({"constexpr_affine_dequantize", *DECOMPRESSION_OPS})

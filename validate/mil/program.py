@@ -10,7 +10,13 @@ numpy (MIL blob storage, version 2):
         uint64 size in bytes, uint64 offset of the data, uint64 padding bits (sub-byte types), reserved
     the data: `size` bytes at `offset`, in the dtype the program declares for the value
 
-Sub-byte types (int4, uint1..uint6) are refused with the value named: edgeq's converters do not emit them.
+Sub-byte types (int4; uint1, uint2, uint3, uint4, uint6: low-bit weights, palette indices, sparsity masks) are
+packed as coremltools packs them, in the blob file and in immediate values alike (`unpack_bits`): element after
+element in row-major order, each element's bits least significant first, filling each byte from its least
+significant bit up; an element may straddle two bytes; the last byte is padded with zero bits. A blob's header
+then names the sub-byte dtype (blob dtype codes measured with coremltools 9's blob writer: int4 8, uint1 9,
+uint2 10, uint4 11, uint3 12, uint6 13) and the padding bits, and both are checked. In memory, sub-byte values
+are held unpacked, one per int8 (int4) or uint8 (uint1..uint6) element.
 """
 
 from __future__ import annotations
@@ -32,6 +38,13 @@ DTYPES = {
     "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
     "BOOL": np.bool_, "STRING": str,
 }
+# MIL_pb2.DataType names of sub-byte types -> (dtype name, bits, signed); held unpacked in int8 / uint8
+SUB_BYTE = {
+    "INT4": ("int4", 4, True), "UINT1": ("uint1", 1, False), "UINT2": ("uint2", 2, False),
+    "UINT3": ("uint3", 3, False), "UINT4": ("uint4", 4, False), "UINT6": ("uint6", 6, False),
+}
+_SUB_BYTE_BY_NAME = {name: (bits, signed) for name, bits, signed in SUB_BYTE.values()}
+_BLOB_DTYPE_CODES = {"int4": 8, "uint1": 9, "uint2": 10, "uint4": 11, "uint3": 12, "uint6": 13}
 _SENTINEL = 0xDEADBEEF
 
 
@@ -43,8 +56,25 @@ class ValueType:
     shape: tuple[int | None, ...] | None  # () for scalars; None for an unknown rank
 
     @property
+    def bits(self) -> int | None:
+        """The width of a sub-byte dtype (int4: 4, uint3: 3, ...); None for whole-byte dtypes."""
+        return _SUB_BYTE_BY_NAME[self.dtype][0] if self.dtype in _SUB_BYTE_BY_NAME else None
+
+    @property
     def numpy(self):
-        return str if self.dtype == "string" else np.dtype(self.dtype)
+        """The numpy dtype values are held in: a sub-byte dtype's container (int8 for int4, uint8 for uint1..6)."""
+        if self.dtype == "string":
+            return str
+        if self.dtype in _SUB_BYTE_BY_NAME:
+            return np.dtype(np.int8 if _SUB_BYTE_BY_NAME[self.dtype][1] else np.uint8)
+        return np.dtype(self.dtype)
+
+    def value_range(self) -> tuple[int, int] | None:
+        """(lowest, highest) value of a sub-byte dtype: int4 -8..7, uintN 0..2^N-1; None for other dtypes."""
+        if self.bits is None:
+            return None
+        signed = _SUB_BYTE_BY_NAME[self.dtype][1]
+        return (-(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1) if signed else (0, (1 << self.bits) - 1)
 
 
 @dataclass
@@ -130,14 +160,22 @@ def read_program(path: Path) -> Program:
 
 
 def _op(spec, blobs: "_Blobs") -> Op:
-    attributes = {}
     name = None
+    if "name" in spec.attributes:
+        value = spec.attributes["name"]
+        if value.WhichOneof("value") == "immediateValue" and value.immediateValue.tensor.strings.values:
+            name = value.immediateValue.tensor.strings.values[0]
+    try:
+        return _parse_op(spec, blobs, name)
+    except MILError as exc:  # a value this reader cannot decode: say which op holds it
+        raise MILError(f"MIL op {spec.type!r} (named {name!r}): {exc}") from exc
+
+
+def _parse_op(spec, blobs: "_Blobs", name: str | None) -> Op:
+    attributes = {}
     for key, value in spec.attributes.items():
-        decoded = _value(value, blobs)
-        if key == "name":
-            name = decoded
-        else:
-            attributes[key] = decoded
+        if key != "name":
+            attributes[key] = _value(value, blobs)
     inputs = {}
     for key, argument in spec.inputs.items():
         bound = []
@@ -145,7 +183,7 @@ def _op(spec, blobs: "_Blobs") -> Op:
             if binding.WhichOneof("binding") == "name":
                 bound.append(binding.name)
             else:
-                bound.append(Const(_value(binding.value, blobs)))
+                bound.append(Const(_value(binding.value, blobs), _value_type(binding.value.type)))
         inputs[key] = bound
     outputs = [(o.name, _value_type(o.type)) for o in spec.outputs]
     blocks = [
@@ -158,10 +196,11 @@ def _op(spec, blobs: "_Blobs") -> Op:
 class Const:
     """An input bound to an immediate value rather than to a named value."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "vtype")
 
-    def __init__(self, value):
+    def __init__(self, value, vtype: ValueType | None = None):
         self.value = value
+        self.vtype = vtype  # as declared in the program; None for values built in memory without a type
 
 
 def _value_type(spec) -> ValueType:
@@ -172,9 +211,15 @@ def _value_type(spec) -> ValueType:
     from coremltools.proto import MIL_pb2
 
     dtype_name = MIL_pb2.DataType.Name(tensor.dataType)
-    if dtype_name not in DTYPES:
-        raise MILError(f"MIL dtype {dtype_name} is not supported by edgeq's MIL reader")
-    dtype = "string" if dtype_name == "STRING" else np.dtype(DTYPES[dtype_name]).name
+    if dtype_name in SUB_BYTE:
+        dtype = SUB_BYTE[dtype_name][0]
+    elif dtype_name in DTYPES:
+        dtype = "string" if dtype_name == "STRING" else np.dtype(DTYPES[dtype_name]).name
+    else:
+        raise MILError(
+            f"MIL dtype {dtype_name} is not supported by edgeq's MIL reader "
+            f"(it reads {', '.join(sorted([*DTYPES, *SUB_BYTE]))})"
+        )
     if tensor.rank < 0:
         return ValueType(dtype, None)
     shape = tuple(d.constant.size if d.WhichOneof("dimension") == "constant" else None for d in tensor.dimensions)
@@ -195,6 +240,8 @@ def _value(spec, blobs: "_Blobs"):
     if vtype.dtype == "string":
         values = list(tensor.strings.values)
         return values[0] if shape == () else np.array(values, dtype=object).reshape(shape)
+    if field_name == "bytes" and vtype.bits is not None:  # sub-byte: packed as in the blob file
+        return unpack_bits(tensor.bytes.values, vtype, "an immediate value").reshape(shape)
     if field_name == "bytes":  # fp16, int8, uint8, int16, uint16 are stored as raw little-endian bytes
         array = np.frombuffer(tensor.bytes.values, dtype=np.dtype(vtype.dtype).newbyteorder("<"))
     elif field_name is None:
@@ -228,11 +275,55 @@ class _Blobs:
             raise MILError(f"{path}: blob at offset {offset} has no MIL blob sentinel")
         if vtype.shape is None or any(d is None for d in vtype.shape):
             raise MILError(f"{path}: blob at offset {offset} has no static shape")
-        dtype = np.dtype(vtype.numpy).newbyteorder("<")
         count = int(np.prod(vtype.shape, dtype=np.int64))
+        if vtype.bits is not None:
+            return self._read_sub_byte(path, offset, vtype, count, header, data[start : start + size])
+        dtype = np.dtype(vtype.numpy).newbyteorder("<")
         if size != count * dtype.itemsize:
             raise MILError(
                 f"{path}: blob at offset {offset} holds {size} bytes; {vtype.dtype}{list(vtype.shape)} needs "
-                f"{count * dtype.itemsize} (sub-byte types are not supported)"
+                f"{count * dtype.itemsize}"
             )
         return np.frombuffer(data[start : start + size].tobytes(), dtype=dtype).astype(vtype.numpy).reshape(vtype.shape)
+
+    @staticmethod
+    def _read_sub_byte(path: Path, offset: int, vtype: ValueType, count: int, header, payload) -> np.ndarray:
+        blob_dtype = int(np.frombuffer(header[4:8].tobytes(), dtype="<u4")[0])
+        padding_bits = int(np.frombuffer(header[24:32].tobytes(), dtype="<u8")[0])
+        if blob_dtype != _BLOB_DTYPE_CODES[vtype.dtype]:
+            raise MILError(
+                f"{path}: blob at offset {offset} is stored as blob dtype {blob_dtype}; the program declares "
+                f"{vtype.dtype} (blob dtype {_BLOB_DTYPE_CODES[vtype.dtype]})"
+            )
+        if len(payload) * 8 - count * vtype.bits != padding_bits:
+            raise MILError(
+                f"{path}: blob at offset {offset} holds {len(payload)} bytes with {padding_bits} padding bits; "
+                f"{vtype.dtype}{list(vtype.shape)} packs into {count * vtype.bits} bits"
+            )
+        return unpack_bits(payload.tobytes(), vtype, f"the blob at offset {offset} of {path}").reshape(vtype.shape)
+
+
+def unpack_bits(packed: bytes, vtype: ValueType, where: str = "packed data") -> np.ndarray:
+    """The flat values of a sub-byte `vtype` packed in `packed`, as coremltools packs them (its blob writer and
+    `optimize._utils.pack_elements_into_bits`): element k occupies bits [k*bits, (k+1)*bits) of the byte stream,
+    where bit j of the stream is bit (j % 8) of byte j // 8, least significant first; an element's own bits
+    are in the same order (its least significant bit first). int4 is two's complement. The stream is
+    exactly ceil(count * bits / 8) bytes.
+
+    e.g. uint2 [0, 3, 2, 1, 3] -> bytes 0b01_10_11_00, 0b000000_11; int4 [-8, 7] -> 0x78.
+    """
+    bits = vtype.bits
+    if bits is None or vtype.shape is None or any(d is None for d in vtype.shape):
+        raise MILError(f"{where}: packed {vtype.dtype} values need a sub-byte dtype and a static shape, not {vtype.shape}")
+    count = int(np.prod(vtype.shape, dtype=np.int64))
+    raw = np.frombuffer(packed, dtype=np.uint8)
+    if len(raw) != -(-count * bits // 8):
+        raise MILError(
+            f"{where} holds {len(raw)} bytes; {count} {vtype.dtype} values pack into {-(-count * bits // 8)}"
+        )
+    stream = np.unpackbits(raw, bitorder="little")[: count * bits].reshape(count, bits)
+    values = stream.astype(np.int32) @ (np.int32(1) << np.arange(bits, dtype=np.int32))
+    low, high = vtype.value_range()
+    if low < 0:  # two's complement: the top bit weighs -2^(bits-1)
+        values = np.where(values > high, values - (1 << bits), values)
+    return values.astype(vtype.numpy)
