@@ -159,6 +159,11 @@ class RTN:
         self.energy = torch.zeros(self.W.shape[1], device=self.W.device)
         self.nsamples = 0
 
+    @property
+    def needs_inputs(self) -> bool:
+        """Plain RTN needs no calibration pass (the driver skips it)."""
+        return self.weighted
+
     def add_batch(self, inputs: torch.Tensor) -> None:
         if not self.weighted:
             return
