@@ -135,3 +135,169 @@ def test_lookup_matches_coremltools_lut_to_dense(data):
     expected = lut_to_dense(indices, lut, axis if vector > 1 else None)
     assert got.dtype == expected.dtype and got.shape == expected.shape
     np.testing.assert_array_equal(got, expected)
+
+
+# ---- real artifacts: coremltools.optimize.coreml, decompressed by coremltools and by edgeq -----------------
+
+
+class TwoLinear(torch.nn.Module):
+    """K = 64 and 96: multiples of the block size 32; distinct weight shapes tell the layers apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(64, 96)
+        self.second = torch.nn.Linear(96, 32)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def _module() -> TwoLinear:
+    torch.manual_seed(0)
+    return TwoLinear().eval()
+
+
+@pytest.fixture(scope="module")
+def base_models():
+    """The MLP converted once per precision (iOS18: sub-byte types, per-block scales and grouped palettes)."""
+    import coremltools as ct
+
+    from edgeq.converters.tracing import quiet
+
+    module = _module()
+    program = torch.export.export(module, (torch.randn(16, 64),), strict=False).run_decompositions({})
+    models = {}
+    for precision, compute, target in (("fp32", ct.precision.FLOAT32, ct.target.iOS18), ("fp16", ct.precision.FLOAT16, ct.target.iOS18),
+                                       ("fp16_ios16", ct.precision.FLOAT16, ct.target.iOS16)):
+        with quiet():
+            models[precision] = ct.convert(program, convert_to="mlprogram", compute_precision=compute, minimum_deployment_target=target)
+    return models
+
+
+def _quantize(dtype: str, mode: str, joint: bool = False, granularity: str = "per_block"):
+    def compress(model):
+        import coremltools.optimize.coreml as cto
+
+        block = {"block_size": 32} if granularity == "per_block" else {}
+        config = cto.OpLinearQuantizerConfig(mode=mode, dtype=dtype, granularity=granularity, **block)
+        return cto.linear_quantize_weights(model, cto.OptimizationConfig(global_config=config), joint_compression=joint)
+
+    return compress
+
+
+def _palettize(nbits: int, granularity: str = "per_tensor", joint: bool = False, **options):
+    def compress(model):
+        import coremltools.optimize.coreml as cto
+
+        config = cto.OpPalettizerConfig(mode="kmeans", nbits=nbits, granularity=granularity, **options)
+        return cto.palettize_weights(model, cto.OptimizationConfig(global_config=config), joint_compression=joint)
+
+    return compress
+
+
+def _prune(model):
+    import coremltools.optimize.coreml as cto
+
+    config = cto.OpMagnitudePrunerConfig(target_sparsity=0.5)
+    return cto.prune_weights(model, cto.OptimizationConfig(global_config=config))
+
+
+def _then(*steps):
+    def compress(model):
+        for step in steps:
+            model = step(model)
+        return model
+
+    return compress
+
+
+# id -> (precision, compression, what the artifact must hold: op types, "op_type(parameter)", value dtypes)
+ARTIFACTS = {
+    "int4_block32_symmetric": ("fp32", _quantize("int4", "linear_symmetric"), {"constexpr_blockwise_shift_scale", "int4"}),
+    "uint4_block32_asymmetric": ("fp32", _quantize("uint4", "linear"), {"constexpr_blockwise_shift_scale(offset)", "uint4"}),
+    "int4_block32_symmetric_fp16": ("fp16", _quantize("int4", "linear_symmetric"), {"constexpr_blockwise_shift_scale", "int4"}),
+    "uint4_block32_asymmetric_fp16": ("fp16", _quantize("uint4", "linear"), {"constexpr_blockwise_shift_scale(offset)", "uint4"}),
+    **{f"lut{bits}_per_tensor": ("fp32", _palettize(bits), {"constexpr_lut_to_dense", f"uint{bits}"}) for bits in (2, 3, 4, 6, 8)},
+    "lut4_grouped16": ("fp32", _palettize(4, "per_grouped_channel", group_size=16), {"constexpr_lut_to_dense", "uint4"}),
+    "lut3_grouped16_fp16": ("fp16", _palettize(3, "per_grouped_channel", group_size=16), {"constexpr_lut_to_dense", "uint3"}),
+    "lut2_grouped8_fp16": ("fp16", _palettize(2, "per_grouped_channel", group_size=8), {"constexpr_lut_to_dense", "uint2"}),
+    "lut6_per_tensor_fp16": ("fp16", _palettize(6), {"constexpr_lut_to_dense", "uint6"}),
+    "lut2_vector2": ("fp32", _palettize(2, cluster_dim=2), {"constexpr_lut_to_dense(vector_axis)", "uint2"}),
+    "lut4_per_channel_scale_fp16": ("fp16", _palettize(4, enable_per_channel_scale=True),
+                                    {"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale", "uint4"}),
+    "lut4_int8_table_fp16": ("fp16", _then(_palettize(4, "per_grouped_channel", group_size=16), _quantize("int8", "linear_symmetric", joint=True, granularity="per_tensor")),
+                             {"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale", "uint4", "int8"}),
+    # iOS16 spellings: one table per tensor, indices packed in a flat uint8 vector; a packed uint8 bit mask
+    "lut4_ios16_fp16": ("fp16_ios16", _palettize(4), {"constexpr_lut_to_dense(shape)"}),
+    "sparse_ios16_fp16": ("fp16_ios16", _prune, {"constexpr_sparse_to_dense(shape)"}),
+    "sparse_fp16": ("fp16", _prune, {"constexpr_sparse_to_dense", "uint1"}),
+    "sparse_lut4_fp16": ("fp16", _then(_prune, _palettize(4, joint=True)), {"constexpr_lut_to_sparse", "constexpr_sparse_to_dense", "uint4"}),
+    "sparse_int4_fp16": ("fp16", _then(_prune, _quantize("int4", "linear_symmetric", joint=True)),
+                         {"constexpr_sparse_blockwise_shift_scale", "constexpr_sparse_to_dense", "int4"}),
+}
+FLOOR_DB = {"fp32": 120.0, "fp16": 55.0}
+CEILING_DB = {"fp32": float("inf"), "fp16": 85.0}
+
+
+def _coremltools_decompression(path) -> dict[str, np.ndarray]:
+    """{constexpr output name: value} as coremltools decompresses the saved package: its own milproto reader and
+    blob reader, then its WeightDecompressor pass (what `decompress_weights` applies), op by op in order."""
+    from coremltools.optimize.coreml._quantization_passes import WeightDecompressor
+
+    from edgeq.converters.parity_coreml import load_program, operations
+
+    program = load_program(path)
+    names = [var.name for op in operations(program) if op.op_type.startswith("constexpr_") for var in op.outputs]
+    WeightDecompressor(op_selector=lambda op: True).apply(program)
+    consts = {op.outputs[0].name: op.outputs[0].val for op in operations(program) if op.op_type == "const"}
+    return {name: np.asarray(consts[name]) for name in names}
+
+
+def _sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
+    noise = np.sum((reference - candidate) ** 2)
+    return float("inf") if noise == 0 else float(10 * np.log10(np.sum(reference**2) / noise))
+
+
+@COREML
+@pytest.mark.parametrize("case", list(ARTIFACTS))
+def test_low_bit_artifact(case, base_models, tmp_path):
+    """The executor's decompressed weights are coremltools' bit for bit, and the model's output is PyTorch's
+    with those weights."""
+    from edgeq.converters.tracing import quiet
+
+    precision, compress, expected = ARTIFACTS[case]
+    path = tmp_path / "model.mlpackage"
+    with quiet():
+        compress(base_models[precision]).save(str(path))
+    executor = MILExecutor(path)
+    operations = list(executor.program.operations())
+    held = {op.type for op in operations} | {vtype.dtype for vtype in executor.types.values()}
+    held |= {f"{op.type}({key})" for op in operations for key in [*op.inputs, *op.attributes]}
+    held |= {b.vtype.dtype for op in operations for bound in op.inputs.values() for b in bound if isinstance(b, Const) and b.vtype}
+    assert expected <= held, f"{case}: the artifact lacks {sorted(expected - held)}"
+
+    reference = _coremltools_decompression(path)
+    for name, value in reference.items():
+        got = executor.constant(name)
+        assert got.dtype.str == value.dtype.str and got.shape == value.shape, (name, got.dtype, value.dtype, got.shape, value.shape)
+        np.testing.assert_array_equal(got, value, err_msg=f"{case}: {name}")
+
+    module = _module()
+    weights = {}
+    for op in executor.function.ops:
+        if op.type == "linear":
+            (weight,) = op.inputs["weight"]
+            weights[reference[weight].shape] = reference[weight]  # a KeyError here: a weight left uncompressed
+    with torch.no_grad():
+        for layer in (module.first, module.second):
+            layer.weight.copy_(torch.from_numpy(weights[tuple(layer.weight.shape)].astype(np.float32)))
+    x = np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32)
+    (input_name, _), = executor.function.inputs
+    got = executor.run({input_name: x})[executor.function.outputs[0]]
+    with torch.no_grad():
+        expected_out = module(torch.from_numpy(x)).numpy()
+    sqnr = _sqnr_db(expected_out, got)
+    print(f"{case}: {sqnr:.1f} dB against PyTorch with coremltools' decompressed weights")
+    floor, ceiling = FLOOR_DB[precision[:4]], CEILING_DB[precision[:4]]
+    assert floor <= sqnr <= ceiling, sqnr
