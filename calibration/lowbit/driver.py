@@ -16,7 +16,7 @@ Solver contract: `solver(fqn, module)` makes one object per layer with
                       (a linear's tokens; a conv's unfolded patches), on the driver's device
     solve() -> LowBitWeight
 and optionally `needs_inputs` (False: the driver skips feeding it, and a stage where no solver needs inputs
-costs no pass, e.g. plain RTN).
+costs no pass, e.g. plain RTN) and `summary() -> dict[str, float]` (kept in the result, e.g. GPTQ's errors).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class LayerwiseResult:
     module: nn.Module
     weights: dict[str, LowBitWeight] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    summaries: dict[str, dict[str, float]] = field(default_factory=dict)  # a solver's optional summary()
     stages: list[list[str]] = field(default_factory=list)
     passes: int = 0
     total_seconds: float = 0.0
@@ -243,7 +244,10 @@ def quantize_layers(
             result.passes += 1
         for fqn in stage:
             solve_started = time.perf_counter()
-            weight = solvers.pop(fqn).solve()
+            layer_solver = solvers.pop(fqn)
+            weight = layer_solver.solve()
+            if callable(getattr(layer_solver, "summary", None)):
+                result.summaries[fqn] = layer_solver.summary()
             layer = layers[fqn]
             layer.weight.data.copy_(weight.dequantize().reshape(layer.weight.shape).to(layer.weight.dtype))
             result.weights[fqn] = weight

@@ -27,12 +27,30 @@ column-by-column algorithm for every blocksize.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from edgeq.calibration.lowbit.grid import Grid
 from edgeq.calibration.lowbit.rtn import LowBitWeight, codes_dtype, fit_scales, rtn
 
 DAMPING_RETRIES = 4  # each retry multiplies the dampening by 10: 1% -> 1000% of mean(diag(H)) at most
+
+
+@contextmanager
+def _one_thread_on_cpu(device: torch.device):
+    """The solve runs thousands of ops on one column each: on CPU, intra-op threads only add barrier waits
+    there (measured on 2 busy cores: 10-40x slower with 2 threads than with 1, and no faster when idle for
+    MiniLM-sized layers). add_batch, the big product, keeps the caller's thread count."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class GPTQ:
@@ -95,18 +113,22 @@ class GPTQ:
         dead = torch.diag(H) == 0  # inputs that were always 0: any weight there is free, so make it 0
         H[dead, dead] = 1
         W[:, dead] = 0
-        result = self._solve(W.clone(), H.clone() if rtn_guard else H, grid, percdamp, blocksize, actorder, static_groups, clip)
-        if not rtn_guard:
-            return result
-
-        rounded = rtn(W, grid, clip, importance=torch.diag(H))
-        self.errors = {
-            "gptq": self._output_error(W, result, H),
-            "rtn": self._output_error(W, rounded, H),
-            "weight": float(((W @ H) * W).sum()),  # tr(W H W^T): the output's own energy, for relative errors
-        }
+        with _one_thread_on_cpu(W.device):
+            result = self._solve(W.clone(), H.clone() if rtn_guard else H, grid, percdamp, blocksize, actorder, static_groups, clip)
+            if not rtn_guard:
+                return result
+            rounded = rtn(W, grid, clip, importance=torch.diag(H))
+            self.errors = {
+                "gptq": self._output_error(W, result, H),
+                "rtn": self._output_error(W, rounded, H),
+                "weight": float(((W @ H) * W).sum()),  # tr(W H W^T): the output's own energy, for relative errors
+            }
         self.fell_back = self.errors["rtn"] < self.errors["gptq"]
         return rounded if self.fell_back else result
+
+    def summary(self) -> dict[str, float]:
+        """After solve: the layer's numbers for reports (rows seen, the paper's loss, guarded errors)."""
+        return {"rows": float(self.nsamples), "loss": self.loss or 0.0, **self.errors, "fell_back": float(self.fell_back)}
 
     @staticmethod
     def _output_error(W: torch.Tensor, quantized: LowBitWeight, H: torch.Tensor) -> float:
@@ -138,31 +160,12 @@ class GPTQ:
         Losses = torch.zeros_like(W)
         scale = torch.zeros(self.rows, columns // group_size, device=W.device)
         zero = torch.zeros_like(scale)
-        group_scale = group_zero = None
         for i1 in range(0, columns, blocksize):
             i2 = min(i1 + blocksize, columns)
             W1 = W[:, i1:i2].clone()
             Q1 = torch.zeros_like(W1)
             Err1 = torch.zeros_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                j = i1 + i
-                if static is not None:
-                    g = group_of[j]
-                    group_scale, group_zero = static[0][:, g : g + 1], static[1][:, g : g + 1]
-                elif j % group_size == 0:  # a new group starts: fit it on its columns' current values
-                    current = self._current_columns(W, W1, Err1, Hinv, i1, i2, j, j + group_size)
-                    group_scale, group_zero = fit_scales(current, grid, clip, energy[j : j + group_size])
-                    scale[:, j // group_size] = group_scale[:, 0]
-                    zero[:, j // group_size] = group_zero[:, 0]
-                w = W1[:, i : i + 1]
-                q = grid.quantize(w, group_scale, group_zero)  # codes, one column
-                Q1[:, i : i + 1] = q
-                d = Hinv1[i, i]
-                err = (w - grid.dequantize(q, group_scale, group_zero)) / d
-                Losses[:, j] = err[:, 0] ** 2 / 2  # (w - q)^2 / Hinv_jj^2 / 2
-                W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
-                Err1[:, i : i + 1] = err
+            self._solve_block(W, W1, Q1, Err1, Losses, Hinv, i1, i2, grid, clip, static, group_of, energy, scale, zero)
             Q[:, i1:i2] = Q1
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         self.loss = Losses.sum().item()
@@ -174,6 +177,33 @@ class GPTQ:
                 codes = codes[:, torch.argsort(perm)]
             perm = None
         return LowBitWeight(codes, scale.float(), zero.float(), grid, perm)
+
+    def _solve_block(self, W, W1, Q1, Err1, Losses, Hinv, i1, i2, grid, clip, static, group_of, energy, scale, zero):
+        """Columns i1..i2 one by one (the paper's inner loop): codes into Q1, scaled errors into Err1."""
+        group_size = grid.group_size or self.columns
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        group_scale = group_zero = None
+        if static is None and i1 % group_size:  # the block starts inside a group fitted in an earlier block
+            g = i1 // group_size
+            group_scale, group_zero = scale[:, g : g + 1], zero[:, g : g + 1]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if static is not None:
+                g = group_of[j]
+                group_scale, group_zero = static[0][:, g : g + 1], static[1][:, g : g + 1]
+            elif j % group_size == 0:  # a new group starts: fit it on its columns' current values
+                current = self._current_columns(W, W1, Err1, Hinv, i1, i2, j, j + group_size)
+                group_scale, group_zero = fit_scales(current, grid, clip, energy[j : j + group_size])
+                scale[:, j // group_size] = group_scale[:, 0]
+                zero[:, j // group_size] = group_zero[:, 0]
+            w = W1[:, i : i + 1]
+            q = grid.quantize(w, group_scale, group_zero)  # codes, one column
+            Q1[:, i : i + 1] = q
+            d = Hinv1[i, i]
+            err = (w - grid.dequantize(q, group_scale, group_zero)) / d
+            Losses[:, j] = err[:, 0] ** 2 / 2  # (w - q)^2 / Hinv_jj^2 / 2
+            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
+            Err1[:, i : i + 1] = err
 
     @staticmethod
     def _current_columns(W, W1, Err1, Hinv, i1, i2, start, stop) -> torch.Tensor:

