@@ -71,6 +71,49 @@ def test_wrong_byte_count_is_refused():
         unpack_bits(bytes(1), ValueType("uint4", (3,)))
 
 
+def _blob_file(folder: Path, payload: bytes, blob_dtype: int, padding_bits: int) -> int:
+    """A weight.bin with one blob laid out as coremltools' blob writer lays it out; returns the blob's offset."""
+    header = np.zeros(64, np.uint8)
+    header[:8] = np.frombuffer(np.array([1, 2], "<u4").tobytes(), np.uint8)  # count, version 2
+    meta = np.zeros(64, np.uint8)
+    meta[:8] = np.frombuffer(np.array([0xDEADBEEF, blob_dtype], "<u4").tobytes(), np.uint8)
+    meta[8:32] = np.frombuffer(np.array([len(payload), 128, padding_bits], "<u8").tobytes(), np.uint8)
+    (folder / "weight.bin").write_bytes(header.tobytes() + meta.tobytes() + payload)
+    return 64
+
+
+def test_sub_byte_blob_is_read_and_its_header_checked(tmp_path):
+    from edgeq.validate.mil.program import _Blobs
+
+    values = [3, 0, 15, 7, 9]  # uint4: 20 bits in 3 bytes, 4 padding bits
+    offset = _blob_file(tmp_path, pack(values, 4), blob_dtype=11, padding_bits=4)
+    np.testing.assert_array_equal(_Blobs(tmp_path).read("@model_path/weights/weight.bin", offset, ValueType("uint4", (5,))), values)
+    with pytest.raises(MILError, match=r"stored as blob dtype 11; the program declares int4 \(blob dtype 8\)"):
+        _Blobs(tmp_path).read("weight.bin", offset, ValueType("int4", (5,)))
+    offset = _blob_file(tmp_path, pack(values, 4), blob_dtype=11, padding_bits=0)
+    with pytest.raises(MILError, match=r"holds 3 bytes with 0 padding bits; uint4\[5\] packs into 20 bits"):
+        _Blobs(tmp_path).read("weight.bin", offset, ValueType("uint4", (5,)))
+
+
+@COREML
+def test_an_unreadable_dtype_names_its_op():
+    """A value typed in a dtype the reader does not know (fp8 here) fails with the op's type and name."""
+    from coremltools.proto import MIL_pb2
+
+    from edgeq.validate.mil.program import _op
+
+    spec = MIL_pb2.Operation(type="constexpr_blockwise_shift_scale")
+    spec.attributes["name"].type.tensorType.dataType = MIL_pb2.STRING
+    spec.attributes["name"].immediateValue.tensor.strings.values.append("the_weight")
+    data = spec.inputs["data"].arguments.add().value
+    data.type.tensorType.dataType = MIL_pb2.FLOAT8E4M3FN
+    data.type.tensorType.rank = 1
+    data.type.tensorType.dimensions.add().constant.size = 2
+    data.immediateValue.tensor.bytes.values = bytes(2)
+    with pytest.raises(MILError, match=r"MIL op 'constexpr_blockwise_shift_scale' \(named 'the_weight'\): MIL dtype FLOAT8E4M3FN is not supported"):
+        _op(spec, None)
+
+
 # ---- the ops on programs built in memory -------------------------------------------------------------------
 
 
