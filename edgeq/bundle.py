@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ LOCK_NAME = ".edgeq.lock"
 # What an interrupted or killed run can leave beside a bundle `<name>` (see staging, publish, write_atomic).
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>staging|old)-[A-Za-z0-9_]+")
 _PARTIAL_FILE = re.compile(r"\..+\.partial")
-_held: dict[Path, int] = {}  # model folder (absolute) -> open lock file descriptor, for this process
+_held: dict[Path, tuple[int, bool]] = {}  # model folder (absolute) -> (lock file descriptor, folder made by us)
 
 
 def bundle_path(out: Path, model: str, target: str, precision: str) -> Path:
@@ -50,31 +50,69 @@ def claim_output(model_dir: Path) -> None:
     key = Path(os.path.abspath(model_dir))
     if key in _held or fcntl is None:
         return
-    try:
-        key.mkdir(parents=True, exist_ok=True)
-        handle = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except OSError as exc:  # a file where the model's folder goes, a read-only place
-        raise UsageError(f"cannot write bundles in {model_dir} ({exc.strerror}); give another --out or --name") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+    created = not key.exists()
+    while True:
+        try:
+            key.mkdir(parents=True, exist_ok=True)
+            handle = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as exc:  # a file where the model's folder goes, a read-only place
+            raise UsageError(f"cannot write bundles in {model_dir} ({exc.strerror}); give another --out or --name") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(handle)
+            raise UsageError(
+                f"another edgeq run (pid {holder}) is writing {model_dir}; wait for it to finish, or give another --out"
+                " (or --name)"
+            ) from None
+        # The holder before us removes the lock file when it lets go (release_outputs): if it did so between
+        # our open and our flock, we hold a lock on a file nobody else will open. Take the one in place.
+        try:
+            current = os.stat(key / LOCK_NAME).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle).st_ino:
+            break
         os.close(handle)
-        raise UsageError(
-            f"another edgeq run (pid {holder}) is writing {model_dir}; wait for it to finish, or give another --out"
-            " (or --name)"
-        ) from None
     os.ftruncate(handle, 0)
     os.pwrite(handle, f"{os.getpid()}\n".encode(), 0)  # for the message a second run prints
-    _held[key] = handle
+    _held[key] = (handle, created)
     remove_leftovers(key)
 
 
+@contextmanager
+def claimed(model_dir: Path):
+    """Hold `out/<model>/` for the block (claim_output), and let go after it unless it was held before."""
+    key = Path(os.path.abspath(model_dir))
+    held_before = key in _held
+    claim_output(model_dir)
+    try:
+        yield
+    finally:
+        if not held_before:
+            _release(key)
+
+
 def release_outputs() -> None:
-    """Let other runs write where this process wrote (closing the lock file drops the lock)."""
-    while _held:
-        _, handle = _held.popitem()
-        os.close(handle)
+    """Let other runs write where this process wrote."""
+    for key in list(_held):
+        _release(key)
+
+
+def _release(key: Path) -> None:
+    """Remove the lock file while still holding it (so no run waits on a file that is gone), then drop the
+    lock; a model folder this run made and left empty (a run that failed before publishing) goes too."""
+    entry = _held.pop(key, None)
+    if entry is None:
+        return
+    handle, created = entry
+    with suppress(OSError):
+        (key / LOCK_NAME).unlink()
+    os.close(handle)
+    if created:
+        with suppress(OSError):
+            key.rmdir()  # only if empty
 
 
 def remove_leftovers(model_dir: Path) -> list[Path]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.bundle import REJECTED_SUFFIX, bundle_path, claim_output, publish, staging, write_atomic, write_golden, write_json
+from edgeq.bundle import REJECTED_SUFFIX, bundle_path, claimed, publish, staging, write_atomic, write_golden, write_json
 from edgeq.calibration.collect import run_module
 from edgeq.calibration.data import SampleSet, load_samples, split
 from edgeq.calibration.memory import check_request
@@ -69,8 +69,12 @@ def convert(model: LoadedModel, options: ConvertOptions, on_step: Callable[[str]
     profiles = [load_profile(t) for t in expand_targets(options.targets)]
     plans = [(p, x) for p in profiles for x in fp32_first([Precision(x) for x in _precisions(p, options.precisions)])]
     _check_budget(options.budget)
-    claim_output(Path(options.out) / model.name)  # a second run into OUT/<model> is refused now, not after loading data
+    # Held for the whole run: a second run into OUT/<model> is refused now, not after loading data.
+    with claimed(Path(options.out) / model.name):
+        return _convert_plans(model, plans, options, on_step)
 
+
+def _convert_plans(model: LoadedModel, plans: list, options: ConvertOptions, on_step: Callable[[str], None]) -> list[Outcome]:
     on_step("preparing validation data")
     example = {s.name: t.numpy() for s, t in zip(model.inputs, model.example_inputs)}
     wanted = _calibration_count(plans, options)

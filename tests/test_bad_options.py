@@ -218,7 +218,7 @@ def test_non_finite_reference_is_bad_input_not_drift(good_out):
     out, digest = good_out
     result = CliRunner().invoke(main, ["convert", "tests.test_bad_options:nan_model", "-t", "onnx", "-o", str(out), "--samples", "2"])
     _assert_clean_failure(result, 3, ["FP32 PyTorch model returns NaN", "output 'output'", "sample 0", "--data"])
-    assert tree_digest(out) == digest and not list((out / "nan_model").glob("*/*"))
+    assert tree_digest(out) == digest and not (out / "nan_model").exists()
 
 
 @ONNX

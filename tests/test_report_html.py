@@ -251,7 +251,7 @@ def test_report_command_renders_existing_bundles(tmp_path):
     assert default.exit_code == 0, default.output
     assert (tmp_path / "out" / "m" / "coreml" / "w8a8.rejected" / "report.html").is_file()
     missing = CliRunner().invoke(main, ["report", str(tmp_path / "nothing")])
-    assert missing.exit_code == 2 and "nothing" in missing.output
+    assert missing.exit_code == 3 and "nothing" in missing.output
 
 
 # ---------------------------------------------------------------- in a browser
