@@ -16,24 +16,34 @@ import numpy as np
 
 
 class QDtype(StrEnum):
+    INT2 = "int2"
+    INT3 = "int3"
     INT4 = "int4"
+    UINT2 = "uint2"
+    UINT3 = "uint3"
+    UINT4 = "uint4"
     INT8 = "int8"
     UINT8 = "uint8"
     INT16 = "int16"
     UINT16 = "uint16"
 
     @property
+    def bits(self) -> int:
+        return int(self.value.removeprefix("u").removeprefix("int"))
+
+    @property
     def qmin(self) -> int:
-        return {"int4": -8, "int8": -128, "uint8": 0, "int16": -32768, "uint16": 0}[self.value]
+        return 0 if self.value.startswith("u") else -(2 ** (self.bits - 1))
 
     @property
     def qmax(self) -> int:
-        return {"int4": 7, "int8": 127, "uint8": 255, "int16": 32767, "uint16": 65535}[self.value]
+        return 2**self.bits - 1 if self.value.startswith("u") else 2 ** (self.bits - 1) - 1
 
     @property
     def storage(self) -> np.dtype:
-        """The numpy dtype that holds the codes (int4 codes live in int8)."""
-        return np.dtype({"int4": "int8", "int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16"}[self.value])
+        """The numpy dtype that holds the codes (sub-byte codes live in int8 / uint8, one per byte)."""
+        width = 8 if self.bits <= 8 else 16
+        return np.dtype(f"{'u' if self.value.startswith('u') else ''}int{width}")
 
     @property
     def signed(self) -> bool:

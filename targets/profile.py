@@ -28,6 +28,16 @@ class Precision(StrEnum):
     INT8_DYNAMIC = "int8-dynamic"  # int8 weights, activations quantized at run time (dynamic range)
     W8A8 = "w8a8"  # int8 weights, calibrated static 8-bit activations
     W8A16 = "w8a16"  # int8 weights, calibrated static 16-bit activations (TFLite int16x8, QNN uint16)
+    # Low-bit weights on linear layers (edgeq.scheme.Scheme holds bits, group size, symmetry, algorithm):
+    INT4_WEIGHT = "int4-weight"  # 4-bit weights per group, float activations
+    INT3_WEIGHT = "int3-weight"  # 3-bit weights (a 4-bit container where the runtime has no 3-bit type)
+    INT2_WEIGHT = "int2-weight"
+    INT4_DYNAMIC = "int4-dynamic"  # 4-bit weights, int8 activations quantized at run time
+    LUT4_WEIGHT = "lut4-weight"  # k-means palettes (non-uniform): 16-entry look-up tables
+    LUT3_WEIGHT = "lut3-weight"
+    LUT2_WEIGHT = "lut2-weight"
+    LUT6_WEIGHT = "lut6-weight"
+    LUT8_WEIGHT = "lut8-weight"
 
 
 class Granularity(StrEnum):
@@ -81,11 +91,11 @@ _QUANT_KEYS = {
     "scale_dtype": str,
 }
 _QUANT_VALUES = {
-    "weight_dtypes": {"int4", "int8", "uint8"},
+    "weight_dtypes": {"int2", "int3", "int4", "uint2", "uint3", "uint4", "int8", "uint8", "lut2", "lut3", "lut4", "lut6", "lut8"},
     "activation_dtypes": {"int8", "uint8", "int16", "uint16"},
     "ops": {"linear", "conv", "embedding"},
 }
-_QUANTIZED = {"int8-weight", "int8-dynamic", "w8a8", "w8a16"}
+_QUANTIZED = {p.value for p in Precision} - {"fp32", "fp16"}
 _REQUIRED = {"id", "runtime", "hardware", "summary", "precisions", "default_precision"}
 
 

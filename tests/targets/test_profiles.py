@@ -95,7 +95,7 @@ def test_quantized_schemes_need_quantization_capabilities(tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ("[quantization]\nweight_dtypes = ['int3']\n", "'int3' is not one of"),
+        ("[quantization]\nweight_dtypes = ['int5']\n", "'int5' is not one of"),
         ("[quantization]\nweight_dtypes = ['int8']\ngroup_sizes = [32]\n", "need per_group"),
         ("[quantization]\nweight_granularity = ['per_row']\n", "'per_row' is not one of"),
     ],
