@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
+# The precision a runtime keeps scales in (a profile's scale_dtype) and its machine epsilon: a plan's scales
+# are made representable there, so the artifact holds exactly the plan's numbers.
+SCALE_DTYPES = {"float32": (torch.float32, 2.0**-23), "float16": (torch.float16, 2.0**-10), "bfloat16": (torch.bfloat16, 2.0**-7)}
 
 
 @dataclass(frozen=True)
@@ -23,10 +26,13 @@ class Grid:
     bits: int
     group_size: int | None = None  # None: per output channel
     symmetric: bool = True
+    scale_dtype: str = "float32"  # scales are rounded up to the nearest value of this type
 
     def __post_init__(self):
         if self.bits not in BITS:
             raise ValueError(f"bits {self.bits}: expected one of {BITS}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale dtype {self.scale_dtype!r}: expected one of {', '.join(SCALE_DTYPES)}")
         if self.group_size is not None and self.group_size <= 0:
             raise ValueError(f"group size {self.group_size}: expected a positive number of input channels")
 
@@ -51,19 +57,31 @@ class Grid:
         grouped = w.reshape(rows, self.groups(columns), -1).float()
         if self.symmetric:
             top = grouped.abs().amax(dim=2) * clip
-            scale = top / self.qmax
+            scale = self.representable(top / self.qmax)
             zero = torch.zeros_like(scale)
         else:
             low = grouped.amin(dim=2).clamp(max=0) * clip
             high = grouped.amax(dim=2).clamp(min=0) * clip
-            scale = (high - low) / (self.qmax - self.qmin)
-            zero = torch.round(-low / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(self.qmin, self.qmax)
-        tiny = torch.finfo(torch.float32).tiny
-        scale = torch.where(scale > tiny, scale, torch.ones_like(scale))  # an all-zero group: any scale is exact
+            scale = self.representable((high - low) / (self.qmax - self.qmin))
+            zero = torch.round(-low / scale).clamp(self.qmin, self.qmax)
         return scale, zero
+
+    def representable(self, scale: torch.Tensor) -> torch.Tensor:
+        """`scale` rounded up to the nearest value of the grid's scale dtype (up: the range still fits), as
+        float32; an all-zero group's scale (0) becomes 1, where any scale is exact."""
+        dtype, epsilon = SCALE_DTYPES[self.scale_dtype]
+        tiny = torch.finfo(dtype).tiny
+        scale = torch.where(scale > tiny, scale, torch.ones_like(scale))
+        if dtype == torch.float32:
+            return scale
+        rounded = scale.to(dtype).float()
+        bumped = (scale * (1 + epsilon)).to(dtype).float()
+        return torch.where(rounded >= scale, rounded, bumped)
 
     def expand(self, params: torch.Tensor, columns: int) -> torch.Tensor:
         """[N, groups] -> [N, K]: each group's value repeated over its columns."""
+        if params.shape[1] == columns:  # one column per group (GPTQ's column loop): nothing to repeat
+            return params
         return params.repeat_interleave(columns // params.shape[1], dim=1)
 
     def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
