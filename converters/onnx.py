@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from edgeq.converters.base import Artifact, ConversionRequest, Converter
+from edgeq.converters.base import Artifact, ConversionRequest, Converter, Refusal
 from edgeq.converters.failures import explain_failure
 from edgeq.compress.apply import apply_plan
 from edgeq.compress.qdq import WeightForm
@@ -21,8 +21,17 @@ class OnnxConverter(Converter):
     runtime = Runtime.ONNX
     filename = "model.onnx"
     implemented = frozenset(
-        {Precision.FP32, Precision.FP16, Precision.INT8_WEIGHT, Precision.INT8_DYNAMIC, Precision.W8A8, Precision.W8A16}
+        {Precision.FP32, Precision.FP16, Precision.INT8_WEIGHT, Precision.INT8_DYNAMIC, Precision.W8A8, Precision.W8A16,
+         Precision.INT4_WEIGHT, Precision.INT3_WEIGHT, Precision.INT2_WEIGHT, Precision.INT4_DYNAMIC}
     )
+
+    def check(self, request: ConversionRequest) -> list[Refusal]:
+        refusals = super().check(request)
+        if not refusals and _is_lowbit(request.precision):
+            from edgeq.converters.onnx_lowbit import check_plan
+
+            refusals = check_plan(request.plan, request.precision)
+        return refusals
 
     def convert(self, request: ConversionRequest, dest: Path) -> Artifact:
         import onnx
@@ -36,10 +45,17 @@ class OnnxConverter(Converter):
             examples, dynamic_shapes = dynamic_examples(model)
         else:
             examples, dynamic_shapes = model.example_inputs, None
-        module = model.module
-        if request.plan is not None:
+        module, lowbit = model.module, {}
+        plan = request.plan
+        if plan is not None and _is_lowbit(request.precision):
+            from edgeq.converters.onnx_lowbit import split_plan, dequantized_weights
+
+            # low-bit layers export as float (the plan's dequantized weights) and become MatMulNBits below
+            lowbit, plan = split_plan(plan)
+            module = dequantized_weights(module, lowbit)
+        if plan is not None:
             # int8 codes as DequantizeLinear over int8 initializers named `<fqn>.weight.codes` (exact).
-            module = apply_plan(module, request.plan, WeightForm.CODES)
+            module = apply_plan(module, plan, WeightForm.CODES)
         try:
             with quiet():
                 program = torch.onnx.export(
@@ -57,6 +73,10 @@ class OnnxConverter(Converter):
         except Exception as exc:
             raise explain_failure(profile.id, exc, model.module, model.example_inputs) from exc
         proto = name_outputs(proto, model.outputs)
+        if lowbit:
+            from edgeq.converters.onnx_lowbit import lower_lowbit
+
+            notes += lower_lowbit(proto, lowbit, request.precision, profile.id)
         if request.precision == Precision.INT8_DYNAMIC:
             from edgeq.converters.onnx_dynamic import rewrite_dynamic_matmuls
 
@@ -166,6 +186,10 @@ def portable_metadata(proto) -> None:
         fix(function)
         for node in function.node:
             walk_node(node)
+
+
+def _is_lowbit(precision: Precision) -> bool:
+    return precision in (Precision.INT4_WEIGHT, Precision.INT3_WEIGHT, Precision.INT2_WEIGHT, Precision.INT4_DYNAMIC)
 
 
 def _has_16bit_activations(plan) -> bool:

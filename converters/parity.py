@@ -5,7 +5,7 @@ Readers exist per runtime; each returns {user FQN: (codes, scale)} as stored in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ class ParityResult:
 class StoredWeights:
     quantized: dict[str, tuple[np.ndarray, np.ndarray]]  # user FQN -> (codes, scale) as stored
     names: set[str]  # every stored tensor name, to tell a float layer from one the exporter removed
+    zero_points: dict[str, np.ndarray] = field(default_factory=dict)  # user FQN -> zero points, where stored (low-bit)
 
     def present(self, fqn: str) -> bool:
         return any(name.startswith((f"{fqn}.", f"inner.{fqn}.")) for name in self.names)
@@ -60,7 +61,13 @@ def onnx_weights(path: Path) -> StoredWeights:
             codes = numpy_helper.to_array(tensors[node.input[1]]).T
             scale = numpy_helper.to_array(tensors[f"{stem}.scale"])
             found[stem.removesuffix(".weight").removeprefix("inner.")] = (codes, scale)
-    return StoredWeights(found, set(tensors))
+    zero_points = {}
+    if any(node.op_type == "MatMulNBits" for node in graph.node):  # low-bit: converters/onnx_lowbit.py
+        from edgeq.converters.onnx_lowbit import read_matmul_nbits
+
+        for fqn, (codes, scale, zero) in read_matmul_nbits(graph, tensors).items():
+            found[fqn], zero_points[fqn] = (codes, scale), zero
+    return StoredWeights(found, set(tensors), zero_points)
 
 
 def artifact_weights(path: Path, runtime: str) -> StoredWeights:
@@ -80,7 +87,8 @@ def artifact_weights(path: Path, runtime: str) -> StoredWeights:
 def compare_weights(plan: QuantPlan, stored: StoredWeights) -> ParityResult:
     mismatches, missing, removed, checked = [], [], [], 0
     for fqn, layer in plan.layers.items():
-        if layer.weight is None:
+        palette = getattr(layer, "palette", None)  # a palettized layer: weight_codes are its indices, palette its LUTs
+        if layer.weight is None and palette is None:
             continue
         if fqn not in stored.quantized:
             (missing if stored.present(fqn) else removed).append(fqn)
@@ -90,6 +98,12 @@ def compare_weights(plan: QuantPlan, stored: StoredWeights) -> ParityResult:
         if codes.shape != layer.weight_codes.shape or not np.array_equal(codes, layer.weight_codes):
             differing = int(np.sum(codes != layer.weight_codes)) if codes.shape == layer.weight_codes.shape else "all"
             mismatches.append(f"{fqn}: {differing} weight codes differ")
-        if not np.array_equal(np.asarray(scale, dtype=np.float32).ravel(), layer.weight.scale.ravel()):
-            mismatches.append(f"{fqn}: scales differ (max {float(np.max(np.abs(scale.ravel() - layer.weight.scale.ravel()))):.3g})")
+        expected = np.asarray(palette if layer.weight is None else layer.weight.scale, dtype=np.float32)
+        if np.asarray(scale).size != expected.size:
+            mismatches.append(f"{fqn}: {np.asarray(scale).size} scales stored, the plan has {expected.size}")
+        elif not np.array_equal(np.asarray(scale, dtype=np.float32).ravel(), expected.ravel()):
+            mismatches.append(f"{fqn}: scales differ (max {float(np.max(np.abs(scale.ravel() - expected.ravel()))):.3g})")
+        zero = stored.zero_points.get(fqn) if layer.weight is not None else None
+        if zero is not None and not np.array_equal(np.asarray(zero).ravel(), layer.weight.zero_point.ravel()):
+            mismatches.append(f"{fqn}: zero points differ")
     return ParityResult(checked, mismatches, missing, removed)

@@ -1,0 +1,391 @@
+"""ONNX Runtime low-bit weights: a plan's 4/3/2-bit codes as `com.microsoft.MatMulNBits`, written exactly.
+
+Why MatMulNBits (docs/research lowbit-prune-peers.md §2.5, measured on this machine with ORT 1.32): it is the
+kernel ORT runs anyway (a blocked int4 DequantizeLinear + MatMul is fused into it at ORT_ENABLE_ALL, with int8
+activations unless a session option says otherwise), and only the native op lets the artifact state its
+`accuracy_level`: int4-weight / int3-weight / int2-weight deploy at level 1 (fp32 math: the product of the
+plan's dequantized weights to ~1e-6), int4-dynamic at level 4 (activations quantized to int8 per block at run
+time: ~1e-2 relative). Unfused DQ + MatMul dequantizes on every call (12x slower than fp32 at one token).
+
+The layout (ContribOperators.md, MatMulNBits; verified in tests/converters/test_onnx_lowbit.py):
+    Y = A @ dequant(B)^T,  dequant(B)[n, k] = (q[n, k] - zp[n, k // block_size]) * scales[n, k // block_size]
+    B           uint8 [N, k_blocks, block_size * bits / 8], codes packed low bits first
+    scales      float32 [N * k_blocks] (A's dtype: any float32 plan scale is held exactly)
+    zero_points uint8 [N * ceil(k_blocks * bits / 8)], packed like B, per row; absent = 2^(bits-1)
+    block_size  a power of two >= 16
+The plan's codes go in unchanged up to an offset: signed codes c (INT4 [-8, 7], INT3 [-4, 3], INT2 [-2, 1],
+zero 0) are stored as c + 2^(bits-1) with the default zero point; unsigned codes (UINT*) are stored as they are
+with the plan's zero points packed. 3-bit codes live in the 4-bit container (bits=4: INT3 codes in [-4, 3],
+stored 4..11; UINT3 codes and zero points in [0, 7]); the file is then 4 bits a weight. Per-channel plans are one
+block per row: block_size is the smallest power of two >= K and the padding past K holds the zero point.
+
+Each MatMulNBits node carries `edgeq.weight_dtype` (the plan's code dtype) in its metadata, and its initializers
+are named `<fqn>.weight.packed` / `.scale` / `.zero_point`, so `read_matmul_nbits` returns the plan's form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeq.converters.base import Refusal
+from edgeq.errors import ConversionError
+from edgeq.plan import LayerPlan, OpKind, PerChannel, PerGroup, QDtype, QuantPlan
+from edgeq.targets import Precision
+
+DOMAIN = "com.microsoft"
+LOW_BIT = frozenset({Precision.INT4_WEIGHT, Precision.INT3_WEIGHT, Precision.INT2_WEIGHT, Precision.INT4_DYNAMIC})
+# accuracy_level: 1 = fp32 math (weight error only); 4 = int8 activations per block (the fast CPU path).
+ACCURACY_LEVEL = {Precision.INT4_DYNAMIC: 4}
+FLOAT_ACCURACY_LEVEL = 1
+# The container each plan dtype is stored in: 2-bit codes in the 2-bit kernel, 3- and 4-bit codes in 4 bits.
+CONTAINER_BITS = {
+    QDtype.INT4: 4, QDtype.UINT4: 4, QDtype.INT3: 4, QDtype.UINT3: 4, QDtype.INT2: 2, QDtype.UINT2: 2,
+}
+MIN_BLOCK = 16  # MatMulNBits: block_size is a power of two, at least 16
+DTYPE_KEY = "edgeq.weight_dtype"
+PACKED, SCALE, ZERO = ".weight.packed", ".weight.scale", ".weight.zero_point"
+
+
+def accuracy_level(precision: Precision) -> int:
+    return ACCURACY_LEVEL.get(precision, FLOAT_ACCURACY_LEVEL)
+
+
+def is_lowbit(layer: LayerPlan) -> bool:
+    return layer.weight is not None and layer.weight.dtype in CONTAINER_BITS
+
+
+@dataclass(frozen=True)
+class NBitsLayout:
+    """How one layer's [N, K] codes sit in MatMulNBits."""
+
+    bits: int  # container width: 2 or 4
+    block_size: int
+    n: int
+    k: int
+    offset: int  # stored = code + offset (2^(bits-1) for signed codes, 0 for unsigned)
+
+    @property
+    def k_blocks(self) -> int:
+        return -(-self.k // self.block_size)
+
+    @property
+    def default_zero(self) -> int:
+        return 2 ** (self.bits - 1)
+
+
+def _next_power_of_two(value: int) -> int:
+    return 1 << max(value - 1, 0).bit_length()
+
+
+def layout_of(layer: LayerPlan) -> NBitsLayout | str:
+    """The MatMulNBits layout of a low-bit layer, or why it has none (what would work instead)."""
+    quant = layer.weight
+    if layer.op != OpKind.LINEAR:
+        return f"{quant.dtype} weights lower to MatMulNBits for linear layers only, not {layer.op.value}; keep it int8 or float"
+    if layer.weight_codes is None or layer.weight_codes.ndim != 2:
+        return "a low-bit layer needs its [N, K] weight codes in the plan"
+    n, k = layer.weight_codes.shape
+    granularity = quant.granularity
+    if isinstance(granularity, PerGroup) and granularity.axis == 1:
+        size = granularity.size
+        if size < MIN_BLOCK or size & (size - 1):
+            return f"group size {size}: MatMulNBits blocks are powers of two >= {MIN_BLOCK} (e.g. 32, 64, 128)"
+        if k % size:
+            return f"{k} input features are not a multiple of the group size {size}"
+        block = size
+    elif isinstance(granularity, PerChannel) and granularity.axis == 0:
+        block = max(MIN_BLOCK, _next_power_of_two(k))  # one block per row, padded past K with the zero point
+    else:
+        return f"{granularity.to_json()}: MatMulNBits holds groups along the input axis (per_group axis 1) or per output channel"
+    bits = CONTAINER_BITS[quant.dtype]
+    return NBitsLayout(bits, block, n, k, 2 ** (bits - 1) if quant.dtype.signed else 0)
+
+
+def check_plan(plan: QuantPlan | None, precision: Precision) -> list[Refusal]:
+    """Every planned layer this packer cannot hold, found before any work (nothing to check before the plan
+    exists: the pipeline checks the request first, and resolve holds the plan to the profile's grid)."""
+    if plan is None:
+        return []
+    refusals = []
+    for fqn, layer in plan.layers.items():
+        if layer.weight is None:
+            continue
+        dtype, granularity = layer.weight.dtype, layer.weight.granularity
+        if dtype in (QDtype.INT8, QDtype.UINT8):
+            if not isinstance(granularity, PerChannel):
+                refusals.append(Refusal(fqn, f"{dtype} {granularity.to_json()['kind']} weights: int8 lowers per channel here"))
+            continue
+        if dtype not in CONTAINER_BITS:
+            refusals.append(Refusal(fqn, f"{dtype} weights: MatMulNBits holds int2/int3/int4 and uint2/uint3/uint4 codes"))
+            continue
+        if layer.activation is not None or layer.output is not None or layer.smooth is not None:
+            refusals.append(Refusal(fqn, "low-bit weights lower with float or dynamic activations only (no static activation points, no smoothing)"))
+            continue
+        found = layout_of(layer)
+        if isinstance(found, str):
+            refusals.append(Refusal(fqn, found))
+    return refusals
+
+
+def split_plan(plan: QuantPlan | None) -> tuple[dict[str, LayerPlan], QuantPlan]:
+    """(the low-bit layers, the plan of the rest): int8 layers of a low-bit plan (a sensitive layer's fallback)
+    lower as int8 DequantizeLinear as in any int8 plan."""
+    if plan is None:
+        raise ConversionError("low-bit schemes lower a quantization plan (codes and scales); none was given")
+    lowbit = {fqn: layer for fqn, layer in plan.layers.items() if is_lowbit(layer)}
+    rest = QuantPlan(plan.scheme, plan.target, {f: l for f, l in plan.layers.items() if f not in lowbit}, list(plan.notes),
+                     dict(plan.tensors), list(plan.inputs))
+    return lowbit, rest
+
+
+def lower_lowbit(proto, layers: dict[str, LayerPlan], precision: Precision, target: str) -> list[str]:
+    """Rewrite the exported graph's planned layers into MatMulNBits; refuses (ConversionError) a layer that is
+    in the graph but could not be rewritten, rather than ship it float. Returns the artifact's notes."""
+    level = accuracy_level(precision)
+    rewritten, scoped = rewrite_matmul_nbits(proto, layers, level)
+    left = sorted((set(layers) - set(rewritten)) & scoped)
+    if left:
+        raise ConversionError(
+            f"target {target}: {precision} could not lower layer(s) {', '.join(left[:5])} to MatMulNBits (their weight "
+            "is not a constant input of one MatMul/Gemm in the exported graph); keep them float with --keep-float"
+        )
+    bits = sorted({CONTAINER_BITS[layers[f].weight.dtype] for f in rewritten})
+    math = "int8 activations quantized per block at run time" if level == 4 else "fp32 math"
+    notes = [
+        f"{len(rewritten)} linear layers run as com.microsoft.MatMulNBits ({'/'.join(map(str, bits))}-bit), "
+        f"accuracy_level={level} ({math})"
+    ]
+    if any(layers[f].weight.dtype in (QDtype.INT3, QDtype.UINT3) for f in rewritten):
+        notes.append("3-bit codes are stored in 4-bit MatMulNBits containers (bits=4): the file holds 4 bits a weight")
+    return notes
+
+
+# -- packing ------------------------------------------------------------------------------------------------
+
+
+def pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
+    """[rows, count] integers in [0, 2^bits) -> uint8 [rows, ceil(count * bits / 8)], first value in the low bits."""
+    per_byte = 8 // bits
+    rows, count = values.shape
+    padded = np.zeros((rows, -(-count // per_byte) * per_byte), dtype=np.uint8)
+    padded[:, :count] = values
+    grouped = padded.reshape(rows, -1, per_byte).astype(np.uint16)
+    shifts = np.arange(per_byte, dtype=np.uint16) * bits
+    return np.bitwise_or.reduce(grouped << shifts, axis=2).astype(np.uint8)
+
+
+def unpack_rows(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of pack_rows: uint8 [rows, bytes] -> uint8 [rows, count]."""
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    values = (packed[:, :, None] >> shifts) & np.uint8(2**bits - 1)
+    return values.reshape(packed.shape[0], -1)[:, :count]
+
+
+@dataclass
+class PackedWeight:
+    layout: NBitsLayout
+    b: np.ndarray  # uint8 [N, k_blocks, blob_size]
+    scales: np.ndarray  # float32 [N * k_blocks]
+    zero_points: np.ndarray | None  # uint8 [N * ceil(k_blocks * bits / 8)], None: all default
+
+
+def pack_layer(layer: LayerPlan) -> PackedWeight:
+    """The plan's codes, scales and zero points in MatMulNBits form, exactly (codes outside the dtype refused)."""
+    found = layout_of(layer)
+    if isinstance(found, str):
+        raise ConversionError(f"{layer.fqn}: {found}")
+    lay, quant, codes = found, layer.weight, layer.weight_codes
+    if codes.min() < quant.dtype.qmin or codes.max() > quant.dtype.qmax:
+        raise ConversionError(f"{layer.fqn}: weight codes outside the {quant.dtype} range [{quant.dtype.qmin}, {quant.dtype.qmax}]")
+    scale = quant.scale.reshape(lay.n, lay.k_blocks).astype(np.float32)
+    zero = quant.zero_point.reshape(lay.n, lay.k_blocks).astype(np.int64) + lay.offset
+    stored = np.full((lay.n, lay.k_blocks * lay.block_size), 0, dtype=np.uint8)
+    stored[:, : lay.k] = (codes.astype(np.int64) + lay.offset).astype(np.uint8)
+    # padding (per-channel blocks past K) holds each row's zero point: it dequantizes to 0
+    stored[:, lay.k :] = zero[:, :1].astype(np.uint8)
+    blob = lay.block_size * lay.bits // 8
+    b = pack_rows(stored, lay.bits).reshape(lay.n, lay.k_blocks, blob)
+    zero_points = None
+    if not quant.dtype.signed or np.any(zero != lay.default_zero):
+        zero_points = pack_rows(zero.astype(np.uint8), lay.bits).reshape(-1)
+    return PackedWeight(lay, b, scale.reshape(-1), zero_points)
+
+
+def unpack_layer(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, block_size: int, n: int,
+                 k: int, dtype: QDtype | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes [N, K], scale [N, k_blocks], zero point [N, k_blocks]) in the plan's form. `dtype` None (an
+    artifact not written by edgeq): signed codes without zero points, unsigned with them."""
+    k_blocks = -(-k // block_size)
+    signed = (zero_points is None) if dtype is None else dtype.signed
+    offset = 2 ** (bits - 1) if signed else 0
+    stored = unpack_rows(np.asarray(b, dtype=np.uint8).reshape(n, -1), bits, k).astype(np.int32)
+    if zero_points is None:
+        zero = np.full((n, k_blocks), 2 ** (bits - 1), dtype=np.int32)
+    else:
+        zero = unpack_rows(np.asarray(zero_points, dtype=np.uint8).reshape(n, -1), bits, k_blocks).astype(np.int32)
+    storage = np.int8 if signed else np.uint8
+    return (stored - offset).astype(storage), np.asarray(scales, np.float32).reshape(n, k_blocks), zero - offset
+
+
+# -- the graph ------------------------------------------------------------------------------------------------
+
+
+def dequantized_weights(module, layers: dict[str, LayerPlan]):
+    """A copy of `module` whose low-bit linear layers hold the plan's dequantized weights (float32).
+
+    The exporter writes these floats into the graph; `rewrite_matmul_nbits` then finds each layer's MatMul/Gemm
+    by them (bit for bit) and replaces it. It is also the PyTorch reference an artifact is validated against."""
+    import copy
+
+    import torch
+
+    from edgeq.compress.apply import user_fqn
+
+    result = copy.deepcopy(module)
+    found = set()
+    for name, child in result.named_modules():
+        layer = layers.get(user_fqn(name))
+        if layer is None:
+            continue
+        dequantized = layer.weight.dequantize(layer.weight_codes)
+        if tuple(child.weight.shape) != dequantized.shape:
+            raise ConversionError(f"{layer.fqn}: the plan's codes are {dequantized.shape}, the layer's weight {tuple(child.weight.shape)}")
+        with torch.no_grad():
+            child.weight.copy_(torch.from_numpy(dequantized))
+        found.add(layer.fqn)
+    missing = sorted(set(layers) - found)
+    if missing:
+        raise ConversionError(f"the plan names layers the model does not have: {', '.join(missing[:5])}")
+    return result.eval()
+
+
+def _scope(node) -> str | None:
+    """The torch module FQN (wrapper prefix removed) the exporter recorded for `node`, if any."""
+    import ast
+
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            return scopes[-2].removeprefix("inner.") if len(scopes) >= 2 else None
+    return None
+
+
+def rewrite_matmul_nbits(proto, layers: dict[str, LayerPlan], level: int) -> tuple[list[str], set[str]]:
+    """Replace each planned layer's MatMul / Gemm in place with MatMulNBits over the plan's packed codes.
+
+    A node is a layer's when its constant weight equals the plan's dequantized weight bit for bit ([K, N] for
+    MatMul and Gemm, [N, K] for Gemm transB=1); equal weights of two layers are told apart by the node's module
+    scope. The bias stays an Add after the MatMulNBits. Returns (rewritten FQNs, FQNs some node's scope names)."""
+    from onnx import helper, numpy_helper
+
+    from edgeq.converters.parity import onnx_tensors
+
+    graph = proto.graph
+    tensors = onnx_tensors(graph)
+    by_weight: dict[tuple, list[str]] = {}
+    for fqn, layer in layers.items():
+        weight = layer.weight.dequantize(layer.weight_codes)
+        by_weight.setdefault((weight.shape, weight.tobytes()), []).append(fqn)
+    scoped = {s for s in (_scope(node) for node in graph.node) if s}
+
+    def owner(node) -> str | None:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in tensors:
+            return None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            return None
+        weight = numpy_helper.to_array(tensors[node.input[1]])
+        if weight.ndim != 2 or weight.dtype != np.float32:
+            return None
+        if not attrs.get("transB", 0):
+            weight = weight.T
+        candidates = by_weight.get((weight.shape, np.ascontiguousarray(weight).tobytes()), [])
+        if len(candidates) > 1:
+            candidates = [fqn for fqn in candidates if fqn == _scope(node)]
+        return candidates[0] if len(candidates) == 1 else None
+
+    rewritten, nodes, initializers = [], [], []
+    for node in graph.node:
+        fqn = owner(node)
+        if fqn is None:
+            nodes.append(node)
+            continue
+        packed = pack_layer(layers[fqn])
+        lay = packed.layout
+        names = [f"{fqn}{PACKED}", f"{fqn}{SCALE}"] + ([f"{fqn}{ZERO}"] if packed.zero_points is not None else [])
+        if fqn not in rewritten:  # a weight used twice shares its packed initializers
+            initializers += [numpy_helper.from_array(packed.b, names[0]), numpy_helper.from_array(packed.scales, names[1])]
+            if packed.zero_points is not None:
+                initializers.append(numpy_helper.from_array(packed.zero_points, names[2]))
+        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}/matmul_nbits" if has_bias else node.output[0]
+        replacement = helper.make_node(
+            "MatMulNBits", [node.input[0], *names], [product], name=f"{node.name or fqn}/MatMulNBits", domain=DOMAIN,
+            K=lay.k, N=lay.n, bits=lay.bits, block_size=lay.block_size, accuracy_level=level,
+        )
+        replacement.metadata_props.extend(node.metadata_props)  # the module scopes layer taps read
+        tag = replacement.metadata_props.add()
+        tag.key, tag.value = DTYPE_KEY, layers[fqn].weight.dtype.value
+        nodes.append(replacement)
+        if has_bias:  # keep the bias add (Gemm's C broadcasts over rows like Add)
+            add = helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name or fqn}/bias")
+            add.metadata_props.extend(node.metadata_props)
+            nodes.append(add)
+        rewritten.append(fqn)
+    if rewritten:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(initializers)
+        used = {name for node in graph.node for name in node.input}
+        kept = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        if not any(o.domain == DOMAIN for o in proto.opset_import):
+            proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return rewritten, scoped
+
+
+def read_matmul_nbits(graph, tensors: dict) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{user FQN: (codes [N, K], scale, zero point)} of every MatMulNBits over `<fqn>.weight.packed`, unpacked to
+    the plan's form (per-channel layers: scale and zero point [N])."""
+    from onnx import helper, numpy_helper
+
+    found = {}
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or not node.input[1].endswith(PACKED):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        meta = {p.key: p.value for p in node.metadata_props}
+        dtype = QDtype(meta[DTYPE_KEY]) if DTYPE_KEY in meta else None
+        zero_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        codes, scale, zero = unpack_layer(
+            numpy_helper.to_array(tensors[node.input[1]]),
+            numpy_helper.to_array(tensors[node.input[2]]),
+            numpy_helper.to_array(tensors[zero_name]) if zero_name else None,
+            attrs["bits"], attrs["block_size"], attrs["N"], attrs["K"], dtype,
+        )
+        if scale.shape[1] == 1 and attrs["block_size"] >= attrs["K"]:  # one block a row: per channel
+            scale, zero = scale[:, 0], zero[:, 0]
+        found[node.input[1].removesuffix(PACKED).removeprefix("inner.")] = (codes, scale, zero)
+    return found
+
+
+def with_accuracy_level(proto, level: int):
+    """A copy of `proto` whose MatMulNBits nodes run at `level` (validation compares levels 1 and 4)."""
+    import onnx
+    from onnx import helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for node in copy.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])
+    return copy
