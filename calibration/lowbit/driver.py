@@ -145,9 +145,7 @@ class _Runner:
                     pass
 
     def rows(self, fqn: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.mask is not None and isinstance(layer, nn.Linear):
-            if tuple(x.shape[:-1]) != tuple(self.mask.shape):
-                raise ValueError(f"{fqn}: input shape {tuple(x.shape)} does not match the row mask {tuple(self.mask.shape)}")
+        if self.mask is not None and isinstance(layer, nn.Linear) and tuple(x.shape[:-1]) == tuple(self.mask.shape):
             return x[self.mask]
         return layer_rows(layer, x)
 
@@ -214,7 +212,8 @@ def quantize_layers(
     sequential: True feeds each layer the outputs of the already-quantized layers before it; False feeds
         every layer the FP32 model's activations (one pass for all layers; a baseline, not the default).
     row_mask: sample -> bool tensor over a linear's leading input dims ([batch, tokens]): only those rows
-        reach the solvers (e.g. the attention mask, so padding tokens do not shape the Hessian).
+        reach the solvers (e.g. the attention mask, so padding tokens do not shape the Hessian). A linear
+        whose input has other leading dims (after pooling: [batch]) gets all its rows.
     device: where the copy, the samples and the solvers' state live ("cpu" or "cuda").
     """
     started = time.perf_counter()

@@ -145,3 +145,16 @@ def test_layers_the_driver_cannot_take_are_named():
         quantize_layers(model, [], ["2"], rtn_solver(GRID))
     with pytest.raises(ValueError, match="at least one calibration sample"):
         quantize_layers(model, [], ["0"], rtn_solver(GRID))
+
+
+@pytest.mark.ci_may_skip("CI machines have no GPU; the device machine runs this test")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (the suite never needs one)")
+def test_calibration_on_cuda_means_the_same_as_on_cpu():
+    model, samples = tiny_mlp(), samples_for((3, 32))
+    solver = gptq_solver(GRID, actorder=True, static_groups=True)
+    on_cpu = quantize_layers(model, samples, ["0", "2", "4"], solver, input_names=["x"])
+    on_gpu = quantize_layers(model, samples, ["0", "2", "4"], solver, input_names=["x"], device="cuda")
+    assert next(on_gpu.module.parameters()).device.type == "cuda"
+    for fqn, weight in on_gpu.weights.items():
+        assert weight.codes.device.type == "cuda"
+        assert (weight.codes.cpu() == on_cpu.weights[fqn].codes).double().mean() >= 0.98, fqn
