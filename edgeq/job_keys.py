@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgeq.errors import UsageError
-from edgeq.quantize import OBSERVER_NAMES
+from edgeq.quantize import ALGORITHM_NAMES, OBSERVER_NAMES
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,9 @@ KEYS: dict[str, Key] = {
     "auto_fallback": Key(_boolean, "true or false", "--auto-fallback"),
     "fallback_max": Key(_number(0, 1), "a fraction in [0, 1], e.g. 0.1", "--fallback-max"),
     "layers": Key(_boolean, "true or false", "--layers"),
+    "algo": Key(lambda v: v in ALGORITHM_NAMES, f"one of {', '.join(ALGORITHM_NAMES)}", "--algo"),
+    "group_size": Key(lambda v: v == "channel" or _integer(1)(v) or (isinstance(v, str) and v.isdigit() and int(v) >= 1),
+                      "a number of input channels per scale (32, 64, 128) or 'channel'", "--group-size"),
 }
 
 

@@ -195,8 +195,13 @@ def _quantize_options(values: dict) -> QuantizeOptions:
     return QuantizeOptions(
         calibration_samples=values.get("calibration_samples", 32), observer=values.get("observer", "mse"),
         auto_fallback=values.get("auto_fallback", False), fallback_max=float(values.get("fallback_max", 0.1)),
+        algorithm=values.get("algo"), group_size=_group_size(values.get("group_size", 32)),
         **parse_smoothquant(values.get("smoothquant")),
     )
+
+
+def _group_size(value) -> int | None:
+    return None if value == "channel" else int(value)
 
 
 def _parsed(label: str, parse, value):

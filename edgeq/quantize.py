@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 OBSERVER_NAMES = ("minmax", "percentile", "mse", "entropy")  # calibration/observers.py
+ALGORITHM_NAMES = ("rtn", "gptq", "awq")  # low-bit weight algorithms (edgeq.scheme.Algorithm)
 
 
 @dataclass
@@ -19,6 +20,8 @@ class QuantizeOptions:
     no_smoothquant: bool = False
     auto_fallback: bool = False  # relax the most sensitive layers until the budget holds (in simulation)
     fallback_max: float = 0.1  # at most this fraction of the quantized layers is relaxed
+    algorithm: str | None = None  # low-bit schemes: rtn, gptq or awq (None: the scheme's default, edgeq.scheme)
+    group_size: int | None = 32  # low-bit schemes: input channels per scale; None: one scale per output channel
 
     def __post_init__(self):
         from edgeq.errors import UsageError
@@ -31,6 +34,8 @@ class QuantizeOptions:
             raise UsageError(f"fallback max {self.fallback_max}: expected a fraction in [0, 1], e.g. 0.1")
         if self.calibration_samples < 0:
             raise UsageError("calibration samples must be 0 or more")
+        if self.algorithm is not None and self.algorithm not in ALGORITHM_NAMES:
+            raise UsageError(f"algorithm {self.algorithm!r}: not one of {', '.join(ALGORITHM_NAMES)}")
 
 
 def parse_smoothquant(text: str | float | None) -> dict:
@@ -59,6 +64,10 @@ def quantization_plan(model, profile, precision, options: QuantizeOptions, keep_
 
     module, folded = fold_batchnorm(model.module)
     model = dataclasses.replace(model, module=module)
+    from edgeq.scheme import LOW_BIT
+
+    if precision in LOW_BIT:
+        return model, _lowbit_plan(model, profile, precision, options, keep_float, calibration_samples, folded), None
 
     calibration = Calibration(
         calibration_samples, model.input_names, observer=options.observer,
@@ -74,3 +83,21 @@ def quantization_plan(model, profile, precision, options: QuantizeOptions, keep_
         options.fallback_max, profile.quantization.scale_dtype,
     )
     return model, fallback.plan, fallback
+
+
+def _lowbit_plan(model, profile, precision, options: QuantizeOptions, keep_float, calibration_samples, folded):
+    from edgeq.compress.apply import user_fqn
+    from edgeq.errors import ConversionError
+    from edgeq.scheme import scheme_for
+    from edgeq.targets.resolve import Calibration
+    from edgeq.targets.resolve_lowbit import resolve_lowbit_plan
+
+    if options.auto_fallback:
+        raise ConversionError(f"target {profile.id}: --auto-fallback does not relax low-bit layers yet; use --keep-float")
+    scheme = scheme_for(precision, algorithm=options.algorithm, group_size=options.group_size,
+                        symmetric=profile.quantization.weight_symmetric)
+    calibration = Calibration(calibration_samples, model.input_names)
+    plan = resolve_lowbit_plan(model.module, profile, precision, scheme, keep_float, model.example_inputs, calibration)
+    if folded:
+        plan.notes.append(f"BatchNorm folded into {', '.join(user_fqn(f) for f in folded)} before quantization")
+    return plan

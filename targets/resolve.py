@@ -24,7 +24,8 @@ from edgeq.targets.profile import Granularity, Precision, TargetProfile
 # Schemes whose numbers are all decided from the weights (dynamic activations are measured per call).
 WEIGHT_ONLY = {Precision.INT8_WEIGHT, Precision.INT8_DYNAMIC}
 STATIC = {Precision.W8A8, Precision.W8A16}  # activation ranges calibrated on samples
-QUANTIZED = WEIGHT_ONLY | STATIC
+LOW_BIT = {p for p in Precision if p.value.startswith(("int4", "int3", "int2", "lut"))}  # targets/resolve_lowbit.py
+QUANTIZED = WEIGHT_ONLY | STATIC | LOW_BIT
 
 
 def op_kind(module: nn.Module) -> OpKind:
@@ -93,8 +94,8 @@ def resolve_plan(
     activation quantization; static schemes calibrate activation ranges on `calibration.samples`. With
     calibration samples, linear layers with quantized activations are smoothed first (SmoothQuant).
     """
-    if precision not in QUANTIZED:
-        raise ConversionError(f"target {profile.id}: {precision} is not a quantized scheme")
+    if precision not in WEIGHT_ONLY | STATIC:  # low-bit schemes: targets/resolve_lowbit.py
+        raise ConversionError(f"target {profile.id}: {precision} is not a quantized scheme with 8-bit weights")
     caps = profile.quantization
     if "int8" not in caps.weight_dtypes or Granularity.PER_CHANNEL not in caps.weight_granularity:
         raise ConversionError(

@@ -93,6 +93,8 @@ OPTION_CASES = [
     ("preprocess-unknown-key", [SOURCE, "--preprocess", "colour=red"], 2, ["colour"]),
     ("config-missing", ["-c", "{tmp}/nothere.toml"], 2, ["--config", "no such file"]),
     ("input-repeated", [SOURCE, "--input", "x:1x16", "--input", "x:1x16"], 2, ["--input", "x declared more than once"]),
+    ("algo-unknown", [SOURCE, "--algo", "smart"], 2, ["--algo", "gptq"]),
+    ("group-size-word", [SOURCE, "--group-size", "big"], 2, ["--group-size", "'channel'"]),
 ]
 
 
@@ -158,6 +160,7 @@ PROJECT_CASES = [
     ("inputs-bad", "[defaults]\ninputs = ['x:1xq']\n", ["inputs", "dimension 'q'"]),
     ("keep-float-not-list", "[defaults]\nkeep_float = 're:.*'\n", ["defaults.keep_float", "list"]),
     ("trust-pickle-string", "[defaults]\ntrust_pickle = 'yes'\n", ["defaults.trust_pickle", "true or false"]),
+    ("group-size-zero", "[defaults]\ngroup_size = 0\n", ["defaults.group_size", "'channel'"]),
     ("out-is-file", "[defaults]\nout = 'edgeq.toml'\n", ["out", "is a file"]),
     ("source-missing-key", "[[models]]\nname = 'x'\n", ["models[0]", "'source' is missing"]),
     ("source-empty", "[[models]]\nsource = ''\n", ["models[0].source", "''"]),

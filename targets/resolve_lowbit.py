@@ -1,0 +1,122 @@
+"""resolve for low-bit schemes (int4/int3/int2-weight, int4-dynamic): the target's grid, checked once, then the
+layer-by-layer driver (calibration/lowbit) decides every code and scale on it.
+
+Low-bit schemes quantize linear layers (where the runtimes have blockwise low-bit kernels); every other layer
+stays float with its reason in the plan, and so does a linear whose input width is not a multiple of the group.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from edgeq.calibration.lowbit.grid import Grid
+from edgeq.calibration.lowbit.to_plan import code_dtype, layer_plan
+from edgeq.compress.apply import quantizable_layers
+from edgeq.errors import ConversionError, UsageError
+from edgeq.plan import LayerPlan, OpKind, QDtype, QuantPlan
+from edgeq.scheme import Activations, Algorithm, Scheme
+from edgeq.targets.profile import Granularity, Precision, TargetProfile
+from edgeq.targets.resolve import Calibration, executed_layers, matches, op_kind
+
+
+def check_lowbit(profile: TargetProfile, precision: Precision, scheme: Scheme) -> Grid:
+    """The grid `scheme` means on `profile`, or a ConversionError saying what the target holds instead."""
+    caps = profile.quantization
+    if scheme.palette:
+        raise ConversionError(f"target {profile.id}: {precision} (palettes) is not lowered by edgeq yet")
+    dtype = code_dtype(scheme.bits, scheme.symmetric).value
+    if dtype not in caps.weight_dtypes:
+        held = ", ".join(d for d in caps.weight_dtypes) or "no quantized weights"
+        raise ConversionError(f"target {profile.id} does not hold {dtype} weights ({precision}); it holds {held}")
+    if scheme.group_size is None and Granularity.PER_CHANNEL not in caps.weight_granularity:
+        raise ConversionError(f"target {profile.id} holds {dtype} weights per group, not per channel; use --group-size")
+    if scheme.group_size is not None and (
+        Granularity.PER_GROUP not in caps.weight_granularity or scheme.group_size not in caps.group_sizes
+    ):
+        sizes = ", ".join(map(str, caps.group_sizes)) or "none"
+        raise ConversionError(f"target {profile.id}: group size {scheme.group_size} is not one it runs (it runs {sizes})")
+    if not scheme.symmetric and caps.weight_symmetric:
+        raise ConversionError(f"target {profile.id} holds symmetric low-bit weights only")
+    if scheme.algorithm == Algorithm.AWQ:
+        raise UsageError("--algo awq: AWQ's scales need folding into the previous op, which conversion does not do yet; use gptq or rtn")
+    return Grid(scheme.bits, scheme.group_size, scheme.symmetric, caps.scale_dtype)
+
+
+def resolve_lowbit_plan(
+    module: nn.Module,
+    profile: TargetProfile,
+    precision: Precision,
+    scheme: Scheme,
+    keep_float: list[str] = (),
+    example_inputs: tuple | None = None,
+    calibration: Calibration | None = None,
+) -> QuantPlan:
+    """The plan of a low-bit scheme: codes and scales of every executed linear layer the target quantizes,
+    decided by `scheme.algorithm` on the target's grid, layer by layer on the calibration samples."""
+    from edgeq.calibration.lowbit.driver import gptq_solver, quantize_layers, rtn_solver
+
+    grid = check_lowbit(profile, precision, scheme)
+    samples = list(calibration.samples) if calibration is not None else []
+    if scheme.algorithm == Algorithm.GPTQ and not samples:
+        raise ConversionError(f"target {profile.id}: {precision} with GPTQ needs calibration samples (--calibration-samples)")
+    plan = QuantPlan(precision.value, profile.id)
+    layers = list(quantizable_layers(module))
+    if example_inputs is not None:
+        executed = executed_layers(module, example_inputs)
+        skipped = [fqn for fqn, _ in layers if fqn not in executed]
+        if skipped:
+            plan.notes.append(f"not executed by the model, left out: {', '.join(skipped)}")
+        layers = [(fqn, layer) for fqn, layer in layers if fqn in executed]
+    unused = [p for p in keep_float if not any(matches(fqn, [p]) for fqn, _ in layers)]
+    if unused:
+        raise UsageError(f"--keep-float {', '.join(unused)}: names no quantizable layer; layers are e.g. {', '.join(f for f, _ in layers[:5])}")
+    chosen = []
+    for fqn, layer in layers:
+        kind, kept = op_kind(layer), matches(fqn, list(keep_float))
+        if kept:
+            plan.layers[fqn] = LayerPlan(fqn, kind, reason=f"kept float: --keep-float {kept}")
+        elif kind != OpKind.LINEAR:
+            plan.layers[fqn] = LayerPlan(fqn, kind, reason=f"{precision} quantizes linear layers; {kind.value} layers stay float")
+        elif scheme.group_size is not None and layer.in_features % scheme.group_size:
+            plan.layers[fqn] = LayerPlan(
+                fqn, kind, reason=f"{layer.in_features} input features are not a multiple of the group size {scheme.group_size}"
+            )
+        else:
+            chosen.append(fqn)
+    if not chosen:
+        return plan
+    if scheme.algorithm == Algorithm.GPTQ:
+        # act-order with static groups: GPTQ's best on MiniLM, and groups stay contiguous columns (runtimes need it)
+        solver = gptq_solver(grid, actorder=True, static_groups=True, clip="mse")
+    else:
+        solver = rtn_solver(grid, clip="mse")
+    input_names = calibration.input_names if calibration is not None else None
+    result = quantize_layers(module, samples or [_example_sample(example_inputs, input_names)], chosen, solver,
+                             input_names=input_names, row_mask=_attention_rows if "attention_mask" in (input_names or []) else None)
+    dynamic = QDtype.INT8 if scheme.activations == Activations.DYNAMIC else None
+    for fqn in chosen:
+        entry = layer_plan(fqn, OpKind.LINEAR, result.weights[fqn])
+        entry.dynamic_activation = dynamic
+        plan.layers[fqn] = entry
+    grouping = f"group {scheme.group_size}" if scheme.group_size else "per channel"
+    plan.notes.append(
+        f"{scheme.bits}-bit {'symmetric' if scheme.symmetric else 'asymmetric'} weights, {grouping}, scales in "
+        f"{grid.scale_dtype}, by {scheme.algorithm.value}"
+        + (f" (act-order, static groups, MSE clipping) on {len(samples)} calibration samples" if scheme.algorithm == Algorithm.GPTQ else " (MSE clipping)")
+        + f", {result.total_seconds:.1f} s"
+    )
+    return plan
+
+
+def _attention_rows(sample) -> "torch.Tensor":
+    """Only real tokens shape the layer statistics: padding positions are computed but never read."""
+    import torch
+
+    return torch.as_tensor(sample["attention_mask"]).bool()
+
+
+def _example_sample(example_inputs: tuple | None, input_names: list[str] | None) -> dict:
+    """RTN needs no data; the driver still runs the model once to find the layers' order."""
+    if example_inputs is None or input_names is None:
+        raise ConversionError("low-bit schemes need the model's example inputs")
+    return dict(zip(input_names, example_inputs))
