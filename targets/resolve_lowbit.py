@@ -105,7 +105,28 @@ def resolve_lowbit_plan(
         + (f" (act-order, static groups, MSE clipping) on {len(samples)} calibration samples" if scheme.algorithm == Algorithm.GPTQ else " (MSE clipping)")
         + f", {result.total_seconds:.1f} s"
     )
+    plan.notes.append(_footprint(module, plan, grid))
     return plan
+
+
+def _footprint(module: nn.Module, plan: QuantPlan, grid: Grid) -> str:
+    """Bits per weight as stored (codes, scales in the target's precision, zero points where asymmetric), and
+    the share of the model's weight elements the quantized layers hold: what a user weighs the size by."""
+    from edgeq.calibration.lowbit.grid import SCALE_DTYPES
+
+    scale_bits = SCALE_DTYPES[grid.scale_dtype][0].itemsize * 8
+    quantized = [layer for layer in plan.layers.values() if layer.weight is not None]
+    elements = sum(layer.weight_codes.size for layer in quantized)
+    bits = sum(
+        layer.weight_codes.size * grid.bits + layer.weight.scale.size * (scale_bits + (0 if grid.symmetric else grid.bits))
+        for layer in quantized
+    )
+    total = sum(p.numel() for name, p in module.named_parameters() if name.endswith("weight"))
+    return (
+        f"{bits / max(elements, 1):.2f} bits per weight on the {len(quantized)} quantized layers (codes, "
+        f"{grid.scale_dtype} scales{'' if grid.symmetric else ', zero points'}), which hold "
+        f"{100 * elements / max(total, 1):.1f}% of the model's weight elements; the rest stays float"
+    )
 
 
 def _attention_rows(sample) -> "torch.Tensor":
