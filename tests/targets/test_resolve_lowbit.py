@@ -95,7 +95,7 @@ def test_gptq_plan_holds_exact_fp16_scales_and_beats_round_to_nearest(model, pro
         assert layer.weight_codes.min() >= -8 and layer.weight_codes.max() <= 7
     assert output_error(model, gptq, "up") <= output_error(model, rtn, "up")
     assert "by gptq (act-order, static groups, MSE clipping) on 16 calibration samples" in " ".join(gptq.notes)
-    # 4-bit codes + one fp16 scale per 32 weights = 4.5 bits; conv's 16 + odd's... all but the conv's 16 weights
+    # 4-bit codes + one fp16 scale per 32 weights = 4.5 bits; only the 1x1 conv (16 weights) stays float
     assert "4.50 bits per weight on the 3 quantized layers (codes, float16 scales), which hold 99.9%" in gptq.notes[-1]
 
 
