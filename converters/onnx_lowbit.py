@@ -16,7 +16,8 @@ The layout (ContribOperators.md, MatMulNBits; verified in tests/converters/test_
 The plan's codes go in unchanged up to an offset: signed codes c (INT4 [-8, 7], INT3 [-4, 3], INT2 [-2, 1],
 zero 0) are stored as c + 2^(bits-1) with the default zero point; unsigned codes (UINT*) are stored as they are
 with the plan's zero points packed. 3-bit codes live in the 4-bit container (bits=4: INT3 codes in [-4, 3],
-stored 4..11; UINT3 codes and zero points in [0, 7]); the file is then 4 bits a weight. Per-channel plans are one
+stored 4..11; UINT3 codes and zero points in [0, 7]); the file is then 4 bits a weight. 2-bit codes go in the
+same 4-bit container (see CONTAINER_BITS: ORT's 2-bit kernel is slow at fp32 accuracy levels). Per-channel plans are one
 block per row: block_size is the smallest power of two >= K and the padding past K holds the zero point.
 
 Each MatMulNBits node carries `edgeq.weight_dtype` (the plan's code dtype) in its metadata, and its initializers
@@ -39,9 +40,14 @@ LOW_BIT = frozenset({Precision.INT4_WEIGHT, Precision.INT3_WEIGHT, Precision.INT
 # accuracy_level: 1 = fp32 math (weight error only); 4 = int8 activations per block (the fast CPU path).
 ACCURACY_LEVEL = {Precision.INT4_DYNAMIC: 4}
 FLOAT_ACCURACY_LEVEL = 1
-# The container each plan dtype is stored in: 2-bit codes in the 2-bit kernel, 3- and 4-bit codes in 4 bits.
+# The container each plan dtype is stored in. 3-bit: MatMulNBits has no 3-bit kernel. 2-bit: bits=2 exists, but
+# at fp32 accuracy levels ORT 1.32 runs it through a per-call dequantizing fallback, measured here
+# (benchmarks/bench_onnx_lowbit.py, 12 x 768x768, one thread) 2.6x slower than FP32 at 128 tokens and 8.7x at one,
+# while the same codes in bits=4 run the fast 4-bit kernel (5.7x faster than FP32 at one token): int2-weight is
+# stored in 4 bits, exact, at 4-bit size. bits=2 packing is kept (pack_rows, the reader) for a 2-bit int8-activation
+# scheme, where ORT has fast W2 kernels.
 CONTAINER_BITS = {
-    QDtype.INT4: 4, QDtype.UINT4: 4, QDtype.INT3: 4, QDtype.UINT3: 4, QDtype.INT2: 2, QDtype.UINT2: 2,
+    QDtype.INT4: 4, QDtype.UINT4: 4, QDtype.INT3: 4, QDtype.UINT3: 4, QDtype.INT2: 4, QDtype.UINT2: 4,
 }
 MIN_BLOCK = 16  # MatMulNBits: block_size is a power of two, at least 16
 DTYPE_KEY = "edgeq.weight_dtype"
@@ -157,8 +163,10 @@ def lower_lowbit(proto, layers: dict[str, LayerPlan], precision: Precision, targ
         f"{len(rewritten)} linear layers run as com.microsoft.MatMulNBits ({'/'.join(map(str, bits))}-bit), "
         f"accuracy_level={level} ({math})"
     ]
-    if any(layers[f].weight.dtype in (QDtype.INT3, QDtype.UINT3) for f in rewritten):
-        notes.append("3-bit codes are stored in 4-bit MatMulNBits containers (bits=4): the file holds 4 bits a weight")
+    narrow = sorted({layers[f].weight.dtype.bits for f in rewritten if layers[f].weight.dtype.bits < CONTAINER_BITS[layers[f].weight.dtype]})
+    if narrow:
+        widths = "/".join(map(str, narrow))
+        notes.append(f"{widths}-bit codes are stored in 4-bit MatMulNBits containers (bits=4): the file holds 4 bits a weight")
     return notes
 
 
