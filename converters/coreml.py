@@ -10,6 +10,10 @@ which coremltools' own frontend lowers to `constexpr_affine_dequantize` with the
 activations become MIL `quantize`/`dequantize` with the plan's scale and zero point. Compute is float16,
 so coremltools stores every scale as float16: the coreml profiles say `scale_dtype = "float16"` and the
 plan's scales already lie on that grid, so the artifact holds exactly the plan's numbers.
+
+Low-bit schemes (int4/int3/int2-weight, lut*-weight) are packed by converters/coreml_lowbit.py: each planned
+linear layer's weight becomes constexpr_blockwise_shift_scale or constexpr_lut_to_dense (iOS18) built from the
+plan's arrays; the plan's int8 layers, if any, take the int8 route above.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch
 
 from edgeq.compress.apply import apply_plan
 from edgeq.compress.qdq import WeightForm
-from edgeq.converters.base import Artifact, ConversionRequest, Converter
+from edgeq.converters.base import Artifact, ConversionRequest, Converter, Refusal
+from edgeq.converters.coreml_lowbit import LOWBIT, LOWBIT_MIN_TARGET, WEIGHT_OPS, check_plan, pack_module, register_frontend
 from edgeq.converters.failures import explain_failure
 from edgeq.converters.parity_coreml import mil_name
 from edgeq.converters.tracing import quiet, shape_notes
@@ -42,7 +47,13 @@ QUANTIZED_MIN_TARGET = "iOS17"
 class CoreMLConverter(Converter):
     runtime = Runtime.COREML
     filename = "model.mlpackage"
-    implemented = frozenset({Precision.FP32, Precision.FP16, *QUANTIZED})
+    implemented = frozenset({Precision.FP32, Precision.FP16, *QUANTIZED, *LOWBIT})
+
+    def check(self, request: ConversionRequest) -> list[Refusal]:
+        refusals = super().check(request)
+        if not refusals and request.precision in LOWBIT and request.plan is not None:
+            refusals = check_plan(request.plan, request.profile, request.model.module)
+        return refusals
 
     def convert(self, request: ConversionRequest, dest: Path) -> Artifact:
         import coremltools as ct
@@ -50,24 +61,35 @@ class CoreMLConverter(Converter):
         model, profile = request.model, request.profile
         notes = shape_notes(model, profile)
         module = model.module
-        quantized = request.precision in QUANTIZED
+        lowbit = request.precision in LOWBIT
+        quantized = request.precision in QUANTIZED or lowbit
         if quantized:
             if request.plan is None:
                 raise ConversionError(
                     f"target {profile.id}: {request.precision} needs a plan with the layers' scales; none was given"
                 )
+            plan = request.plan
+            if lowbit:
+                refusals = check_plan(plan, profile, module)
+                if refusals:
+                    raise ConversionError(
+                        f"target {profile.id} refuses {request.precision}:\n" + "\n".join(f"  - {r}" for r in refusals)
+                    )
+                register_frontend()
+                module, plan = pack_module(module, plan)
             # CODES, not QDQ: the frontend has no converter for quantize_per_channel (QDQ's weight form), while
             # dequantize_per_channel over a constant int8 tensor becomes constexpr_affine_dequantize as is.
-            module = apply_plan(module, request.plan, WeightForm.CODES)
+            module = apply_plan(module, plan, WeightForm.CODES)
         module, rewrites = apply_rewrites(module, "coreml")
         examples = model.example_inputs
         target = profile.runtime_options.get("minimum_deployment_target", "iOS16")
-        if quantized and getattr(ct.target, target) < getattr(ct.target, QUANTIZED_MIN_TARGET):
-            notes.append(
-                f"minimum deployment target raised from {target} to {QUANTIZED_MIN_TARGET}: "
-                "coremltools lowers int8 weights and activation quantize ops from iOS17"
-            )
-            target = QUANTIZED_MIN_TARGET
+        minimum, why = (
+            (LOWBIT_MIN_TARGET, "4-bit blockwise weights and per-grouped-channel palettes are iOS18 ops")
+            if lowbit else (QUANTIZED_MIN_TARGET, "coremltools lowers int8 weights and activation quantize ops from iOS17")
+        )
+        if quantized and getattr(ct.target, target) < getattr(ct.target, minimum):
+            notes.append(f"minimum deployment target raised from {target} to {minimum}: {why}")
+            target = minimum
         fp16 = quantized or request.precision == Precision.FP16  # quantized: the deployed path (ANE, GPU)
         # The default pass pipeline keeps every constexpr_affine_dequantize (measured: DEFAULT and EMPTY store
         # the same codes). Its `common::nullify_redundant_quantization_zero_point` rewrites an int8 activation
@@ -107,8 +129,9 @@ class CoreMLConverter(Converter):
 def _named(program: torch.export.ExportedProgram, io_names: set[str]) -> torch.export.ExportedProgram:
     """Name the fx nodes coremltools turns into MIL values, in place.
 
-    - Each weight's dequantize node after its module's FQN (the spelling: parity_coreml): left alone,
-      coremltools names the constexpr op `dequantize_per_channel_3`, which no reader can tie to a layer.
+    - Each weight's dequantize node (int8 dequantize_per_channel, low-bit coreml_lowbit.WEIGHT_OPS) after its
+      module's FQN (the spelling: parity_coreml): left alone, coremltools names the constexpr op
+      `dequantize_per_channel_3`, which no reader can tie to a layer.
     - An op whose name is one the model's inputs or outputs will take (an output named `linear` beside the
       `linear` op) gets a fresh name: renaming the features afterwards would otherwise define that value
       twice, and ops reading it would read the wrong one (measured: coremltools 9 renames without checking).
@@ -117,8 +140,8 @@ def _named(program: torch.export.ExportedProgram, io_names: set[str]) -> torch.e
     buffers = program.graph_signature.inputs_to_buffers
     taken = {node.name for node in program.graph.nodes} | io_names
     for node in program.graph.nodes:
-        if node.target == dequantize and getattr(node.args[0], "name", None) in buffers:
-            base = mil_name(buffers[node.args[0].name].removesuffix(".codes"))  # the QuantizedWeight's FQN
+        if (node.target == dequantize or node.target in WEIGHT_OPS) and getattr(node.args[0], "name", None) in buffers:
+            base = mil_name(buffers[node.args[0].name].rpartition(".")[0])  # the weight module's FQN (<layer>.weight)
         elif node.op == "call_function" and node.name in io_names:
             base = f"{node.name}_value"
         else:

@@ -21,7 +21,7 @@ import numpy as np
 from edgeq.converters.parity import StoredWeights
 
 PREFIX = "edgeq_"
-_WEIGHT_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")
+_WEIGHT_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale", "constexpr_lut_to_dense")
 
 
 def mil_name(fqn: str, suffix: str = "") -> str:
@@ -93,18 +93,25 @@ def operations(program):
 
 
 def coreml_weights(path: Path) -> StoredWeights:
-    """{user FQN: (codes, per-channel scale)} of every int8 weight constexpr op that edgeq named.
+    """{user FQN: (codes, scale)} of every weight constexpr op that edgeq named, in the plan's form, and the
+    zero points of the affine ones.
 
     Read with `edgeq.validate.mil.read_program`, the stored program as the MIL reference executor runs it
-    (the same bytes it dequantizes). constexpr_affine_dequantize (iOS16/17) stores quantized_data, zero_point,
-    scale, axis; constexpr_blockwise_shift_scale (iOS18) stores data, scale (rank of data) and an optional
-    offset. Codes come back in PyTorch layout (the converter keeps them so; a transposed store would show as a
+    (the same bytes it dequantizes; sub-byte data unpacked to one value per int8/uint8):
+    - constexpr_affine_dequantize (iOS16/17, int8): quantized_data, zero_point, scale, axis;
+    - constexpr_blockwise_shift_scale (iOS18; int8, or int4/uint4 for low-bit codes, 2- and 3-bit codes in
+      that container): data, scale (rank of data: [N, K/group], [N, 1] per channel), optional offset (zero
+      points; none stored means 0);
+    - constexpr_lut_to_dense (iOS18 palettes): (indices [N, K], lut [groups, 2^bits]) as the plan's
+      (weight_codes, palette); a LUT with a vector dimension is returned as stored, so it shows as a mismatch.
+    Codes come back in PyTorch layout (the converter keeps them so; a transposed store would show as a
     shape mismatch, not be hidden). `names` holds every op and value name, raw and decoded to FQN form,
     so a planned layer left float still counts as present.
     """
     from edgeq.validate.mil import read_program
 
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    zero_points: dict[str, np.ndarray] = {}
     names: set[str] = set()
     for op in read_program(path).operations():
         for name in (op.name, *(name for name, _ in op.outputs)):
@@ -116,6 +123,17 @@ def coreml_weights(path: Path) -> StoredWeights:
         if op.type not in _WEIGHT_OPS or decoded is None or not decoded[0].endswith(".weight"):
             continue
         fqn = decoded[0].removesuffix(".weight").removeprefix("inner.")
-        codes = op.constant("quantized_data" if op.type == "constexpr_affine_dequantize" else "data")
-        found[fqn] = (np.asarray(codes), np.asarray(op.constant("scale"), dtype=np.float32))
-    return StoredWeights(found, names)
+        if op.type == "constexpr_lut_to_dense":
+            lut = np.asarray(op.constant("lut"), dtype=np.float32)
+            if lut.ndim == 4 and lut.shape[1] == lut.shape[3] == 1:
+                lut = lut.reshape(lut.shape[0], lut.shape[2])  # [groups, 1, 2^bits, 1] -> the plan's [groups, 2^bits]
+            found[fqn] = (np.asarray(op.constant("indices")), lut)
+            continue
+        affine = op.type == "constexpr_affine_dequantize"
+        codes = np.asarray(op.constant("quantized_data" if affine else "data"))
+        scale = np.asarray(op.constant("scale"), dtype=np.float32)
+        zero = op.constant("zero_point" if affine else "offset")
+        found[fqn] = (codes, scale)
+        zero = np.zeros(scale.shape, np.int32) if zero is None else np.asarray(zero).astype(np.int32)
+        zero_points[fqn] = np.broadcast_to(zero, scale.shape) if zero.size == 1 else zero  # one zero point for all
+    return StoredWeights(found, names, zero_points)
