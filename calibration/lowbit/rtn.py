@@ -16,8 +16,11 @@ import torch
 from edgeq.calibration.lowbit.grid import Grid
 
 CLIP_MODES = ("minmax", "mse")
-DEFAULT_SHRINK_STEPS = 20  # 1.0, 0.974, ..., 0.5: finer steps changed the MSE by < 0.1% on MiniLM layers
-DEFAULT_MIN_SHRINK = 0.5  # below half the range the clipped outliers cost more than the finer steps gain
+# Measured on MiniLM's encoder.layer.0.attention.self.query, group 32: 100 steps instead of 20 lowered the
+# squared error by at most 0.7% (4, 3 and 2 bits); searching down to 0.2 instead of 0.5 changed nothing at 3-4
+# bits and helped only 2-bit symmetric (10%: its grid has 3 usable levels), which can pass min_shrink itself.
+DEFAULT_SHRINK_STEPS = 20  # 1.0, 0.974, ..., 0.5
+DEFAULT_MIN_SHRINK = 0.5
 
 
 def codes_dtype(grid: Grid) -> torch.dtype:
