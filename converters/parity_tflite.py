@@ -13,6 +13,11 @@ found by name, and its layout comes from the op that uses it:
 Codes come back in PyTorch's layout (Linear [out, in], Conv [O, I/groups, kh, kw]). A Conv1d runs as CONV_2D
 over [O, 1, k, I]; the op cannot tell it from a Conv2d with a (1, k) kernel, so the converter names it
 `<fqn>.weight.conv1d` and the reader drops the kernel-height axis ([O, I, k], as PyTorch stores it).
+
+Low-bit weights (converters/tflite_lowbit.py) are INT4 / INT2 tensors packed row-major, lowest bits first
+(two int4 or four int2 codes per byte, sign-extended), as LiteRT and ai-edge-quantizer pack them. Per channel
+they carry `scale` [N] like int8; blockwise, `details` is a BlockwiseQuantization naming a FLOAT16 scales
+tensor [N, K / block_size], read back as float32 [N, K / block_size] (the plan's per-group scale shape).
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ WEIGHT_OPS = {
 }
 _NUMPY_TYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 7: np.int16, 9: np.int8}
 INT8 = 9
+INT4 = 17
+INT2 = 19
+PACKED_BITS = {INT4: 4, INT2: 2}  # sub-byte signed types: codes per byte = 8 / bits
+BLOCKWISE = 2  # QuantizationDetails.BlockwiseQuantization
 
 
 @dataclass
@@ -80,12 +89,57 @@ def tensor_name(tensor) -> str:
 
 
 def constant(model, tensor) -> np.ndarray | None:
-    """The stored values of a constant tensor (None for activations), in its TFLite shape."""
+    """The stored values of a constant tensor (None for activations), in its TFLite shape; sub-byte INT4/INT2
+    codes unpacked to int8, one per element."""
     buffer = model.buffers[tensor.buffer] if tensor.buffer < len(model.buffers) else None
-    if buffer is None or buffer.data is None or len(buffer.data) == 0 or tensor.type not in _NUMPY_TYPES:
+    if buffer is None or buffer.data is None or len(buffer.data) == 0:
         return None
-    data = np.frombuffer(np.asarray(buffer.data, dtype=np.uint8).tobytes(), dtype=_NUMPY_TYPES[tensor.type])
-    return data.reshape([int(d) for d in tensor.shape]) if tensor.shape is not None else data
+    raw = np.asarray(buffer.data, dtype=np.uint8)
+    shape = [int(d) for d in tensor.shape] if tensor.shape is not None else None
+    if tensor.type in PACKED_BITS:
+        if shape is None:
+            return None
+        return unpack_codes(raw, PACKED_BITS[tensor.type], int(np.prod(shape))).reshape(shape)
+    if tensor.type not in _NUMPY_TYPES:
+        return None
+    data = np.frombuffer(raw.tobytes(), dtype=_NUMPY_TYPES[tensor.type])
+    return data.reshape(shape) if shape is not None else data
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Signed `bits`-bit codes (any shape, one per element) packed row-major into uint8, lowest bits first:
+    LiteRT's layout for INT4 (two per byte) and INT2 (four per byte); a last partial byte is zero-padded."""
+    per_byte = 8 // bits
+    flat = (np.ravel(codes).astype(np.int16) & ((1 << bits) - 1)).astype(np.uint8)
+    flat = np.concatenate([flat, np.zeros(-flat.size % per_byte, np.uint8)]).reshape(-1, per_byte)
+    packed = np.zeros(flat.shape[0], np.uint8)
+    for slot in range(per_byte):
+        packed |= flat[:, slot] << np.uint8(slot * bits)
+    return packed
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The first `count` signed codes of `packed` (pack_codes' layout), sign-extended to int8."""
+    per_byte = 8 // bits
+    packed = np.asarray(packed, dtype=np.uint8)
+    slots = [(packed >> np.uint8(slot * bits)) & np.uint8((1 << bits) - 1) for slot in range(per_byte)]
+    values = np.stack(slots, axis=1).reshape(-1)[:count].astype(np.int8)
+    return np.where(values >= 1 << (bits - 1), values - (1 << bits), values).astype(np.int8)
+
+
+def blockwise_scales(model, subgraph, tensor) -> np.ndarray | None:
+    """The float32 [N, K / block_size] scales of a blockwise-quantized [N, K] weight, or None if it is not one
+    (or its scales are not a FLOAT16 table of that shape, which is all LiteRT's kernels take)."""
+    quant = tensor.quantization
+    if quant is None or quant.detailsType != BLOCKWISE or quant.details is None or len(tensor.shape) != 2:
+        return None
+    rows, columns = (int(d) for d in tensor.shape)
+    block = int(quant.details.blockSize)
+    table = subgraph.tensors[quant.details.scales] if 0 <= quant.details.scales < len(subgraph.tensors) else None
+    scales = constant(model, table) if table is not None and table.type == 1 else None
+    if block <= 0 or columns % block or scales is None or scales.shape != (rows, columns // block):
+        return None
+    return scales.astype(np.float32)
 
 
 def weight_uses(model, subgraph, names: list[str]) -> list[WeightUse]:
@@ -113,7 +167,8 @@ def weight_uses(model, subgraph, names: list[str]) -> list[WeightUse]:
 
 
 def tflite_weights(path: Path) -> StoredWeights:
-    """Codes (PyTorch layout) and scales of every int8 per-channel weight named `<fqn>.weight`.
+    """Codes (PyTorch layout) and scales of every int8/int4/int2 per-channel weight, and of every blockwise
+    INT4 FULLY_CONNECTED weight (scales [N, K / block_size]), named `<fqn>.weight`.
 
     A weight stored float, per tensor, or along another axis than the op's output channels is left out
     of `quantized` (parity then reports the layer as not quantized); its name still marks the layer present.
@@ -129,7 +184,14 @@ def tflite_weights(path: Path) -> StoredWeights:
             name = tensor_name(tensor)
             quant = tensor.quantization
             suffix = next((x for x in (WEIGHT_SUFFIX, CONV1D_SUFFIX) if name.endswith(x)), None)
-            if suffix is None or tensor.type != INT8 or quant is None or quant.scale is None:
+            if suffix is None or tensor.type not in (INT8, *PACKED_BITS) or quant is None:
+                continue
+            if quant.detailsType == BLOCKWISE:
+                scales = blockwise_scales(model, subgraph, tensor) if use.op_name == "FULLY_CONNECTED" else None
+                if scales is not None and suffix == WEIGHT_SUFFIX:
+                    found[name.removesuffix(suffix)] = (np.ascontiguousarray(constant(model, tensor)), scales)
+                continue
+            if quant.scale is None:
                 continue
             _, to_torch, channel_axis = WEIGHT_OPS[use.op_name]
             codes = constant(model, tensor)

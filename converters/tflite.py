@@ -25,6 +25,10 @@ A PT2E quant_config only selects its q/dq conversion mode; no prepare/calibrate 
                 The int32 bias is derived by the converter as round(bias / (s_in * s_w[c])): weights and
                 activation parameters are exact, the bias is rounded to the accumulator's grid.
 
+  int4-dynamic  low-bit weights (converters/tflite_lowbit.py): the float model is converted, then each planned
+                layer's FULLY_CONNECTED weight is rewritten as the plan's packed INT4/INT2 codes with blockwise or
+                per-channel scales; LiteRT quantizes its input rows to int8 per call.
+
 Why strict mode: without it, litert-torch's DYNAMIC mode also quantizes float weights the plan keeps float
 (--keep-float layers, LSTM cells) with scales of its own, and STATIC mode folds weight-only
 FULLY_CONNECTED weights back to float32 (so no int8 weight is stored). Strict mode lowers exactly the
@@ -41,7 +45,7 @@ import torch
 
 from edgeq.compress.apply import apply_plan, quantizable_layers, user_fqn
 from edgeq.compress.qdq import QuantizedConv, QuantizedEmbedding, QuantizedLinear, WeightForm
-from edgeq.converters.base import Artifact, ConversionRequest, Converter
+from edgeq.converters.base import Artifact, ConversionRequest, Converter, Refusal
 from edgeq.converters.failures import explain_failure
 from edgeq.converters.tracing import quiet, shape_notes
 from edgeq.errors import ConversionError
@@ -74,7 +78,17 @@ class KeywordIO(torch.nn.Module):
 class TFLiteConverter(Converter):
     runtime = Runtime.TFLITE
     filename = "model.tflite"
-    implemented = frozenset({Precision.FP32, Precision.FP16, *_QUANTIZED})
+    implemented = frozenset({Precision.FP32, Precision.FP16, *_QUANTIZED, Precision.INT4_DYNAMIC})
+
+    def check(self, request: ConversionRequest) -> list[Refusal]:
+        from edgeq.converters import tflite_lowbit
+
+        if request.precision in tflite_lowbit.FLOAT_ACTIVATION_LOW_BIT:
+            return [tflite_lowbit.float_activation_refusal(request.precision)]
+        refusals = super().check(request)
+        if not refusals and request.precision in tflite_lowbit.LOW_BIT:
+            refusals = tflite_lowbit.lowbit_refusals(request)
+        return refusals
 
     def convert(self, request: ConversionRequest, dest: Path) -> Artifact:
         import litert_torch
@@ -90,10 +104,16 @@ class TFLiteConverter(Converter):
             except ValueError as exc:  # a plan form the QDQ layers do not lower (e.g. int4 per group)
                 raise ConversionError(f"target {profile.id}: {exc}") from exc
             quant_config, strict = qdq_mode(request)
+        low_bit = request.precision == Precision.INT4_DYNAMIC
+        if low_bit:  # the float model is converted; its planned weights are rewritten afterwards
+            from edgeq.converters.tflite_lowbit import checked_lowbit_plan, pack_lowbit
+
+            plan = checked_lowbit_plan(request)
         wrapper = KeywordIO(module, model.input_names, model.outputs).eval()
         sample = dict(zip(model.input_names, examples))
         try:
-            scopes = layer_scopes(wrapper, sample) if plan is not None else {}
+            planned = {fqn for fqn, layer in plan.layers.items() if layer.weight is not None} if low_bit else None
+            scopes = layer_scopes(wrapper, sample, planned) if plan is not None else {}
             with quiet(), strict_qdq(strict):
                 edge_model = litert_torch.convert(wrapper, sample_kwargs=sample, quant_config=quant_config)
                 flatbuffer = edge_model.model_content()
@@ -101,7 +121,9 @@ class TFLiteConverter(Converter):
             raise explain_failure(profile.id, exc, model.module, examples) from exc
         if request.precision == Precision.FP16:
             flatbuffer = float16_weights(flatbuffer)
-        if plan is not None:
+        if low_bit:
+            flatbuffer = pack_lowbit(flatbuffer, plan, scopes, request, notes)
+        elif plan is not None:
             flatbuffer = lower_plan(flatbuffer, plan, scopes, request, notes)
         Path(dest).write_bytes(flatbuffer)
         return Artifact(dest, self.runtime, request.precision, profile.id, self.versions(), notes=notes)
@@ -198,8 +220,9 @@ def _class_name(cls: type) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def layer_scopes(wrapper: torch.nn.Module, sample: dict) -> dict[str, str]:
-    """Module scope -> user FQN of each quantized layer (and of its weight module).
+def layer_scopes(wrapper: torch.nn.Module, sample: dict, planned: set[str] | None = None) -> dict[str, str]:
+    """Module scope -> user FQN of each quantized layer (and of its weight module); with `planned`, of the
+    float layers of those FQNs instead (low-bit weights are rewritten after a float conversion).
 
     litert-torch names a tensor after the torch modules on the call stack that produced it:
     `<module.Class>_<attribute>` per called module, joined by '/', e.g. `...BertEncoder_encoder/...BertLayer_0/`
@@ -210,8 +233,9 @@ def layer_scopes(wrapper: torch.nn.Module, sample: dict) -> dict[str, str]:
     paths = {id(m): name for name, m in wrapper.named_modules()}
     layers = {}
     for name, module in wrapper.named_modules():
-        if isinstance(module, (QuantizedLinear, QuantizedConv, QuantizedEmbedding)):
-            fqn = user_fqn(name.removeprefix("flat."))
+        fqn = user_fqn(name.removeprefix("flat."))
+        quantized = isinstance(module, (QuantizedLinear, QuantizedConv, QuantizedEmbedding))
+        if (fqn in planned) if planned is not None else quantized:
             layers[id(module)] = layers[id(module.weight)] = fqn
     stack: list[str] = []
     scopes: dict[str, str] = {}

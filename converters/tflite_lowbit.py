@@ -1,0 +1,295 @@
+"""TFLite / LiteRT low-bit weights (int4-dynamic): the plan's codes and scales packed into FULLY_CONNECTED.
+
+LiteRT computes low-bit weights in one way only: a FULLY_CONNECTED with float input and an INT4 (or INT2)
+weight, whose input rows are quantized to int8 at run time (dynamic range). XNNPACK runs it fast
+(qd8-f32-qb4w blockwise, qc4w / qc2w per channel); the builtin kernel is a scalar loop ~1,000x slower, so the
+converter fails an artifact whose low-bit layers XNNPACK does not take (validate/runners/litert_delegation.py).
+Measured facts and sources: shared/research/lowbit-prune-peers.md §3.
+
+Route: litert-torch converts the float model, then each planned layer's float weight constant (found by its
+module scope, as converters/tflite.py names int8 weights) is rewritten in the flatbuffer, as
+ai-edge-quantizer writes its own `dynamic_wi4b*_afp32` recipes (same bytes and parameters, checked on a
+reference model), but with the plan's codes and scales verbatim:
+
+  plan layer                         tensor   quantization                                     XNNPACK kernel
+  int4/int3/int2 per group g         INT4     BlockwiseQuantization{scales: FLOAT16 [N, K/g]   qb4w
+                                              tensor, zero_points -1, block_size g}
+  int4/int3 per channel              INT4     scale [N] float32, zero point 0, dimension 0      qc4w
+  int2 per channel                   INT2     scale [N] float32, zero point 0, dimension 0      qc2w
+  int8 per channel (a fallback)      INT8     scale [N] float32, zero point 0, dimension 0      qd8-f32-qc8w (hybrid)
+
+Codes are packed row-major, lowest bits first (parity_tflite.pack_codes). 3-bit codes, and 2-bit codes per
+group, live in the INT4 container (LiteRT has no INT3, and XNNPACK refuses blockwise INT2: the whole model
+then fails to load): exact values, 4 bits of storage each, said in the artifact's notes.
+
+Refused before any work, per layer: asymmetric codes (no zero point in LiteRT's low-bit kernels), a group size
+that is not a multiple of 32 or does not divide K, block scales not exactly representable in bfloat16 or
+outside float16's normal range (XNNPACK reads the FLOAT16 scales and rounds them to bf16: the plan must already
+be on that grid), static activations, and low-bit weights on anything but a linear layer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from edgeq.converters.base import ConversionRequest, Refusal
+from edgeq.errors import ConversionError
+from edgeq.plan import LayerPlan, OpKind, PerChannel, PerGroup, QDtype, QuantPlan
+from edgeq.targets import Precision
+
+LOW_BIT = frozenset({Precision.INT4_DYNAMIC})
+# Schemes with float activations: LiteRT has no fast kernel for them (an INT4 DEQUANTIZE runs in the reference
+# kernel on every call, and it takes no blockwise parameters at all), so they are refused with what would work.
+FLOAT_ACTIVATION_LOW_BIT = frozenset({
+    Precision.INT4_WEIGHT, Precision.INT3_WEIGHT, Precision.INT2_WEIGHT,
+    Precision.LUT2_WEIGHT, Precision.LUT3_WEIGHT, Precision.LUT4_WEIGHT, Precision.LUT6_WEIGHT, Precision.LUT8_WEIGHT,
+})
+BLOCK_MULTIPLE = 32  # XNNPACK's blockwise FC takes block sizes that are multiples of 32 (xnnpack_delegate.cc)
+FP16_MIN_NORMAL = 2.0**-14  # XNNPACK checks every block scale is a normal float16 > 0
+FP16_MAX = 65504.0
+_LOW_BIT_DTYPES = (QDtype.INT2, QDtype.INT3, QDtype.INT4)
+_HYBRID_FC_VERSION = 12  # litert-torch's version for float-input, int8 per-channel FULLY_CONNECTED
+
+
+def float_activation_refusal(precision: Precision) -> Refusal:
+    return Refusal("", (
+        f"{precision}: LiteRT has no kernel that computes low-bit or palettized weights with float activations "
+        "(an INT4 DEQUANTIZE runs in the reference kernel on every call, per channel only; there is no look-up-table "
+        "op); use int4-dynamic (4-bit weights per group of 32-256 or per channel, input rows quantized to int8 at "
+        "run time: XNNPACK's blockwise kernel), or int8-weight for float activations"
+    ))
+
+
+def bf16_exact(values: np.ndarray) -> np.ndarray:
+    """Whether each float32 value is a bfloat16 value (its low 16 bits are zero)."""
+    return (np.asarray(values, dtype=np.float32).view(np.uint32) & 0xFFFF) == 0
+
+
+def layer_refusal(layer: LayerPlan, module: torch.nn.Module | None) -> str | None:
+    """Why TFLite cannot hold this planned layer as a low-bit/hybrid FULLY_CONNECTED (None: it can)."""
+    quant, codes = layer.weight, layer.weight_codes
+    if quant is None:
+        return None
+    if layer.activation is not None or layer.output is not None:
+        return "static activation quantization: LiteRT's low-bit FULLY_CONNECTED takes float input and quantizes it at run time; plan no activation scales"
+    if layer.op != OpKind.LINEAR or not isinstance(module, torch.nn.Linear):
+        return f"low-bit weights on a {layer.op.value} layer: LiteRT's low-bit kernels are FULLY_CONNECTED only; keep it float or int8 elsewhere"
+    if quant.dtype == QDtype.INT8:
+        if not isinstance(quant.granularity, PerChannel) or quant.granularity.axis != 0 or not quant.symmetric:
+            return "int8 weights in a low-bit artifact run TFLite's hybrid kernel, which takes symmetric per-output-channel scales"
+        if layer.dynamic_activation != QDtype.INT8:
+            return "an int8 layer in a low-bit artifact runs hybrid (int8 activations at run time); plan it with dynamic int8 activations"
+    elif layer.dynamic_activation not in (None, QDtype.INT8):  # low-bit layers run dynamic int8: no other kernel
+        return f"dynamic {layer.dynamic_activation} activations: LiteRT quantizes a low-bit FULLY_CONNECTED's input to int8"
+    elif quant.dtype not in _LOW_BIT_DTYPES:
+        held = "signed int4/int3/int2 codes with zero point 0"
+        if quant.dtype in (QDtype.UINT2, QDtype.UINT3, QDtype.UINT4):
+            return f"asymmetric {quant.dtype} weights: LiteRT's low-bit kernels have no zero point; quantize symmetric ({held})"
+        return f"{quant.dtype} weights: LiteRT's low-bit FULLY_CONNECTED holds {held}"
+    if codes is None or codes.ndim != 2 or tuple(codes.shape) != tuple(module.weight.shape):
+        shape = None if codes is None else tuple(codes.shape)
+        return f"the plan's codes {shape} are not the layer's weight {tuple(module.weight.shape)}"
+    if codes.min(initial=0) < quant.dtype.qmin or codes.max(initial=0) > quant.dtype.qmax:
+        return f"codes outside the {quant.dtype} range [{quant.dtype.qmin}, {quant.dtype.qmax}]"
+    columns = codes.shape[1]
+    granularity = quant.granularity
+    if isinstance(granularity, PerChannel):
+        if granularity.axis != 0:
+            return f"per-channel scales along axis {granularity.axis}: TFLite's FULLY_CONNECTED scales output channels (axis 0)"
+        return None
+    if not isinstance(granularity, PerGroup) or granularity.axis != 1:
+        return f"{granularity.to_json()['kind']} scales: TFLite's low-bit FULLY_CONNECTED takes per-channel or per-group (along K) scales"
+    if quant.dtype == QDtype.INT8:
+        return "int8 per group: LiteRT's blockwise FULLY_CONNECTED is INT4 only"
+    size = granularity.size
+    if size % BLOCK_MULTIPLE or columns % size:
+        return (f"group size {size} over {columns} input features: XNNPACK's blockwise kernel takes groups that are a "
+                f"multiple of {BLOCK_MULTIPLE} and divide K (e.g. 32, 64, 128) or per-channel scales")
+    scale = quant.scale
+    inexact = ~bf16_exact(scale)
+    if inexact.any():
+        return (f"{int(inexact.sum())} of {scale.size} block scales are not bfloat16 values (e.g. {float(scale[inexact][0])!r}): "
+                "XNNPACK rounds block scales to bfloat16, so the plan must be made on the bfloat16 grid")
+    if scale.min() < FP16_MIN_NORMAL or scale.max() > FP16_MAX:
+        return (f"block scales from {float(scale.min()):.3g} to {float(scale.max()):.3g}: LiteRT stores them as float16 and "
+                f"XNNPACK takes only normal values ({FP16_MIN_NORMAL:.3g} to {FP16_MAX:g})")
+    return None
+
+
+def lowbit_refusals(request: ConversionRequest) -> list[Refusal]:
+    """Every planned layer TFLite cannot hold as the plan says, each with what would work."""
+    plan = request.plan
+    if plan is None:
+        return []
+    from edgeq.compress.apply import quantizable_layers
+
+    modules = dict(quantizable_layers(request.model.module))  # by user FQN, as the plan names layers
+    refusals = []
+    for fqn, layer in plan.layers.items():
+        reason = layer_refusal(layer, modules.get(fqn))
+        if reason:
+            refusals.append(Refusal(fqn, reason))
+    return refusals
+
+
+def checked_lowbit_plan(request: ConversionRequest) -> QuantPlan:
+    """The request's plan, or one ConversionError listing every layer TFLite cannot hold, before any work."""
+    target = request.profile.id
+    if request.plan is None:
+        raise ConversionError(f"target {target}: {request.precision} is lowered from a QuantPlan, and none was given")
+    if not any(layer.weight is not None for layer in request.plan.layers.values()):
+        raise ConversionError(f"target {target}: the {request.precision} plan quantizes no layer")
+    refusals = lowbit_refusals(request)
+    if refusals:
+        raise ConversionError(f"target {target} cannot hold the {request.precision} plan:\n" + "\n".join(f"  - {r}" for r in refusals))
+    return request.plan
+
+
+def storage(layer: LayerPlan) -> tuple[int, int]:
+    """(TFLite tensor type, bits per stored code) of a checked layer."""
+    from edgeq.converters.parity_tflite import INT2, INT4, INT8
+
+    dtype = layer.weight.dtype
+    if dtype == QDtype.INT8:
+        return INT8, 8
+    if dtype == QDtype.INT2 and isinstance(layer.weight.granularity, PerChannel):
+        return INT2, 2
+    return INT4, 4
+
+
+def pack_lowbit(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], request: ConversionRequest, notes: list[str]) -> bytes:
+    """Rewrite each planned layer's float FULLY_CONNECTED weight as the plan's packed codes and scales, named
+    `<fqn>.weight` (the parity reader finds it so); then require XNNPACK to take every rewritten op."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from edgeq.converters.parity_tflite import INT8, WEIGHT_SUFFIX, op_names, read_model, tensor_name, weight_uses
+
+    target = request.profile.id
+    model = read_model(flatbuffer)
+    names = op_names(model)
+    subgraph = model.subgraphs[0]  # one signature, one subgraph
+    planned = {fqn for fqn, layer in plan.layers.items() if layer.weight is not None}
+    uses: dict[str, list] = {}  # fqn -> the ops computing with its weight (a module called twice has two)
+    owners: dict[int, str] = {}  # weight tensor -> fqn
+    for use in weight_uses(model, subgraph, names):
+        tensor = subgraph.tensors[use.tensor]
+        fqn = next((scopes[s] for s in tensor_name(tensor).split(";") if s in scopes), None)
+        if fqn not in planned:
+            continue
+        if use.op_name != "FULLY_CONNECTED" or use.dequantize is not None:
+            raise ConversionError(f"target {target}: layer {fqn} was lowered to {use.op_name}, not a FULLY_CONNECTED over a float constant; LiteRT's low-bit kernels are FULLY_CONNECTED only")
+        if any(other.tensor != use.tensor for other in uses.get(fqn, [])):
+            raise ConversionError(f"target {target}: layer {fqn}'s weight is stored twice in the TFLite model")
+        if owners.setdefault(use.tensor, fqn) != fqn:
+            raise ConversionError(f"target {target}: layers {owners[use.tensor]} and {fqn} share one weight tensor; keep them float")
+        uses.setdefault(fqn, []).append(use)
+    lost = sorted(planned - set(uses))
+    if lost:
+        raise ConversionError(
+            f"target {target}: no FULLY_CONNECTED float weight found for layer(s) {', '.join(lost[:5])} in the converted "
+            "model (litert-torch lowered them otherwise, or folded them)"
+        )
+    references: dict[int, int] = {}
+    for graph in model.subgraphs:
+        for tensor in graph.tensors:
+            references[tensor.buffer] = references.get(tensor.buffer, 0) + 1
+    containers, hybrid_ops = [], []
+    for fqn, fqn_uses in uses.items():
+        layer = plan.layers[fqn]
+        tensor = subgraph.tensors[fqn_uses[0].tensor]
+        if [int(d) for d in tensor.shape] != list(layer.weight_codes.shape):
+            raise ConversionError(f"target {target}: layer {fqn}'s FULLY_CONNECTED weight is {list(tensor.shape)}, the plan's codes {list(layer.weight_codes.shape)}")
+        tensor_type, bits = storage(layer)
+        data = _packed(layer.weight_codes, bits)
+        if references.get(tensor.buffer, 0) > 1:  # litert-torch shares equal constants: give this one its own buffer
+            buffer = schema.BufferT()
+            model.buffers.append(buffer)
+            tensor.buffer = len(model.buffers) - 1
+        model.buffers[tensor.buffer].data = data
+        model.buffers[tensor.buffer].offset, model.buffers[tensor.buffer].size = 0, 0
+        tensor.type = tensor_type
+        tensor.name = (fqn + WEIGHT_SUFFIX).encode()
+        tensor.quantization = _quantization(model, subgraph, fqn, layer, schema)
+        if bits != layer.weight.dtype.bits:
+            containers.append(f"{fqn} ({layer.weight.dtype})")
+        if tensor_type == INT8:
+            hybrid_ops += [u.op for u in fqn_uses]
+    _raise_versions(model, subgraph, hybrid_ops)
+    if containers:
+        notes.append(f"{len(containers)} layer(s) hold their codes in LiteRT's INT4 type, 4 bits each (no INT3; XNNPACK refuses blockwise INT2): {', '.join(containers[:5])}")
+    notes.append(
+        f"{len(uses)} linear layer(s) run LiteRT's low-bit FULLY_CONNECTED: packed weights, input rows quantized to int8 "
+        "per call (XNNPACK: asymmetric per row), so outputs differ from float math with the same weights"
+    )
+    packed = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    _require_delegated(packed, {u.op: fqn for fqn, us in uses.items() for u in us}, target)
+    return packed
+
+
+def _packed(codes: np.ndarray, bits: int) -> np.ndarray:
+    from edgeq.converters.parity_tflite import pack_codes
+
+    return np.ascontiguousarray(codes, dtype=np.int8).view(np.uint8).ravel() if bits == 8 else pack_codes(codes, bits)
+
+
+def _quantization(model, subgraph, fqn: str, layer: LayerPlan, schema):
+    """The weight's QuantizationParameters: per-channel float32 scales, or a FLOAT16 scale table by index."""
+    quant = schema.QuantizationParametersT()
+    quant.quantizedDimension = 0
+    if isinstance(layer.weight.granularity, PerChannel):
+        quant.scale = layer.weight.scale.astype(np.float32).ravel()
+        quant.zeroPoint = np.zeros(quant.scale.size, dtype=np.int64)
+        return quant
+    scales = layer.weight.scale.astype(np.float16)  # exact: checked to be bf16 values in float16's normal range
+    buffer = schema.BufferT()
+    buffer.data = scales.view(np.uint8).ravel()
+    model.buffers.append(buffer)
+    table = schema.TensorT()
+    table.shape = np.asarray(scales.shape, dtype=np.int32)
+    table.type = 1  # FLOAT16
+    table.buffer = len(model.buffers) - 1
+    table.name = f"{fqn}.weight.scales".encode()
+    subgraph.tensors.append(table)
+    details = schema.BlockwiseQuantizationT()
+    details.scales = len(subgraph.tensors) - 1
+    details.zeroPoints = -1  # symmetric: LiteRT's blockwise kernels have no zero point
+    details.blockSize = layer.weight.granularity.size
+    quant.detailsType = schema.QuantizationDetails.BlockwiseQuantization
+    quant.details = details
+    return quant
+
+
+def _raise_versions(model, subgraph, ops: list[int]) -> None:
+    """int8 hybrid FULLY_CONNECTEDs claim the version litert-torch writes for them (a code of their own)."""
+    raised: dict[int, int] = {}
+    for index in ops:
+        op = subgraph.operators[index]
+        code = model.operatorCodes[op.opcodeIndex]
+        if code.version >= _HYBRID_FC_VERSION:
+            continue
+        if op.opcodeIndex not in raised:
+            hybrid = copy.copy(code)
+            hybrid.version = _HYBRID_FC_VERSION
+            model.operatorCodes.append(hybrid)
+            raised[op.opcodeIndex] = len(model.operatorCodes) - 1
+        op.opcodeIndex = raised[op.opcodeIndex]
+
+
+def _require_delegated(flatbuffer: bytes, ops: dict[int, str], target: str) -> None:
+    """Load the artifact in LiteRT with its default delegate; every rewritten op must be in an XNNPACK partition."""
+    from edgeq.validate.runners.litert_delegation import undelegated_ops
+
+    try:
+        missed = undelegated_ops(flatbuffer, sorted(ops))
+    except RuntimeError as exc:
+        raise ConversionError(f"target {target}: the low-bit TFLite model does not load: {exc}") from exc
+    if missed:
+        layers = ", ".join(sorted({ops[p.index] for p in missed})[:5])
+        raise ConversionError(
+            f"target {target}: LiteRT's XNNPACK delegate did not take the low-bit FULLY_CONNECTED of {layers}; "
+            "its builtin kernel is a reference loop ~1,000x slower, so the artifact is not usable"
+        )

@@ -1,0 +1,269 @@
+"""TFLite low-bit packer (int4-dynamic): the plan's codes and scales in the .tflite, bit for bit, run by XNNPACK.
+
+One conversion of a stack of linear layers carries every form the packer writes (blockwise INT4 at groups 32 and
+128, 3-bit and blockwise 2-bit codes in INT4 containers, INT4 and INT2 per channel, an int8 hybrid fallback and a
+float layer); plans are made with calibration/lowbit (RTN, MSE clipping) on the target's grid: block scales
+rounded up to bfloat16, codes re-rounded on them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import TFLITE
+
+pytestmark = TFLITE
+
+BATCH = (1, 16, 128)
+# (bits, group size or None per channel) per planned layer, in model order; the last layer stays float.
+FORMS = [(4, 32), (4, 128), (3, 64), (4, None), (2, None), (2, 32), (8, None)]
+# LiteRT quantizes every input row to int8 per call; against PyTorch with the same (dequantized) weights the
+# whole stack measured 69 dB here (worst of 3 inputs). The floor leaves room for other CPUs' rounding; the
+# codes themselves are held by the parity test.
+MIN_SQNR_DB = 55.0
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        widths = [128, 256, 128, 128, 128, 64, 64, 64, 32]
+        layers = []
+        for k, n in zip(widths, widths[1:]):
+            layers += [nn.Linear(k, n), nn.ReLU()]
+        self.layers = nn.Sequential(*layers[:-1])
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def stack():
+    torch.manual_seed(0)
+    return Stack().eval(), (torch.randn(*BATCH),)
+
+
+def bf16_up(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 values >= `scale` (positive float32), at least float16's smallest normal."""
+    bits = scale.float().contiguous().view(torch.int32)
+    rounded = ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32)
+    return rounded.clamp(min=2.0**-14)
+
+
+def lowbit_layer(fqn: str, weight: torch.Tensor, bits: int, group: int | None):
+    """A plan entry on LiteRT's grid: symmetric codes, block scales on the bfloat16 grid."""
+    from edgeq.calibration.lowbit.grid import Grid
+    from edgeq.calibration.lowbit.rtn import LowBitWeight, rtn
+    from edgeq.calibration.lowbit.to_plan import layer_plan
+    from edgeq.calibration.weights import quantize_weight_per_channel
+    from edgeq.plan import LayerPlan, OpKind, QDtype
+
+    if bits == 8:
+        quant, codes = quantize_weight_per_channel(weight, QDtype.INT8, axis=0)
+        return LayerPlan(fqn, OpKind.LINEAR, quant, codes, dynamic_activation=QDtype.INT8)
+    grid = Grid(bits, group, symmetric=True)
+    fitted = rtn(weight, grid, "mse")
+    if group is not None:
+        scale = bf16_up(fitted.scale)
+        fitted = LowBitWeight(grid.quantize(weight.float(), scale, fitted.zero).to(torch.int8), scale, fitted.zero, grid)
+    entry = layer_plan(fqn, OpKind.LINEAR, fitted)
+    entry.dynamic_activation = QDtype.INT8
+    return entry
+
+
+def linears(module) -> list[tuple[str, nn.Linear]]:
+    """(user FQN, layer) of every linear layer: the names plans use (a loaded model is wrapped)."""
+    from edgeq.compress.apply import quantizable_layers
+
+    return [(fqn, m) for fqn, m in quantizable_layers(module) if isinstance(m, nn.Linear)]
+
+
+def make_plan(module, forms=FORMS):
+    from edgeq.plan import QuantPlan
+
+    plan = QuantPlan("int4-dynamic", "tflite-xnnpack")
+    for (fqn, layer), (bits, group) in zip(linears(module), forms):
+        plan.layers[fqn] = lowbit_layer(fqn, layer.weight.detach(), bits, group)
+    return plan
+
+
+def request_for(plan, loaded=None, precision="int4-dynamic", target="tflite-xnnpack"):
+    from edgeq.converters import ConversionRequest
+    from edgeq.load import load_model
+    from edgeq.targets import Precision, load_profile
+
+    loaded = loaded or load_model("tests.converters.test_tflite_lowbit:stack")
+    return ConversionRequest(loaded, load_profile(target), Precision(precision), plan)
+
+
+def dequantized_module(module, plan):
+    """`module` with the plan's dequantized weights written into its layers (what the artifact should compute)."""
+    import copy
+
+    result = copy.deepcopy(module)
+    layers = dict(linears(result))
+    for fqn, entry in plan.layers.items():
+        with torch.no_grad():
+            layers[fqn].weight.copy_(torch.from_numpy(entry.weight.dequantize(entry.weight_codes)))
+    return result
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from edgeq.converters.tflite import TFLiteConverter
+
+    request = request_for(None)
+    request.plan = make_plan(request.model.module)
+    dest = tmp_path_factory.mktemp("lowbit") / "model.tflite"
+    artifact = TFLiteConverter().convert(request, dest)
+    return request, artifact
+
+
+def test_parity_exact_on_every_form(converted):
+    from edgeq.converters.parity import artifact_weights, compare_weights
+
+    request, artifact = converted
+    parity = compare_weights(request.plan, artifact_weights(artifact.path, "tflite"))
+    assert parity.mismatches == [] and parity.missing == [] and parity.removed == []
+    assert parity.checked == len(FORMS)
+
+
+def test_storage_types_sizes_and_notes(converted):
+    from edgeq.converters.parity_tflite import INT2, INT4, INT8, read_model, tensor_name
+
+    request, artifact = converted
+    model = read_model(artifact.path.read_bytes())
+    tensors = {tensor_name(t): t for t in model.subgraphs[0].tensors}
+    expected_type = {4: INT4, 3: INT4, 2: INT4, 8: INT8}
+    weight_bytes = 0
+    for (fqn, entry), (bits, group) in zip(request.plan.layers.items(), FORMS):
+        tensor = tensors[f"{fqn}.weight"]
+        rows, columns = entry.weight_codes.shape
+        stored_bits = 2 if (bits, group) == (2, None) else min(8, max(4, bits))
+        assert tensor.type == (INT2 if stored_bits == 2 else expected_type[bits])
+        assert len(model.buffers[tensor.buffer].data) == rows * columns * stored_bits // 8
+        weight_bytes += rows * columns * stored_bits // 8
+        if group is None:
+            assert tensor.quantization.detailsType == 0 and len(tensor.quantization.scale) == rows
+        else:
+            details = tensor.quantization.details
+            scales = model.subgraphs[0].tensors[details.scales]
+            assert (details.blockSize, details.zeroPoints, scales.type) == (group, -1, 1)  # FLOAT16 table
+            assert list(scales.shape) == [rows, columns // group]
+            weight_bytes += rows * columns // group * 2
+    # Nothing else is stored: the float weights were replaced, not kept beside the codes (a few bytes of shape
+    # constants aside); the file adds its tables and tensor names.
+    layers = [m for _, m in linears(request.model.module)]
+    biases = sum(4 * m.bias.numel() for m in layers)
+    float_tail = 4 * layers[-1].weight.numel()  # the layer kept float
+    stored = sum(len(buffer.data) for buffer in model.buffers if buffer.data is not None)
+    assert weight_bytes + biases + float_tail <= stored <= weight_bytes + biases + float_tail + 64
+    fp32_bytes = sum(4 * (m.weight.numel() + m.bias.numel()) for m in layers)
+    assert artifact.path.stat().st_size < 0.2 * fp32_bytes
+    assert any("INT4 type" in note and "layers.4 (int3)" in note and "layers.10 (int2)" in note for note in artifact.notes)
+
+
+def test_runs_on_xnnpack_close_to_torch_with_the_plans_weights(converted):
+    from edgeq.validate.metrics import sqnr_db
+    from edgeq.validate.runners import open_runner
+    from edgeq.validate.runners.litert_delegation import op_placements
+
+    request, artifact = converted
+    runner = open_runner(artifact.path, "tflite", threads=1)
+    reference = dequantized_module(request.model.module, request.plan)
+    generator = torch.Generator().manual_seed(3)
+    name = request.model.input_names[0]
+    worst = np.inf
+    for _ in range(3):
+        x = torch.randn(*BATCH, generator=generator)
+        (output,) = runner.run({name: x.numpy()}).values()
+        with torch.no_grad():
+            (expected,) = reference(x)  # the loaded (flat) model returns a tuple
+        worst = min(worst, sqnr_db(expected.numpy(), output))
+    print(f"worst SQNR {worst:.1f} dB")
+    assert worst >= MIN_SQNR_DB
+    placements = op_placements(runner.interpreter)  # the interpreter that ran: XNNPACK took every FC
+    assert [p.delegated for p in placements if p.op_name == "FULLY_CONNECTED"] == [True] * (len(FORMS) + 1)
+
+
+def test_delegation_is_read_from_the_interpreter(converted):
+    """Without the default delegate every op runs in the builtin kernels, and the reader says so."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from edgeq.validate.runners.litert_delegation import op_placements
+
+    _, artifact = converted
+    interpreter = Interpreter(
+        model_path=str(artifact.path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    )
+    interpreter.allocate_tensors()
+    placements = op_placements(interpreter)
+    assert placements and not any(p.delegated for p in placements)
+
+
+def test_pack_layout_is_ai_edge_quantizers():
+    """Row-major, lowest bits first: byte for byte what ai-edge-quantizer writes for INT4 and INT2."""
+    from ai_edge_quantizer.transformations.transformation_utils import pack_data
+
+    from edgeq.converters.parity_tflite import pack_codes, unpack_codes
+
+    rng = np.random.default_rng(0)
+    for bits in (4, 2):
+        codes = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), size=(6, 64), dtype=np.int8)
+        packed = pack_codes(codes, bits)
+        assert np.array_equal(packed, pack_data(bits, codes.ravel().view(np.uint8)))
+        assert np.array_equal(unpack_codes(packed, bits, codes.size).reshape(codes.shape), codes)
+
+
+def _refusals(plan, precision="int4-dynamic"):
+    from edgeq.converters.tflite import TFLiteConverter
+
+    return TFLiteConverter().check(request_for(plan, precision=precision))
+
+
+def test_refuses_what_litert_cannot_hold_naming_layer_and_remedy():
+    import dataclasses
+
+    from edgeq.load import load_model
+    from edgeq.plan import PerGroup, QDtype, QuantPlan, TensorQuant
+
+    loaded = load_model("tests.converters.test_tflite_lowbit:stack")
+    weight = dict(linears(loaded.module))["layers.0"].weight.detach()
+    good = lowbit_layer("layers.0", weight, 4, 32)
+    cases = {}
+    # Asymmetric codes: LiteRT's low-bit kernels have no zero point.
+    from edgeq.calibration.lowbit.grid import Grid
+    from edgeq.calibration.lowbit.rtn import rtn
+    from edgeq.calibration.lowbit.to_plan import layer_plan
+    from edgeq.plan import OpKind
+
+    cases["asymmetric"] = layer_plan("layers.0", OpKind.LINEAR, rtn(weight, Grid(4, 32, symmetric=False)))
+    # Blocks of 16 columns: XNNPACK takes multiples of 32.
+    wide = good.weight
+    scale16 = np.repeat(wide.scale, 2, axis=1)
+    cases["group 16"] = dataclasses.replace(good, weight=TensorQuant(QDtype.INT4, PerGroup(1, 16), True, scale16, np.zeros_like(scale16, np.int32)))
+    # Scales off the bfloat16 grid: XNNPACK would round them.
+    off = wide.scale.copy()
+    off.view(np.uint32)[0, 0] |= 1
+    cases["not bf16"] = dataclasses.replace(good, weight=TensorQuant(QDtype.INT4, wide.granularity, True, off, wide.zero_point))
+    # Below float16's normal range.
+    tiny = np.full_like(wide.scale, 2.0**-20)
+    cases["subnormal"] = dataclasses.replace(good, weight=TensorQuant(QDtype.INT4, wide.granularity, True, tiny, wide.zero_point))
+    cases["static"] = dataclasses.replace(good, activation=wide)
+    expected = {
+        "asymmetric": "no zero point", "group 16": "multiple of 32", "not bf16": "bfloat16 grid",
+        "subnormal": "normal values", "static": "plan no activation scales",
+    }
+    for case, entry in cases.items():
+        plan = QuantPlan("int4-dynamic", "tflite-xnnpack", {"layers.0": entry})
+        refusals = _refusals(plan)
+        assert [r.layer for r in refusals] == ["layers.0"], case
+        assert expected[case] in refusals[0].reason, (case, refusals[0].reason)
+    assert _refusals(QuantPlan("int4-dynamic", "tflite-xnnpack", {"layers.0": good})) == []
+
+
+@pytest.mark.parametrize("precision", ["int4-weight", "int3-weight", "int2-weight", "lut4-weight"])
+def test_float_activation_low_bit_is_refused_naming_int4_dynamic(precision):
+    (refusal,) = _refusals(None, precision)
+    assert "use int4-dynamic" in refusal.reason and "int8-weight" in refusal.reason
