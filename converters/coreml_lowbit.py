@@ -73,9 +73,7 @@ def lut_layer(fqn: str, palette, op: OpKind = OpKind.LINEAR) -> LayerPlan:
     indices uint8 [N, K]): weight_codes = indices, palette = lut as float32; weight stays None."""
     indices = palette.indices.detach().cpu().numpy().astype(np.uint8)
     lut = palette.lut.detach().cpu().numpy().astype(np.float32)
-    layer = LayerPlan(fqn, op, weight_codes=indices)
-    layer.palette = lut
-    return layer
+    return LayerPlan(fqn, op, weight_codes=indices, palette=lut)
 
 
 def is_lowbit(layer: LayerPlan) -> bool:

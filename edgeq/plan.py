@@ -175,10 +175,14 @@ class LayerPlan:
     smooth: np.ndarray | None = None
     bias_correction: np.ndarray | None = None  # added to the float bias (per output channel): bias correction
     reason: str | None = None  # why the layer stays float, when it does
+    # A k-means palette instead of an affine grid: float32 [N / group_channels, 2^bits], row g the table of
+    # output channels g*gc .. (g+1)*gc - 1 (one row: per tensor); weight_codes then hold the indices (uint8
+    # [N, K]) and `weight` is None.
+    palette: np.ndarray | None = None
 
     @property
     def is_float(self) -> bool:
-        return self.weight is None and self.activation is None and self.dynamic_activation is None
+        return self.weight is None and self.palette is None and self.activation is None and self.dynamic_activation is None
 
 
 INPUT_PREFIX = "input:"  # tensor points on model inputs are keyed "input:<input name>"
@@ -225,6 +229,9 @@ class QuantPlan:
                     arrays[f"{fqn}/{role}_zero_point"] = quant.zero_point
             if layer.weight_codes is not None:
                 arrays[f"{fqn}/weight_codes"] = layer.weight_codes
+            if layer.palette is not None:
+                entry["palette"] = {"entries": int(layer.palette.shape[1]), "tables": int(layer.palette.shape[0])}
+                arrays[f"{fqn}/palette"] = layer.palette
             if layer.smooth is not None:
                 entry["smooth"] = True
                 arrays[f"{fqn}/smooth"] = layer.smooth
@@ -278,6 +285,7 @@ class QuantPlan:
                 smooth=arrays.get(f"{fqn}/smooth"),
                 bias_correction=arrays.get(f"{fqn}/bias_correction"),
                 reason=entry.get("reason"),
+                palette=arrays.get(f"{fqn}/palette"),
             )
         for key, described in data.get("tensors", {}).items():
             plan.tensors[key] = quant(described, f"{key}/tensor")

@@ -7,6 +7,7 @@ stays float with its reason in the plan, and so does a linear whose input width 
 
 from __future__ import annotations
 
+import numpy as np
 from torch import nn
 
 from edgeq.calibration.lowbit.grid import Grid
@@ -22,12 +23,12 @@ from edgeq.targets.resolve import Calibration, executed_layers, matches, op_kind
 def check_lowbit(profile: TargetProfile, precision: Precision, scheme: Scheme) -> Grid:
     """The grid `scheme` means on `profile`, or a ConversionError saying what the target holds instead."""
     caps = profile.quantization
-    if scheme.palette:
-        raise ConversionError(f"target {profile.id}: {precision} (palettes) is not lowered by edgeq yet")
-    dtype = code_dtype(scheme.bits, scheme.symmetric).value
+    dtype = f"lut{scheme.bits}" if scheme.palette else code_dtype(scheme.bits, scheme.symmetric).value
     if dtype not in caps.weight_dtypes:
         held = ", ".join(d for d in caps.weight_dtypes) or "no quantized weights"
         raise ConversionError(f"target {profile.id} does not hold {dtype} weights ({precision}); it holds {held}")
+    if scheme.palette:  # --group-size counts output channels per table; every runtime with palettes takes both
+        return Grid(scheme.bits, None, True, caps.scale_dtype)
     if scheme.group_size is None and Granularity.PER_CHANNEL not in caps.weight_granularity:
         raise ConversionError(f"target {profile.id} holds {dtype} weights per group, not per channel; use --group-size")
     if scheme.group_size is not None and (
@@ -77,7 +78,7 @@ def resolve_lowbit_plan(
             plan.layers[fqn] = LayerPlan(fqn, kind, reason=f"kept float: --keep-float {kept}")
         elif kind != OpKind.LINEAR:
             plan.layers[fqn] = LayerPlan(fqn, kind, reason=f"{precision} quantizes linear layers; {kind.value} layers stay float")
-        elif scheme.group_size is not None and layer.in_features % scheme.group_size:
+        elif scheme.group_size is not None and not scheme.palette and layer.in_features % scheme.group_size:
             plan.layers[fqn] = LayerPlan(
                 fqn, kind, reason=f"{layer.in_features} input features are not a multiple of the group size {scheme.group_size}"
             )
@@ -85,6 +86,8 @@ def resolve_lowbit_plan(
             chosen.append(fqn)
     if not chosen:
         return plan
+    if scheme.palette:
+        return _palette_plan(module, plan, chosen, scheme, grid)
     if scheme.algorithm == Algorithm.GPTQ:
         # act-order with static groups: GPTQ's best on MiniLM, and groups stay contiguous columns (runtimes need it)
         solver = gptq_solver(grid, actorder=True, static_groups=True, clip="mse")
@@ -127,6 +130,33 @@ def _footprint(module: nn.Module, plan: QuantPlan, grid: Grid) -> str:
         f"{grid.scale_dtype} scales{'' if grid.symmetric else ', zero points'}), which hold "
         f"{100 * elements / max(total, 1):.1f}% of the model's weight elements; the rest stays float"
     )
+
+
+def _palette_plan(module: nn.Module, plan: QuantPlan, chosen: list[str], scheme: Scheme, grid: Grid) -> QuantPlan:
+    """k-means palettes (calibration/lowbit/kmeans.py), one table per `group_size` output channels (per tensor
+    when the layer has fewer, or without a group size), entries in the target's scale precision."""
+    import torch
+
+    from edgeq.calibration.lowbit.grid import SCALE_DTYPES
+    from edgeq.calibration.lowbit.kmeans import palettize
+    from edgeq.compress.apply import user_fqn
+
+    by_name = {user_fqn(name): child for name, child in module.named_modules()}
+    lut_dtype = SCALE_DTYPES[grid.scale_dtype][0]
+    for fqn in chosen:
+        weight = by_name[fqn].weight.detach()
+        rows = weight.shape[0]
+        channels = scheme.group_size if scheme.group_size and rows % scheme.group_size == 0 and rows > scheme.group_size else rows
+        per = "tensor" if channels == rows else "grouped_channels"
+        palette = palettize(weight.reshape(rows, -1), scheme.bits, per=per, group_channels=channels if per != "tensor" else None,
+                            lut_dtype=lut_dtype)
+        plan.layers[fqn] = LayerPlan(
+            fqn, OpKind.LINEAR, weight_codes=palette.indices.cpu().numpy().astype(np.uint8),
+            palette=palette.lut.cpu().numpy().astype(np.float32),
+        )
+    grouping = f"one table per {scheme.group_size} output channels" if scheme.group_size else "one table per layer"
+    plan.notes.append(f"{scheme.bits}-bit k-means palettes ({2 ** scheme.bits} {grid.scale_dtype} entries), {grouping}, unweighted")
+    return plan
 
 
 def _attention_rows(sample) -> "torch.Tensor":

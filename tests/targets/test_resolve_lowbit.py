@@ -19,11 +19,11 @@ id = "lowbit-test"
 runtime = "onnx"
 hardware = "test"
 summary = "a target holding 4-bit symmetric weights per group of 32 or 128, fp16 scales"
-precisions = ["fp32", "int8-weight", "int4-weight", "int3-weight", "int4-dynamic", "lut4-weight"]
+precisions = ["fp32", "int8-weight", "int4-weight", "int3-weight", "int4-dynamic", "lut4-weight", "lut2-weight"]
 default_precision = "fp32"
 dynamic_shapes = true
 [quantization]
-weight_dtypes = ["int8", "int4", "int3"]
+weight_dtypes = ["int8", "int4", "int3", "lut4"]
 weight_granularity = ["per_channel", "per_group"]
 weight_symmetric = true
 group_sizes = [32, 128]
@@ -115,12 +115,26 @@ def test_per_channel_3_bit_and_dynamic(model, profile):
     assert dynamic.layers["up"].dynamic_activation == "int8"
 
 
+def test_palettes_hold_fp16_tables_and_survive_the_plan_files(model, profile, tmp_path):
+    from edgeq.plan import QuantPlan
+
+    plan = plan_for(model, profile, Precision.LUT4_WEIGHT, group_size=32)
+    layer = plan.layers["up"]  # 128 output channels: 4 tables of 16 entries
+    assert layer.weight is None and not layer.is_float and layer.palette.shape == (4, 16)
+    assert layer.weight_codes.dtype == np.uint8 and layer.weight_codes.max() < 16
+    assert np.array_equal(layer.palette.astype(np.float16).astype(np.float32), layer.palette)
+    assert plan.layers["odd"].palette.shape == (1, 16)  # 8 output channels: one table
+    plan.save(tmp_path)
+    again = QuantPlan.load(tmp_path).layers["up"]
+    assert np.array_equal(again.palette, layer.palette) and np.array_equal(again.weight_codes, layer.weight_codes)
+
+
 @pytest.mark.parametrize(
     "precision, options, error, words",
     [
         (Precision.INT4_WEIGHT, {"group_size": 64}, ConversionError, "group size 64 is not one it runs (it runs 32, 128)"),
         (Precision.INT2_WEIGHT, {}, ConversionError, "does not hold int2 weights"),
-        (Precision.LUT4_WEIGHT, {}, ConversionError, "palettes"),
+        (Precision.LUT2_WEIGHT, {}, ConversionError, "does not hold lut2 weights"),
         (Precision.INT4_WEIGHT, {"algorithm": "awq"}, UsageError, "--algo awq"),
         (Precision.INT4_WEIGHT, {"auto_fallback": True}, ConversionError, "--auto-fallback"),
     ],
