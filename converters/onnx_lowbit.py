@@ -146,9 +146,10 @@ def split_plan(plan: QuantPlan | None) -> tuple[dict[str, LayerPlan], QuantPlan]
     return lowbit, rest
 
 
-def lower_lowbit(proto, layers: dict[str, LayerPlan], precision: Precision, target: str) -> list[str]:
+def lower_lowbit(proto, layers: dict[str, LayerPlan], precision: Precision, target: str, model=None) -> list[str]:
     """Rewrite the exported graph's planned layers into MatMulNBits; refuses (ConversionError) a layer that is
-    in the graph but could not be rewritten, rather than ship it float. Returns the artifact's notes."""
+    in the graph but could not be rewritten, rather than ship it float. Returns the artifact's notes (with
+    `model`, a LoadedModel, and a level above 1: the kernel's error apart from the weights', on its example)."""
     level = accuracy_level(precision)
     rewritten, scoped = rewrite_matmul_nbits(proto, layers, level)
     left = sorted((set(layers) - set(rewritten)) & scoped)
@@ -167,7 +168,33 @@ def lower_lowbit(proto, layers: dict[str, LayerPlan], precision: Precision, targ
     if narrow:
         widths = "/".join(map(str, narrow))
         notes.append(f"{widths}-bit codes are stored in 4-bit MatMulNBits containers (bits=4): the file holds 4 bits a weight")
+    if model is not None and level != FLOAT_ACCURACY_LEVEL and rewritten:
+        notes.append(accuracy_levels_note(proto, model, level))
     return notes
+
+
+def accuracy_levels_note(proto, model, level: int) -> str:
+    """The artifact against FP32 PyTorch on the model's example input, at `level` (deployed) and at level 1 (the
+    plan's weights in fp32 math): the weights' error and the kernel's int8 activations' error apart."""
+    import onnxruntime as ort
+
+    from edgeq.calibration.collect import run_module
+    from edgeq.validate.metrics import sqnr_db
+
+    if proto.ByteSize() >= 2**31 - 1:  # a session from bytes holds up to 2 GiB; validation still runs the file
+        return f"accuracy_level {level} vs 1 not compared at conversion (graph over 2 GiB)"
+    sample = {name: tensor.numpy() for name, tensor in zip(model.input_names, model.example_inputs)}
+    (reference,) = run_module(model.module, [sample], model.input_names, model.outputs, "FP32 reference")
+    floats = [name for name in model.outputs if np.issubdtype(reference[name].dtype, np.floating)]
+    figures = {}
+    for run_level in (level, FLOAT_ACCURACY_LEVEL):
+        session = ort.InferenceSession(with_accuracy_level(proto, run_level).SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs = dict(zip(floats, session.run(floats, sample)))
+        figures[run_level] = min(sqnr_db(reference[name], outputs[name]) for name in floats)
+    return (
+        f"example input vs FP32 PyTorch: SQNR {figures[level]:.1f} dB at accuracy_level {level} (deployed), "
+        f"{figures[FLOAT_ACCURACY_LEVEL]:.1f} dB at level 1 (the plan's weights in fp32 math): the difference is the kernel's"
+    )
 
 
 # -- packing ------------------------------------------------------------------------------------------------

@@ -290,6 +290,8 @@ def test_int4_dynamic_runs_at_accuracy_level_4_and_separates_kernel_error(tmp_pa
     weight_exact = sqnr_db(reference, run_ort(artifact.path, model, level=1))
     assert weight_exact >= FLOAT_MATH_SQNR_DB  # the weights are the plan's: level 1 leaves only fp32 rounding
     assert INT8_ACTIVATIONS_SQNR_DB <= deployed < weight_exact  # level 4's error is the kernel's int8 activations
+    (note,) = [note for note in artifact.notes if note.startswith("example input vs FP32 PyTorch")]
+    assert "at accuracy_level 4 (deployed)" in note and "at level 1 (the plan's weights in fp32 math)" in note
 
 
 def test_profiles_list_what_the_packer_lowers():
