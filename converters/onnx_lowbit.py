@@ -152,7 +152,9 @@ def lower_lowbit(proto, layers: dict[str, LayerPlan], precision: Precision, targ
     `model`, a LoadedModel, and a level above 1: the kernel's error apart from the weights', on its example)."""
     level = accuracy_level(precision)
     rewritten, scoped = rewrite_matmul_nbits(proto, layers, level)
-    left = sorted((set(layers) - set(rewritten)) & scoped)
+    named = {i.name for i in proto.graph.initializer}
+    present = scoped | {f for f in layers if any(n.startswith((f"{f}.", f"inner.{f}.")) for n in named)}
+    left = sorted((set(layers) - set(rewritten)) & present)
     if left:
         raise ConversionError(
             f"target {target}: {precision} could not lower layer(s) {', '.join(left[:5])} to MatMulNBits (their weight "
@@ -161,7 +163,7 @@ def lower_lowbit(proto, layers: dict[str, LayerPlan], precision: Precision, targ
     bits = sorted({CONTAINER_BITS[layers[f].weight.dtype] for f in rewritten})
     math = "int8 activations quantized per block at run time" if level == 4 else "fp32 math"
     notes = [
-        f"{len(rewritten)} linear layers run as com.microsoft.MatMulNBits ({'/'.join(map(str, bits))}-bit), "
+        f"{len(set(rewritten))} linear layers run as com.microsoft.MatMulNBits ({'/'.join(map(str, bits))}-bit), "
         f"accuracy_level={level} ({math})"
     ]
     narrow = sorted({layers[f].weight.dtype.bits for f in rewritten if layers[f].weight.dtype.bits < CONTAINER_BITS[layers[f].weight.dtype]})
@@ -316,7 +318,8 @@ def rewrite_matmul_nbits(proto, layers: dict[str, LayerPlan], level: int) -> tup
 
     A node is a layer's when its constant weight equals the plan's dequantized weight bit for bit ([K, N] for
     MatMul and Gemm, [N, K] for Gemm transB=1); equal weights of two layers are told apart by the node's module
-    scope. The bias stays an Add after the MatMulNBits. Returns (rewritten FQNs, FQNs some node's scope names)."""
+    scope. The bias stays an Add after the MatMulNBits. Returns (rewritten FQNs, once per node, and the FQNs
+    some node's module scope names)."""
     from onnx import helper, numpy_helper
 
     from edgeq.converters.parity import onnx_tensors
