@@ -18,14 +18,20 @@ reference model), but with the plan's codes and scales verbatim:
   int2 per channel                   INT2     scale [N] float32, zero point 0, dimension 0      qc2w
   int8 per channel (a fallback)      INT8     scale [N] float32, zero point 0, dimension 0      qd8-f32-qc8w (hybrid)
 
+A blockwise FULLY_CONNECTED's fused activation (ReLU from litert-torch's fusion) becomes a separate op after it:
+LiteRT 2.3's builtin blockwise kernel ignores fused activations (measured: ReLU outputs left negative, while
+XNNPACK applies it), and edgeq's per-layer drift runs the builtin kernels; XNNPACK fuses the op back itself.
+
 Codes are packed row-major, lowest bits first (parity_tflite.pack_codes). 3-bit codes, and 2-bit codes per
 group, live in the INT4 container (LiteRT has no INT3, and XNNPACK refuses blockwise INT2: the whole model
 then fails to load): exact values, 4 bits of storage each, said in the artifact's notes.
 
 Refused before any work, per layer: asymmetric codes (no zero point in LiteRT's low-bit kernels), a group size
-that is not a multiple of 32 or does not divide K, block scales not exactly representable in bfloat16 or
-outside float16's normal range (XNNPACK reads the FLOAT16 scales and rounds them to bf16: the plan must already
-be on that grid), static activations, and low-bit weights on anything but a linear layer.
+that is not a multiple of 32 or does not divide K, block scales not exactly representable in bfloat16 or outside
+float16's normal range (XNNPACK reads the FLOAT16 scales and rounds them to bf16: the plan must already be on
+that grid), per-channel int4 codes of -8 (LiteRT's builtin per-channel INT4 kernel computes them wrongly,
+measured; XNNPACK does not: per channel the grid is [-7, 7]), static activations, and low-bit weights on
+anything but a linear layer.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ FP16_MIN_NORMAL = 2.0**-14  # XNNPACK checks every block scale is a normal float
 FP16_MAX = 65504.0
 _LOW_BIT_DTYPES = (QDtype.INT2, QDtype.INT3, QDtype.INT4)
 _HYBRID_FC_VERSION = 12  # litert-torch's version for float-input, int8 per-channel FULLY_CONNECTED
+# Fused activation (ActivationFunctionType) -> the builtin op that computes it alone (BuiltinOperator code).
+_ACTIVATION_OPS = {1: 19, 2: 20, 3: 21, 4: 28}  # RELU, RELU_N1_TO_1, RELU6, TANH
 
 
 def float_activation_refusal(precision: Precision) -> Refusal:
@@ -99,6 +107,11 @@ def layer_refusal(layer: LayerPlan, module: torch.nn.Module | None) -> str | Non
     if isinstance(granularity, PerChannel):
         if granularity.axis != 0:
             return f"per-channel scales along axis {granularity.axis}: TFLite's FULLY_CONNECTED scales output channels (axis 0)"
+        if quant.dtype == QDtype.INT4 and codes.min(initial=0) == QDtype.INT4.qmin:
+            # Measured on LiteRT 2.3: XNNPACK computes -8 right, the builtin hybrid kernel does not (7 dB against
+            # torch), and edgeq's per-layer drift and any runtime without XNNPACK use the builtin kernel.
+            return ("per-channel int4 codes include -8, which LiteRT's builtin per-channel INT4 kernel computes wrongly; "
+                    "quantize per channel on [-7, 7] (min-max scales do) or per group (blockwise codes may use -8)")
         return None
     if not isinstance(granularity, PerGroup) or granularity.axis != 1:
         return f"{granularity.to_json()['kind']} scales: TFLite's low-bit FULLY_CONNECTED takes per-channel or per-group (along K) scales"
@@ -197,7 +210,7 @@ def pack_lowbit(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], requ
     for graph in model.subgraphs:
         for tensor in graph.tensors:
             references[tensor.buffer] = references.get(tensor.buffer, 0) + 1
-    containers, hybrid_ops = [], []
+    containers, hybrid_ops, blockwise_ops = [], [], []
     for fqn, fqn_uses in uses.items():
         layer = plan.layers[fqn]
         tensor = subgraph.tensors[fqn_uses[0].tensor]
@@ -218,7 +231,11 @@ def pack_lowbit(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], requ
             containers.append(f"{fqn} ({layer.weight.dtype})")
         if tensor_type == INT8:
             hybrid_ops += [u.op for u in fqn_uses]
+        if isinstance(layer.weight.granularity, PerGroup):
+            blockwise_ops += [u.op for u in fqn_uses]
     _raise_versions(model, subgraph, hybrid_ops)
+    rewritten = {id(subgraph.operators[u.op]): fqn for fqn, us in uses.items() for u in us}
+    _unfuse_activations(model, subgraph, blockwise_ops, target)  # last: it moves operator positions
     if containers:
         notes.append(f"{len(containers)} layer(s) hold their codes in LiteRT's INT4 type, 4 bits each (no INT3; XNNPACK refuses blockwise INT2): {', '.join(containers[:5])}")
     notes.append(
@@ -226,7 +243,8 @@ def pack_lowbit(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], requ
         "per call (XNNPACK: asymmetric per row), so outputs differ from float math with the same weights"
     )
     packed = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-    _require_delegated(packed, {u.op: fqn for fqn, us in uses.items() for u in us}, target)
+    positions = {id(op): index for index, op in enumerate(subgraph.operators)}
+    _require_delegated(packed, {positions[key]: fqn for key, fqn in rewritten.items()}, target)
     return packed
 
 
@@ -277,6 +295,49 @@ def _raise_versions(model, subgraph, ops: list[int]) -> None:
             model.operatorCodes.append(hybrid)
             raised[op.opcodeIndex] = len(model.operatorCodes) - 1
         op.opcodeIndex = raised[op.opcodeIndex]
+
+
+def _unfuse_activations(model, subgraph, ops: list[int], target: str) -> None:
+    """Move each op's fused activation into its own op right after it (see the module docstring)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from edgeq.converters.parity_tflite import tensor_name
+
+    for index in sorted(set(ops), reverse=True):  # from the end, so earlier positions stay valid
+        op = subgraph.operators[index]
+        fused = op.builtinOptions.fusedActivationFunction
+        if fused == schema.ActivationFunctionType.NONE:
+            continue
+        if fused not in _ACTIVATION_OPS:
+            raise ConversionError(f"target {target}: a low-bit FULLY_CONNECTED fuses activation {fused}, which edgeq cannot split off")
+        output = subgraph.tensors[op.outputs[0]]
+        before = copy.copy(output)
+        before.name = (tensor_name(output) + "/pre_activation").encode()
+        before.buffer = _empty_buffer(model, schema)
+        subgraph.tensors.append(before)
+        activation = schema.OperatorT()
+        activation.opcodeIndex = _opcode(model, schema, _ACTIVATION_OPS[fused])
+        activation.inputs = np.asarray([len(subgraph.tensors) - 1], dtype=np.int32)
+        activation.outputs = np.asarray([op.outputs[0]], dtype=np.int32)
+        op.outputs = np.asarray([len(subgraph.tensors) - 1], dtype=np.int32)
+        op.builtinOptions.fusedActivationFunction = schema.ActivationFunctionType.NONE
+        subgraph.operators.insert(index + 1, activation)
+
+
+def _empty_buffer(model, schema) -> int:
+    model.buffers.append(schema.BufferT())
+    return len(model.buffers) - 1
+
+
+def _opcode(model, schema, builtin: int) -> int:
+    """Index of the operator code of `builtin` (version 1), added if the model has none."""
+    for index, code in enumerate(model.operatorCodes):
+        if code.builtinCode == builtin and code.version == 1 and not code.customCode:
+            return index
+    code = schema.OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
 
 
 def _require_delegated(flatbuffer: bytes, ops: dict[int, str], target: str) -> None:

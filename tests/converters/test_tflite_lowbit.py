@@ -20,10 +20,12 @@ pytestmark = TFLITE
 BATCH = (1, 16, 128)
 # (bits, group size or None per channel) per planned layer, in model order; the last layer stays float.
 FORMS = [(4, 32), (4, 128), (3, 64), (4, None), (2, None), (2, 32), (8, None)]
-# LiteRT quantizes every input row to int8 per call; against PyTorch with the same (dequantized) weights the
-# whole stack measured 69 dB here (worst of 3 inputs). The floor leaves room for other CPUs' rounding; the
+# LiteRT quantizes every input row to int8 per call (~44 dB per layer here); against PyTorch with the same
+# (dequantized) weights the 8-layer stack measured 38.3 dB (worst of 3 inputs), and the builtin kernels 37.7 dB
+# against XNNPACK (they quantize inputs symmetric per row, XNNPACK asymmetric). A kernel that computes another
+# function falls far below (a fused ReLU ignored: 4 dB; per-channel code -8 on the builtin kernel: 7 dB); the
 # codes themselves are held by the parity test.
-MIN_SQNR_DB = 55.0
+MIN_SQNR_DB = 32.0
 
 
 class Stack(nn.Module):
@@ -34,6 +36,10 @@ class Stack(nn.Module):
         for k, n in zip(widths, widths[1:]):
             layers += [nn.Linear(k, n), nn.ReLU()]
         self.layers = nn.Sequential(*layers[:-1])
+        for layer in self.layers:  # He init keeps the signal's size through the ReLUs; small biases keep it the signal
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=(2 / layer.in_features) ** 0.5)
+                nn.init.normal_(layer.bias, std=0.01)
 
     def forward(self, x):
         return self.layers(x)
@@ -63,7 +69,8 @@ def lowbit_layer(fqn: str, weight: torch.Tensor, bits: int, group: int | None):
         quant, codes = quantize_weight_per_channel(weight, QDtype.INT8, axis=0)
         return LayerPlan(fqn, OpKind.LINEAR, quant, codes, dynamic_activation=QDtype.INT8)
     grid = Grid(bits, group, symmetric=True)
-    fitted = rtn(weight, grid, "mse")
+    # Per channel, LiteRT's builtin INT4 kernel mis-computes code -8: min-max scales keep codes in [-7, 7].
+    fitted = rtn(weight, grid, "minmax" if group is None and bits > 2 else "mse")
     if group is not None:
         scale = bf16_up(fitted.scale)
         fitted = LowBitWeight(grid.quantize(weight.float(), scale, fitted.zero).to(torch.int8), scale, fitted.zero, grid)
@@ -187,19 +194,23 @@ def test_runs_on_xnnpack_close_to_torch_with_the_plans_weights(converted):
     assert [p.delegated for p in placements if p.op_name == "FULLY_CONNECTED"] == [True] * (len(FORMS) + 1)
 
 
-def test_delegation_is_read_from_the_interpreter(converted):
-    """Without the default delegate every op runs in the builtin kernels, and the reader says so."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
+def test_builtin_kernels_compute_the_same_and_are_seen_undelegated(converted):
+    """Without the default delegate every op runs in the builtin kernels, and the reader says so. They compute
+    the same function: the packer splits fused ReLUs off blockwise layers, which LiteRT's builtin blockwise
+    kernel would ignore."""
+    from edgeq.validate.metrics import sqnr_db
+    from edgeq.validate.runners import open_runner
     from edgeq.validate.runners.litert_delegation import op_placements
 
-    _, artifact = converted
-    interpreter = Interpreter(
-        model_path=str(artifact.path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    )
-    interpreter.allocate_tensors()
-    placements = op_placements(interpreter)
+    request, artifact = converted
+    builtin = open_runner(artifact.path, "tflite", threads=1, preserve_tensors=True)
+    xnnpack = open_runner(artifact.path, "tflite", threads=1)
+    x = {request.model.input_names[0]: torch.randn(*BATCH, generator=torch.Generator().manual_seed(4)).numpy()}
+    (slow,), (fast,) = builtin.run(x).values(), xnnpack.run(x).values()
+    placements = op_placements(builtin.interpreter)
     assert placements and not any(p.delegated for p in placements)
+    print(f"builtin vs XNNPACK {sqnr_db(fast, slow):.1f} dB")
+    assert sqnr_db(fast, slow) >= MIN_SQNR_DB
 
 
 def test_pack_layout_is_ai_edge_quantizers():
@@ -251,9 +262,13 @@ def test_refuses_what_litert_cannot_hold_naming_layer_and_remedy():
     tiny = np.full_like(wide.scale, 2.0**-20)
     cases["subnormal"] = dataclasses.replace(good, weight=TensorQuant(QDtype.INT4, wide.granularity, True, tiny, wide.zero_point))
     cases["static"] = dataclasses.replace(good, activation=wide)
+    # Per-channel int4 with code -8 (MSE clipping reaches it): LiteRT's builtin kernel computes it wrongly.
+    clipped = layer_plan("layers.0", OpKind.LINEAR, rtn(weight, Grid(4, None), "mse"))
+    assert clipped.weight_codes.min() == -8
+    cases["per-channel -8"] = clipped
     expected = {
         "asymmetric": "no zero point", "group 16": "multiple of 32", "not bf16": "bfloat16 grid",
-        "subnormal": "normal values", "static": "plan no activation scales",
+        "subnormal": "normal values", "static": "plan no activation scales", "per-channel -8": "[-7, 7]",
     }
     for case, entry in cases.items():
         plan = QuantPlan("int4-dynamic", "tflite-xnnpack", {"layers.0": entry})
