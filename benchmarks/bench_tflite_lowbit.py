@@ -43,7 +43,11 @@ def stack_model(layers: int, seq: int):
     modules = []
     for _ in range(layers):
         modules += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
-    return nn.Sequential(*modules[:-1]).eval(), (torch.randn(1, seq, WIDTH),)
+    stack = nn.Sequential(*modules[:-1]).eval()
+    for layer in stack[::2]:  # He init: the signal keeps its size through 12 ReLUs (PyTorch's default shrinks it)
+        nn.init.normal_(layer.weight, std=(2 / WIDTH) ** 0.5)
+        nn.init.normal_(layer.bias, std=0.01)
+    return stack, (torch.randn(1, seq, WIDTH),)
 
 
 def model_seq128():  # edgeq loads models by `module:callable`
@@ -54,32 +58,18 @@ def model_seq1():
     return stack_model(LAYERS, 1)
 
 
-def bf16_up(scale):
-    """The smallest bfloat16 values >= `scale` (positive float32), at least float16's smallest normal."""
-    import torch
-
-    bits = scale.float().contiguous().view(torch.int32)
-    return ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32).clamp(min=2.0**-14)
-
-
 def int4_plan(module, group: int):
     """RTN (MSE clipping) on LiteRT's grid: symmetric int4, block scales on the bfloat16 grid."""
-    import torch
-
     from edgeq.calibration.lowbit.grid import Grid
-    from edgeq.calibration.lowbit.rtn import LowBitWeight, rtn
+    from edgeq.calibration.lowbit.rtn import rtn
     from edgeq.calibration.lowbit.to_plan import layer_plan
     from edgeq.compress.apply import quantizable_layers
     from edgeq.plan import OpKind, QDtype, QuantPlan
 
     plan = QuantPlan("int4-dynamic", "tflite-xnnpack")
-    grid = Grid(4, group, symmetric=True)
+    grid = Grid(4, group, symmetric=True, scale_dtype="bfloat16")
     for fqn, layer in quantizable_layers(module):
-        weight = layer.weight.detach().float()
-        fitted = rtn(weight, grid, "mse")
-        scale = bf16_up(fitted.scale)
-        fitted = LowBitWeight(grid.quantize(weight, scale, fitted.zero).to(torch.int8), scale, fitted.zero, grid)
-        plan.layers[fqn] = layer_plan(fqn, OpKind.LINEAR, fitted)
+        plan.layers[fqn] = layer_plan(fqn, OpKind.LINEAR, rtn(layer.weight.detach(), grid, "mse"))
         plan.layers[fqn].dynamic_activation = QDtype.INT8
     return plan
 

@@ -59,6 +59,9 @@ class QuantCapabilities:
     integer_io: bool = False  # inputs and outputs are integer tensors (full-integer targets)
     ops: tuple[str, ...] = ()  # layer kinds it quantizes: linear, conv, embedding
     scale_dtype: str = "float32"  # the precision the runtime keeps scales in; plans round theirs to it
+    # The precision of low-bit (int2-int4) weight scales where it differs from scale_dtype (LiteRT: blockwise
+    # scales are FLOAT16 that XNNPACK rounds to bfloat16); None: scale_dtype. Low-bit grids round to it.
+    lowbit_scale_dtype: str | None = None
 
 
 # Per-runtime settings a profile may state, with their types; anything else is refused.
@@ -89,6 +92,7 @@ _QUANT_KEYS = {
     "integer_io": bool,
     "ops": list,
     "scale_dtype": str,
+    "lowbit_scale_dtype": str,
 }
 _QUANT_VALUES = {
     "weight_dtypes": {"int2", "int3", "int4", "uint2", "uint3", "uint4", "int8", "uint8", "lut2", "lut3", "lut4", "lut6", "lut8"},
@@ -197,6 +201,8 @@ def _parse_quantization(table: dict, fail) -> QuantCapabilities:
     granularity = tuple(_enum(Granularity, g, lambda m: fail("quantization.weight_granularity", m)) for g in table.get("weight_granularity", []))
     if table.get("scale_dtype", "float32") not in ("float32", "float16"):
         raise fail("quantization.scale_dtype", f"{table['scale_dtype']!r} is not one of float16, float32")
+    if table.get("lowbit_scale_dtype", "float32") not in ("float32", "float16", "bfloat16"):
+        raise fail("quantization.lowbit_scale_dtype", f"{table['lowbit_scale_dtype']!r} is not one of bfloat16, float16, float32")
     sizes = table.get("group_sizes", [])
     if any(not isinstance(size, int) or size <= 0 for size in sizes):
         raise fail("quantization.group_sizes", "group sizes are positive integers")
@@ -212,6 +218,7 @@ def _parse_quantization(table: dict, fail) -> QuantCapabilities:
         integer_io=table.get("integer_io", False),
         ops=tuple(table.get("ops", [])),
         scale_dtype=table.get("scale_dtype", "float32"),
+        lowbit_scale_dtype=table.get("lowbit_scale_dtype"),
     )
 
 

@@ -2,8 +2,8 @@
 
 One conversion of a stack of linear layers carries every form the packer writes (blockwise INT4 at groups 32 and
 128, 3-bit and blockwise 2-bit codes in INT4 containers, INT4 and INT2 per channel, an int8 hybrid fallback and a
-float layer); plans are made with calibration/lowbit (RTN, MSE clipping) on the target's grid: block scales
-rounded up to bfloat16, codes re-rounded on them.
+float layer); plans are made with calibration/lowbit (RTN) on the target's grid: block scales rounded up to
+bfloat16 (the profile's lowbit_scale_dtype), per-channel int4 codes in [-7, 7].
 """
 
 from __future__ import annotations
@@ -50,17 +50,10 @@ def stack():
     return Stack().eval(), (torch.randn(*BATCH),)
 
 
-def bf16_up(scale: torch.Tensor) -> torch.Tensor:
-    """The smallest bfloat16 values >= `scale` (positive float32), at least float16's smallest normal."""
-    bits = scale.float().contiguous().view(torch.int32)
-    rounded = ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32)
-    return rounded.clamp(min=2.0**-14)
-
-
 def lowbit_layer(fqn: str, weight: torch.Tensor, bits: int, group: int | None):
     """A plan entry on LiteRT's grid: symmetric codes, block scales on the bfloat16 grid."""
     from edgeq.calibration.lowbit.grid import Grid
-    from edgeq.calibration.lowbit.rtn import LowBitWeight, rtn
+    from edgeq.calibration.lowbit.rtn import rtn
     from edgeq.calibration.lowbit.to_plan import layer_plan
     from edgeq.calibration.weights import quantize_weight_per_channel
     from edgeq.plan import LayerPlan, OpKind, QDtype
@@ -68,12 +61,9 @@ def lowbit_layer(fqn: str, weight: torch.Tensor, bits: int, group: int | None):
     if bits == 8:
         quant, codes = quantize_weight_per_channel(weight, QDtype.INT8, axis=0)
         return LayerPlan(fqn, OpKind.LINEAR, quant, codes, dynamic_activation=QDtype.INT8)
-    grid = Grid(bits, group, symmetric=True)
+    grid = Grid(bits, group, symmetric=True, scale_dtype="float32" if group is None else "bfloat16")
     # Per channel, LiteRT's builtin INT4 kernel mis-computes code -8: min-max scales keep codes in [-7, 7].
     fitted = rtn(weight, grid, "minmax" if group is None and bits > 2 else "mse")
-    if group is not None:
-        scale = bf16_up(fitted.scale)
-        fitted = LowBitWeight(grid.quantize(weight.float(), scale, fitted.zero).to(torch.int8), scale, fitted.zero, grid)
     entry = layer_plan(fqn, OpKind.LINEAR, fitted)
     entry.dynamic_activation = QDtype.INT8
     return entry
@@ -282,3 +272,40 @@ def test_refuses_what_litert_cannot_hold_naming_layer_and_remedy():
 def test_float_activation_low_bit_is_refused_naming_int4_dynamic(precision):
     (refusal,) = _refusals(None, precision)
     assert "use int4-dynamic" in refusal.reason and "int8-weight" in refusal.reason
+
+
+class Small(nn.Module):
+    """128 -> 256 -> 64 planned, a float head kept with --keep-float."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU())
+        self.head = nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def small():
+    torch.manual_seed(0)
+    return Small().eval(), (torch.randn(1, 8, 128),)
+
+
+def test_pipeline_plans_on_the_bf16_grid_and_validates_with_parity(tmp_path):
+    import json
+
+    from edgeq.load import load_model
+    from edgeq.pipeline import ConvertOptions, convert
+    from edgeq.quantize import QuantizeOptions
+    from edgeq.validate.verdict import Verdict
+
+    model = load_model("tests.converters.test_tflite_lowbit:small")
+    options = ConvertOptions(
+        targets=["tflite"], out=tmp_path, precisions=["int4-dynamic"], samples=2, keep_float=["head"],
+        quantize=QuantizeOptions(algorithm="rtn", group_size=32, calibration_samples=2),
+    )
+    (outcome,) = convert(model, options)
+    assert outcome.verdict == Verdict.PASSED, outcome.error or outcome.violations
+    manifest = json.loads((outcome.path / "manifest.json").read_text())
+    assert manifest["weight_parity"]["checked_layers"] == 2 and manifest["weight_parity"]["mismatches"] == []
+    assert any("low-bit FULLY_CONNECTED" in note for note in manifest["notes"])
