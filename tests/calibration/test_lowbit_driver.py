@@ -148,6 +148,7 @@ def test_layers_the_driver_cannot_take_are_named():
 
 
 @pytest.mark.ci_may_skip("CI machines have no GPU; the device machine runs this test")
+@pytest.mark.ci_may_skip("CI machines have no GPU; the device machine runs this test")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here (the suite never needs one)")
 def test_calibration_on_cuda_means_the_same_as_on_cpu():
     model, samples = tiny_mlp(), samples_for((3, 32))
