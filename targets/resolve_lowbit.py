@@ -40,7 +40,7 @@ def check_lowbit(profile: TargetProfile, precision: Precision, scheme: Scheme) -
         raise ConversionError(f"target {profile.id} holds symmetric low-bit weights only")
     if scheme.algorithm == Algorithm.AWQ:
         raise UsageError("--algo awq: AWQ's scales need folding into the previous op, which conversion does not do yet; use gptq or rtn")
-    return Grid(scheme.bits, scheme.group_size, scheme.symmetric, caps.scale_dtype)
+    return Grid(scheme.bits, scheme.group_size, scheme.symmetric, caps.lowbit_scale_dtype or caps.scale_dtype)
 
 
 def resolve_lowbit_plan(
