@@ -63,8 +63,8 @@ MUTATIONS = [
     # ---- the eleven of issue 9 --------------------------------------------------------------------------
     Mutation(
         "parity-ignores-scales", "weight parity compares codes and scales", "converters/parity.py",
-        "if not np.array_equal(np.asarray(scale, dtype=np.float32).ravel(), layer.weight.scale.ravel()):",
-        "if False:  # MUTATION: scales never compared",
+        "elif not np.array_equal(np.asarray(scale, dtype=np.float32).ravel(), expected.ravel()):",
+        "elif False:  # MUTATION: scales never compared",
         (P + "test_weight_parity_compares_codes_and_scales", P + "test_weight_parity_reads_the_artifact_and_reports_any_difference",
          P + "test_weights_that_differ_from_the_plan_fail_with_exit_4_and_publish_nothing"),
     ),
