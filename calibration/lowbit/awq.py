@@ -97,6 +97,7 @@ class AWQ:
         self.H = torch.zeros(self.columns, self.columns, device=device, dtype=dtype)
         self.x_abs = torch.zeros(self.columns, device=device, dtype=dtype)  # running mean |x| per channel
         self.nsamples = 0
+        self.result: AWQResult | None = None
 
     needs_inputs = True
 
@@ -126,7 +127,15 @@ class AWQ:
             clip, clipped_error = [None] * len(self.W), error
         clip = [torch.ones(self.grid_shape(w), device=w.device) if c is None else c for w, c in zip(self.W, clip)]
         weights = tuple(rtn(w * scales.to(w.device), self.grid, c) for w, c in zip(self.W, clip))
-        return AWQResult(scales.float(), weights, alpha, tuple(clip), clipped_error, rtn_error)
+        self.result = AWQResult(scales.float(), weights, alpha, tuple(clip), clipped_error, rtn_error)
+        return self.result
+
+    def summary(self) -> dict[str, float]:
+        """After solve: the numbers for reports (the driver keeps them): rows seen, alpha, and the output
+        errors of AWQ and RTN with the output's own energy tr(W H W^T) (for relative errors), per row."""
+        energy = sum(float(((w.to(self.H.dtype) @ self.H) * w.to(self.H.dtype)).sum()) for w in self.W)
+        return {"rows": float(self.nsamples), "alpha": self.result.alpha, "awq": self.result.error,
+                "rtn": self.result.rtn_error, "weight": energy}
 
     def grid_shape(self, w: torch.Tensor) -> tuple[int, int]:
         return (w.shape[0], self.grid.groups(w.shape[1]))

@@ -101,6 +101,8 @@ def test_clip_solver_has_the_driver_shape():
     solver.add_batch(torch.randn(3, 10, 64))  # [batch, tokens, K]
     weight = solver.solve()
     assert isinstance(weight, LowBitWeight) and weight.shape == (16, 64)
+    summary = solver.summary()
+    assert summary["rows"] == 30 and summary["alpha"] == 0 and 0 < summary["awq"] <= summary["rtn"] < summary["weight"]
 
 
 class NormBlock(nn.Module):
