@@ -128,6 +128,42 @@ def palettize(
     return Palette(lut, indices, bits, group_channels)
 
 
+class KMeansPalette:
+    """k-means palettes in the layer-by-layer driver's solver shape (calibration/lowbit/driver.py): `add_batch`
+    accumulates the inputs' second moments diag(H) = mean x_k^2 when `weighted` (the weights of the k-means:
+    an error on an input channel that is large costs more at the layer's output), `solve()` -> Palette (which,
+    like LowBitWeight, has `dequantize()`). Unweighted, it needs no inputs and the driver runs no pass for it."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, *, weighted: bool = True, name: str = "layer", **options):
+        self.W = weight.detach().reshape(weight.shape[0], -1).float()
+        self.bits, self.weighted, self.name, self.options = bits, weighted, name, options
+        self.energy = torch.zeros(self.W.shape[1], dtype=torch.float64, device=self.W.device)
+        self.nsamples = 0
+
+    @property
+    def needs_inputs(self) -> bool:
+        return self.weighted
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        if not self.weighted:
+            return
+        x = inputs.detach().reshape(-1, self.W.shape[1]).to(self.energy.device, torch.float64)
+        self.energy += x.pow(2).sum(dim=0)
+        self.nsamples += x.shape[0]
+
+    def solve(self) -> Palette:
+        if self.weighted and self.nsamples == 0:
+            raise ValueError(f"k-means palette of {self.name}: no calibration inputs reached this layer (add_batch was never called)")
+        weights = (self.energy / self.nsamples).float() if self.weighted else None
+        return palettize(self.W, self.bits, weights=weights, **self.options)
+
+
+def kmeans_solver(bits: int, *, weighted: bool = True, **options):
+    """A solver factory for the layer-by-layer driver: one KMeansPalette per layer; `options` are palettize's
+    (per, group_channels, seed, iters, lut_dtype)."""
+    return lambda fqn, module: KMeansPalette(module.weight, bits, weighted=weighted, name=fqn, **options)
+
+
 def _granularity(per: PaletteGranularity | str) -> PaletteGranularity:
     try:
         return PaletteGranularity(per)

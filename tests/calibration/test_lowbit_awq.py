@@ -60,6 +60,21 @@ def test_awq_never_worse_than_rtn(bits, group_size, outliers):
             assert result.alpha > 0 and on_held_out < 0.6, (seed, result.alpha, on_held_out)
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_awq_never_worse_than_rtn_on_a_minilm_layer(symmetric):
+    from tests.calibration.test_lowbit_gptq import minilm_query_layer
+
+    W, X = minilm_query_layer()  # layer 0's query weight and its real inputs, 512 token rows
+    calibration, held_out = X[::2], X[1::2]
+    for bits, group_size in [(4, 128), (3, 32)]:
+        grid = Grid(bits, group_size, symmetric)
+        result = awq(W, calibration, grid)
+        rounded = rtn(W, grid).dequantize()
+        for rows, tolerance in ((calibration, 1 + 1e-9), (held_out, HELD_OUT_TOLERANCE)):
+            ratio = output_error(rows, W, result.effective_weight(0)) / output_error(rows, W, rounded)
+            assert ratio <= tolerance, (bits, group_size, result.alpha, ratio)
+
+
 def test_awq_without_search_is_rtn():
     W, X, _ = seeded_layer(0, outliers=True)
     grid = Grid(4, 32, symmetric=False)

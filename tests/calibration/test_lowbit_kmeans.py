@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edgeq.calibration.lowbit.grid import Grid
-from edgeq.calibration.lowbit.kmeans import PALETTE_BITS, Palette, palettize
+from edgeq.calibration.lowbit.kmeans import PALETTE_BITS, Palette, kmeans_solver, palettize
 from tests.conftest import COREML
 
 
@@ -121,3 +121,20 @@ def test_palette_maps_one_to_one_onto_coreml_lut_to_dense():
         lut = palette.coreml_lut().numpy().astype(np.float16)
         dense = constexpr_lut_to_dense.decompress(palette.indices.numpy(), lut, None)
         np.testing.assert_array_equal(dense.astype(np.float32), palette.dequantize().half().float().numpy())
+
+
+def test_driver_solver_weights_by_the_inputs_second_moments():
+    layer = torch.nn.Linear(128, 32)
+    x = torch.randn(4, 50, 128)
+    x[..., :8] *= 10  # large inputs on 8 channels: diag(H) 100x there
+    solver = kmeans_solver(3, per="grouped_channels", group_channels=8)("block.fc", layer)
+    assert solver.needs_inputs
+    for batch in x.split(2):
+        solver.add_batch(batch)
+    palette = solver.solve()
+    energy = x.reshape(-1, 128).double().pow(2).mean(dim=0).float()
+    expected = palettize(layer.weight, 3, per="grouped_channels", group_channels=8, weights=energy)
+    torch.testing.assert_close(palette.lut, expected.lut, rtol=1e-5, atol=1e-7)
+    assert not kmeans_solver(3, weighted=False)("block.fc", layer).needs_inputs
+    with pytest.raises(ValueError, match="block.fc: no calibration inputs"):
+        kmeans_solver(3)("block.fc", layer).solve()
