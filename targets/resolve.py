@@ -59,6 +59,22 @@ def executed_layers(module: nn.Module, example_inputs: tuple) -> set[str]:
     return set(called_modules(module, example_inputs, lambda _fqn, child: isinstance(child, QUANTIZABLE)))
 
 
+def planned_layers(module: nn.Module, plan: QuantPlan, keep_float: list[str], example_inputs: tuple | None) -> list:
+    """(FQN, module) of the quantizable layers a forward on the examples calls (the others noted in `plan`);
+    a --keep-float pattern that names none of them is a usage error."""
+    layers = list(quantizable_layers(module))
+    if example_inputs is not None:
+        executed = executed_layers(module, example_inputs)
+        skipped = [fqn for fqn, _ in layers if fqn not in executed]
+        if skipped:
+            plan.notes.append(f"not executed by the model, left out: {', '.join(skipped)}")
+        layers = [(fqn, layer) for fqn, layer in layers if fqn in executed]
+    unused = [p for p in keep_float if not any(matches(fqn, [p]) for fqn, _ in layers)]
+    if unused:
+        raise UsageError(f"--keep-float {', '.join(unused)}: names no quantizable layer; layers are e.g. {', '.join(f for f, _ in layers[:5])}")
+    return layers
+
+
 @dataclass
 class Calibration:
     """How activation numbers are decided: calibration samples (disjoint from validation) and the algorithms."""
@@ -106,16 +122,7 @@ def resolve_plan(
     if activation_dtype is not None and (calibration is None or not calibration.samples):
         raise ConversionError(f"target {profile.id}: {precision} needs calibration samples for its activation ranges")
     plan = QuantPlan(precision.value, profile.id)
-    layers = list(quantizable_layers(module))
-    if example_inputs is not None:
-        executed = executed_layers(module, example_inputs)
-        skipped = [fqn for fqn, _ in layers if fqn not in executed]
-        if skipped:
-            plan.notes.append(f"not executed by the model, left out: {', '.join(skipped)}")
-        layers = [(fqn, layer) for fqn, layer in layers if fqn in executed]
-    unused = [p for p in keep_float if not any(matches(fqn, [p]) for fqn, _ in layers)]
-    if unused:
-        raise UsageError(f"--keep-float {', '.join(unused)}: names no quantizable layer; layers are e.g. {', '.join(f for f, _ in layers[:5])}")
+    layers = planned_layers(module, plan, keep_float, example_inputs)
     dynamic = (QDtype.INT8 if profile.runtime.value == "tflite" else QDtype.UINT8) if precision == Precision.INT8_DYNAMIC else None
     # ^ what the runtime computes per call: ORT's DynamicQuantizeLinear is uint8 per tensor; TFLite's
     #   dynamic-range kernels quantize each row to int8 (docs/research/qdq-onnx-tflite.md, B3).

@@ -12,12 +12,11 @@ from torch import nn
 
 from edgeq.calibration.lowbit.grid import Grid
 from edgeq.calibration.lowbit.to_plan import code_dtype, layer_plan
-from edgeq.compress.apply import quantizable_layers
 from edgeq.errors import ConversionError, UsageError
 from edgeq.plan import LayerPlan, OpKind, QDtype, QuantPlan
 from edgeq.scheme import Activations, Algorithm, Scheme
 from edgeq.targets.profile import Granularity, Precision, TargetProfile
-from edgeq.targets.resolve import Calibration, executed_layers, matches, op_kind
+from edgeq.targets.resolve import Calibration, matches, op_kind, planned_layers
 
 
 def check_lowbit(profile: TargetProfile, precision: Precision, scheme: Scheme) -> Grid:
@@ -61,16 +60,7 @@ def resolve_lowbit_plan(
     if scheme.algorithm == Algorithm.GPTQ and not samples:
         raise ConversionError(f"target {profile.id}: {precision} with GPTQ needs calibration samples (--calibration-samples)")
     plan = QuantPlan(precision.value, profile.id)
-    layers = list(quantizable_layers(module))
-    if example_inputs is not None:
-        executed = executed_layers(module, example_inputs)
-        skipped = [fqn for fqn, _ in layers if fqn not in executed]
-        if skipped:
-            plan.notes.append(f"not executed by the model, left out: {', '.join(skipped)}")
-        layers = [(fqn, layer) for fqn, layer in layers if fqn in executed]
-    unused = [p for p in keep_float if not any(matches(fqn, [p]) for fqn, _ in layers)]
-    if unused:
-        raise UsageError(f"--keep-float {', '.join(unused)}: names no quantizable layer; layers are e.g. {', '.join(f for f, _ in layers[:5])}")
+    layers = planned_layers(module, plan, keep_float, example_inputs)
     chosen = []
     for fqn, layer in layers:
         kind, kept = op_kind(layer), matches(fqn, list(keep_float))
