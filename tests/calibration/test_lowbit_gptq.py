@@ -16,14 +16,7 @@ from edgeq.calibration.lowbit.rtn import LowBitWeight, mse_clip, rtn
 GRIDS = [(4, 32), (4, 128), (3, 32), (2, 32)]  # (bits, group size)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tests run thousands of tiny ops: on the shared 2-core CI machine a second intra-op thread only
-    adds barrier waits (measured 5-10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ACT_ORDERS = [  # (actorder, static_groups)
     (False, False),
     (True, False),
