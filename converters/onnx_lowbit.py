@@ -20,6 +20,10 @@ stored 4..11; UINT3 codes and zero points in [0, 7]); the file is then 4 bits a 
 same 4-bit container (see CONTAINER_BITS: ORT's 2-bit kernel is slow at fp32 accuracy levels). Per-channel plans are one
 block per row: block_size is the smallest power of two >= K and the padding past K holds the zero point.
 
+8-bit codes per group (an int8 layer of a mixed plan) go in bits=8 (stored c + 128, default zero point); int8 per
+channel keeps the int8 route (DequantizeLinear). Embedding tables: converters/onnx_lowbit_gather.py
+(com.microsoft.GatherBlockQuantized, the same initializer names and metadata).
+
 Each MatMulNBits node carries `edgeq.weight_dtype` (the plan's code dtype) in its metadata, and its initializers
 are named `<fqn>.weight.packed` / `.scale` / `.zero_point`, so `read_matmul_nbits` returns the plan's form.
 """
@@ -49,6 +53,12 @@ FLOAT_ACCURACY_LEVEL = 1
 CONTAINER_BITS = {
     QDtype.INT4: 4, QDtype.UINT4: 4, QDtype.INT3: 4, QDtype.UINT3: 4, QDtype.INT2: 4, QDtype.UINT2: 4,
 }
+# 8-bit codes of a mixed plan's linear layers and tables (an int8 fallback, per channel or per group) go in bits=8.
+# Not DequantizeLinear + MatMul, as int8 plans lower them: ORT_ENABLE_EXTENDED fuses that pair into a MatMulNBits at
+# the session's default accuracy_level 4 (measured, ORT 1.32: 48 dB against PyTorch instead of 135 dB), so an int8
+# layer of a float-activation scheme would silently get int8 activations; the native op states its level. Per channel
+# is one block a row, padded past K with the zero point (e.g. K 384 in a block of 512: 10.7 bits a weight stored).
+EIGHT_BIT = {QDtype.INT8: 8, QDtype.UINT8: 8}
 MIN_BLOCK = 16  # MatMulNBits: block_size is a power of two, at least 16
 DTYPE_KEY = "edgeq.weight_dtype"
 PACKED, SCALE, ZERO = ".weight.packed", ".weight.scale", ".weight.zero_point"
@@ -59,7 +69,17 @@ def accuracy_level(precision: Precision) -> int:
 
 
 def is_lowbit(layer: LayerPlan) -> bool:
-    return layer.weight is not None and layer.weight.dtype in CONTAINER_BITS
+    """Packed by this module (MatMulNBits; GatherBlockQuantized for tables): codes of 4 bits or fewer, and the 8-bit
+    codes of linear layers and tables (see EIGHT_BIT); an int8 convolution takes the int8 route (DequantizeLinear)."""
+    if layer.weight is None:
+        return False
+    return layer.weight.dtype in CONTAINER_BITS or (
+        layer.weight.dtype in EIGHT_BIT and layer.op in (OpKind.LINEAR, OpKind.EMBEDDING)
+    )
+
+
+def _container(dtype: QDtype) -> int:
+    return CONTAINER_BITS.get(dtype) or EIGHT_BIT[dtype]
 
 
 @dataclass(frozen=True)
@@ -105,7 +125,7 @@ def layout_of(layer: LayerPlan) -> NBitsLayout | str:
         block = max(MIN_BLOCK, _next_power_of_two(k))  # one block per row, padded past K with the zero point
     else:
         return f"{granularity.to_json()}: MatMulNBits holds groups along the input axis (per_group axis 1) or per output channel"
-    bits = CONTAINER_BITS[quant.dtype]
+    bits = _container(quant.dtype)
     return NBitsLayout(bits, block, n, k, 2 ** (bits - 1) if quant.dtype.signed else 0)
 
 
@@ -114,20 +134,27 @@ def check_plan(plan: QuantPlan | None, precision: Precision) -> list[Refusal]:
     exists: the pipeline checks the request first, and resolve holds the plan to the profile's grid)."""
     if plan is None:
         return []
+    from edgeq.converters.onnx_lowbit_gather import is_table, table_refusal
+
     refusals = []
     for fqn, layer in plan.layers.items():
         if layer.weight is None:
             continue
         dtype, granularity = layer.weight.dtype, layer.weight.granularity
-        if dtype in (QDtype.INT8, QDtype.UINT8):
+        if dtype in EIGHT_BIT and not is_lowbit(layer):
             if not isinstance(granularity, PerChannel):
-                refusals.append(Refusal(fqn, f"{dtype} {granularity.to_json()['kind']} weights: int8 lowers per channel here"))
-            continue
-        if dtype not in CONTAINER_BITS:
+                refusals.append(Refusal(fqn, f"{dtype} {granularity.to_json()['kind']} weights on a {layer.op.value} layer: int8 lowers per channel there"))
+            continue  # the int8 route (DequantizeLinear), as in any int8 plan
+        if dtype not in CONTAINER_BITS and dtype not in EIGHT_BIT:
             refusals.append(Refusal(fqn, f"{dtype} weights: MatMulNBits holds int2/int3/int4 and uint2/uint3/uint4 codes"))
             continue
         if layer.activation is not None or layer.output is not None or layer.smooth is not None:
             refusals.append(Refusal(fqn, "low-bit weights lower with float or dynamic activations only (no static activation points, no smoothing)"))
+            continue
+        if is_table(layer):
+            reason = table_refusal(layer)
+            if reason:
+                refusals.append(Refusal(fqn, reason))
             continue
         found = layout_of(layer)
         if isinstance(found, str):
@@ -147,32 +174,66 @@ def split_plan(plan: QuantPlan | None) -> tuple[dict[str, LayerPlan], QuantPlan]
 
 
 def lower_lowbit(proto, layers: dict[str, LayerPlan], precision: Precision, target: str, model=None) -> list[str]:
-    """Rewrite the exported graph's planned layers into MatMulNBits; refuses (ConversionError) a layer that is
+    """Rewrite the exported graph's planned layers into MatMulNBits (tables: GatherBlockQuantized); refuses (ConversionError) a layer that is
     in the graph but could not be rewritten, rather than ship it float. Returns the artifact's notes (with
     `model`, a LoadedModel, and a level above 1: the kernel's error apart from the weights', on its example)."""
+    from edgeq.converters.onnx_lowbit_gather import is_table, rewrite_gathers
+
     level = accuracy_level(precision)
-    rewritten, scoped = rewrite_matmul_nbits(proto, layers, level)
-    named = {i.name for i in proto.graph.initializer}
+    tables = {fqn: layer for fqn, layer in layers.items() if is_table(layer)}
+    gathered = rewrite_gathers(proto, tables, (PACKED, SCALE, ZERO), DTYPE_KEY, DOMAIN) if tables else []
+    linears = {fqn: layer for fqn, layer in layers.items() if fqn not in tables}
+    rewritten, scoped = rewrite_matmul_nbits(proto, linears, level)
+    named = {i.name for i in proto.graph.initializer} | {n for node in proto.graph.node for n in node.input}
     present = scoped | {f for f in layers if any(n.startswith((f"{f}.", f"inner.{f}.")) for n in named)}
-    left = sorted((set(layers) - set(rewritten)) & present)
+    left = sorted((set(layers) - set(rewritten) - set(gathered)) & present)
     if left:
         raise ConversionError(
-            f"target {target}: {precision} could not lower layer(s) {', '.join(left[:5])} to MatMulNBits (their weight "
-            "is not a constant input of one MatMul/Gemm in the exported graph); keep them float with --keep-float"
+            f"target {target}: {precision} could not lower layer(s) {', '.join(left[:5])} to MatMulNBits or "
+            "GatherBlockQuantized (their weight is not a constant input of one MatMul/Gemm, or table of one Gather, in "
+            "the exported graph); keep them float with --keep-float"
         )
-    bits = sorted({CONTAINER_BITS[layers[f].weight.dtype] for f in rewritten})
+    notes = [_tables_note(tables, gathered)] if tables else []
+    _drop_unused_initializers(proto)
+    if gathered and not any(o.domain == DOMAIN for o in proto.opset_import):
+        from onnx import helper
+
+        proto.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    if not rewritten:
+        return notes
+    bits = sorted({_container(layers[f].weight.dtype) for f in rewritten})
     math = "int8 activations quantized per block at run time" if level == 4 else "fp32 math"
-    notes = [
+    notes.append(
         f"{len(set(rewritten))} linear layers run as com.microsoft.MatMulNBits ({'/'.join(map(str, bits))}-bit), "
         f"accuracy_level={level} ({math})"
-    ]
-    narrow = sorted({layers[f].weight.dtype.bits for f in rewritten if layers[f].weight.dtype.bits < CONTAINER_BITS[layers[f].weight.dtype]})
+    )
+    narrow = sorted({layers[f].weight.dtype.bits for f in rewritten if layers[f].weight.dtype.bits < _container(layers[f].weight.dtype)})
     if narrow:
         widths = "/".join(map(str, narrow))
         notes.append(f"{widths}-bit codes are stored in 4-bit MatMulNBits containers (bits=4): the file holds 4 bits a weight")
     if model is not None and level != FLOAT_ACCURACY_LEVEL and rewritten:
         notes.append(accuracy_levels_note(proto, model, level))
     return notes
+
+
+def _tables_note(tables: dict[str, LayerPlan], gathered: list[str]) -> str:
+    lost = sorted(set(tables) - set(gathered))
+    forms = sorted({f"{tables[f].weight.dtype} per block of {tables[f].weight.granularity.size}" for f in gathered})
+    return (
+        f"{len(set(gathered))} embedding table(s) run as com.microsoft.GatherBlockQuantized ({', '.join(forms)}): rows "
+        "are gathered first, then only they are dequantized"
+        + (f"; not in the exported graph (removed or folded by the exporter): {', '.join(lost)}" if lost else "")
+    )
+
+
+def _drop_unused_initializers(proto) -> None:
+    """The float tables and weights the rewrites replaced are no longer read by any node."""
+    graph = proto.graph
+    used = {name for node in graph.node for name in node.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
 
 
 def accuracy_levels_note(proto, model, level: int) -> str:
@@ -411,7 +472,9 @@ def read_matmul_nbits(graph, tensors: dict) -> dict[str, tuple[np.ndarray, np.nd
         if scale.shape[1] == 1 and attrs["block_size"] >= attrs["K"]:  # one block a row: per channel
             scale, zero = scale[:, 0], zero[:, 0]
         found[node.input[1].removesuffix(PACKED).removeprefix("inner.")] = (codes, scale, zero)
-    return found
+    from edgeq.converters.onnx_lowbit_gather import read_gathers
+
+    return found | read_gathers(graph, tensors, PACKED, DTYPE_KEY)
 
 
 def with_accuracy_level(proto, level: int):

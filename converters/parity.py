@@ -62,7 +62,7 @@ def onnx_weights(path: Path) -> StoredWeights:
             scale = numpy_helper.to_array(tensors[f"{stem}.scale"])
             found[stem.removesuffix(".weight").removeprefix("inner.")] = (codes, scale)
     zero_points = {}
-    if any(node.op_type == "MatMulNBits" for node in graph.node):  # low-bit: converters/onnx_lowbit.py
+    if any(node.op_type in ("MatMulNBits", "GatherBlockQuantized") for node in graph.node):  # low-bit: converters/onnx_lowbit.py
         from edgeq.converters.onnx_lowbit import read_matmul_nbits
 
         for fqn, (codes, scale, zero) in read_matmul_nbits(graph, tensors).items():

@@ -150,15 +150,14 @@ def test_check_refuses_what_matmul_nbits_cannot_hold():
     odd.weight = TensorQuant(QDtype.INT4, PerGroup(1, 24), True, np.ones((8, 4)), np.zeros((8, 4)))
     conv = low_bit("conv", weight, 4, 32, True)
     conv.op = OpKind.CONV
-    int8_group = low_bit("int8_group", weight, 8, 32, True)
+    int8_group = low_bit("int8_group", weight, 8, 32, True)  # held: MatMulNBits bits=8
     static = low_bit("static", weight, 4, 32, True)
     static.activation = TensorQuant(QDtype.UINT8, PerTensor(), False, 0.1, 128)
     plan = QuantPlan("int4-weight", "onnx", {l.fqn: l for l in (odd, conv, int8_group, static, low_bit("fine", weight, 4, 32, True))})
     reasons = {r.layer: r.reason for r in check_plan(plan, Precision.INT4_WEIGHT)}
-    assert set(reasons) == {"odd_group", "conv", "int8_group", "static"}
+    assert set(reasons) == {"odd_group", "conv", "static"}
     assert "powers of two >= 16" in reasons["odd_group"]
     assert "linear layers only" in reasons["conv"] and "keep it int8 or float" in reasons["conv"]
-    assert "int8 lowers per channel" in reasons["int8_group"]
     assert "float or dynamic activations" in reasons["static"]
 
 
@@ -251,7 +250,7 @@ def test_converter_lowers_the_plan_exactly(tmp_path, source, precision, up, down
     def layers(model):
         modules = dict(model.module.inner.named_children())
         first = low_bit("up", modules["up"].weight.detach(), *up)
-        if down == "int8":  # a sensitive layer's fallback: int8 per channel, DequantizeLinear as in any int8 plan
+        if down == "int8":  # a sensitive layer's fallback: int8 per channel, MatMulNBits bits=8 (padded rows)
             quant, codes = quantize_weight_per_channel(modules["down"].weight, QDtype.INT8)
             return [first, LayerPlan("down", OpKind.LINEAR, quant, codes)]
         return [first, low_bit("down", modules["down"].weight.detach(), *down)]
@@ -267,7 +266,7 @@ def test_converter_lowers_the_plan_exactly(tmp_path, source, precision, up, down
 
     graph = onnx.load(str(artifact.path)).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == (1 if down == "int8" else 2)
+    assert len(nbits) == 2  # an int8 fallback too (bits=8): see onnx_lowbit.EIGHT_BIT
     assert {p.key: p.value for p in nbits[0].metadata_props}["pkg.torch.onnx.name_scopes"].endswith("'inner.up', 'linear']")
     stored = stored_arrays(artifact.path)
     assert stored["up.weight.packed"].nbytes * 8 == 4 * 128 * 256  # 4 bits a weight
@@ -322,3 +321,113 @@ def test_pipeline_validates_int4_weight_with_parity_and_records_the_accuracy_lev
     manifest = json.loads((outcome.path / "manifest.json").read_text())
     assert manifest["weight_parity"]["checked_layers"] == 2 and manifest["weight_parity"]["mismatches"] == []
     assert any("MatMulNBits" in note and "accuracy_level=1" in note for note in manifest["notes"])
+
+
+# -- embedding tables (GatherBlockQuantized) and mixed bit widths ------------------------------------------------
+
+
+def table_plan(fqn: str, weight: torch.Tensor, bits: int, group: int | None, symmetric: bool) -> LayerPlan:
+    return to_plan.layer_plan(fqn, OpKind.EMBEDDING, rtn(weight, Grid(bits, group, symmetric), "mse"))
+
+
+TABLE_CASES = [(4, 32, True), (4, 16, False), (3, 64, True), (8, 32, True), (8, 128, False), (8, None, True)]
+
+
+@pytest.mark.parametrize(("bits", "group", "symmetric"), TABLE_CASES)
+def test_every_table_form_is_exact_in_gather_block_quantized(bits, group, symmetric):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeq.converters.onnx_lowbit import DOMAIN, DTYPE_KEY, PACKED, SCALE, ZERO, read_matmul_nbits
+    from edgeq.converters.onnx_lowbit_gather import rewrite_gathers
+    from edgeq.converters.parity import StoredWeights, compare_weights, onnx_tensors
+
+    dim = 96 if group is None else 128  # per row: one block of 128 over 96 columns (the op takes ceil(D / block))
+    layer = table_plan("emb", seeded_weight(40, dim, seed=bits), bits, group, symmetric)
+    table = layer.weight.dequantize(layer.weight_codes)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])], "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, dim])], [numpy_helper.from_array(table, "table")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    assert rewrite_gathers(proto, {"emb": layer}, (PACKED, SCALE, ZERO), DTYPE_KEY, DOMAIN) == ["emb"]
+    del proto.graph.initializer[0]  # the float table: nothing reads it any more
+    (node,) = proto.graph.node
+    assert node.op_type == "GatherBlockQuantized" and node.domain == DOMAIN
+
+    stored = read_matmul_nbits(proto.graph, onnx_tensors(proto.graph))
+    weights = StoredWeights({f: v[:2] for f, v in stored.items()}, set(), {f: v[2] for f, v in stored.items()})
+    parity = compare_weights(QuantPlan("int4-weight", "onnx", {"emb": layer}), weights)
+    assert parity.checked == 1 and parity.mismatches == []
+
+    ids = np.random.default_rng(bits).integers(0, 40, size=(2, 5))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"ids": ids})
+    assert np.array_equal(got, table[ids])  # a lookup: bit-exact, not just close
+
+
+class Tokens(nn.Module):
+    """A BERT-style embedding block (word, position through a buffer of positions, token type) and a stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.word = nn.Embedding(100, 64, padding_idx=0)
+        self.position = nn.Embedding(16, 64)
+        self.kind = nn.Embedding(2, 64)
+        self.register_buffer("positions", torch.arange(16).unsqueeze(0), persistent=False)
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 64)
+        self.mid = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, input_ids, token_type_ids):
+        x = self.word(input_ids) + self.position(self.positions[:, : input_ids.shape[1]]) + self.kind(token_type_ids)
+        return self.head(self.mid(self.down(torch.relu(self.up(x)))))
+
+
+def tokens():
+    torch.manual_seed(0)
+    ids = torch.randint(1, 100, (1, 8))
+    return Tokens().eval(), {"input_ids": ids, "token_type_ids": (ids % 2)}
+
+
+def mixed_layers(model) -> list[LayerPlan]:
+    """Every form a mixed low-bit plan holds: 4-bit tables (symmetric, asymmetric), an 8-bit table per group,
+    int4 / int8-per-group linear layers, an int8 per-channel fallback; `head` stays float."""
+    modules = dict(model.module.inner.named_children())
+
+    def weight(name):
+        return modules[name].weight.detach()
+
+    quant, codes = quantize_weight_per_channel(modules["down"].weight, QDtype.INT8)
+    return [
+        table_plan("word", weight("word"), 4, 32, True), table_plan("position", weight("position"), 4, 16, False),
+        table_plan("kind", weight("kind"), 8, 32, True), low_bit("up", weight("up"), 4, 32, True),
+        LayerPlan("down", OpKind.LINEAR, quant, codes), low_bit("mid", weight("mid"), 8, 32, True),
+    ]
+
+
+def test_converter_lowers_tables_and_mixed_bit_widths_exactly(tmp_path):
+    import onnx
+
+    from edgeq.converters.parity import artifact_weights, compare_weights
+
+    model, plan, artifact = convert_with_plan(tmp_path, "tokens", Precision.INT4_WEIGHT, mixed_layers)
+    parity = compare_weights(plan, artifact_weights(artifact.path, "onnx"))
+    assert parity.checked == 5 and parity.mismatches == [] and parity.missing == []
+    # Static shapes: the exporter folds the lookup of constant positions into a constant of the looked-up rows,
+    # which are the plan's dequantized rows (the table it read was the plan's); the artifact notes it.
+    assert parity.removed == ["position"]
+    assert any("folded by the exporter): position" in note for note in artifact.notes)
+    rows = plan.layers["position"].weight.dequantize(plan.layers["position"].weight_codes)[:8]
+    assert any(np.array_equal(np.squeeze(value), rows) for value in stored_arrays(artifact.path).values())
+    graph = onnx.load(str(artifact.path)).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("GatherBlockQuantized") == 2 and "Gather" not in ops  # no float table left, no whole-table dequantize
+    bits = {node.input[1].removesuffix(".weight.packed"): {a.name: a.i for a in node.attribute}["bits"]
+            for node in graph.node if node.op_type == "MatMulNBits"}
+    assert bits == {"up": 4, "mid": 8, "down": 8}  # int8 per channel too: not DequantizeLinear, which ORT fuses at level 4
+    assert not any(node.op_type == "DequantizeLinear" for node in graph.node)
+    assert any("2 embedding table(s) run as com.microsoft.GatherBlockQuantized" in note for note in artifact.notes)
+    assert sqnr_db(torch_reference(model, plan), run_ort(artifact.path, model)) >= FLOAT_MATH_SQNR_DB
