@@ -56,6 +56,7 @@ def main() -> None:
 @click.option("--fallback-max", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="At most this fraction of quantized layers is relaxed by --auto-fallback.")
 @click.option("--algo", type=click.Choice(["rtn", "gptq", "awq"]), help="Low-bit schemes: how codes are chosen (default gptq: Hessian-aware rounding on the calibration samples; rtn: round to nearest with MSE clipping).")
 @click.option("--group-size", metavar="N|channel", help="Low-bit schemes: input channels sharing one scale (32, 64, 128; default 32), or 'channel' for one scale per output channel.")
+@click.option("--per-layer", "per_layer", multiple=True, metavar="PATTERN=SCHEME", help="A layer's own scheme in low-bit plans (repeatable; the last match wins): PATTERN is an FQN, a glob or re:REGEX; SCHEME float, int8, int4/int3/int2[:gN|:channel][:rtn|:gptq] or lutN, e.g. 'classifier=float', '*.intermediate.dense=int3:g32'.")
 @click.option("--layers", is_flag=True, help="Also localize drift per layer (ONNX and TFLite): each layer's output in the runtime against FP32 PyTorch, worst offenders first.")
 @click.option("-c", "--config", type=click.Path(path_type=Path), help="edgeq.toml: convert every model x target it declares. Options given beside it override the file for every model.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show the toolchains' own log lines and warnings.")
@@ -90,7 +91,7 @@ def convert(ctx, source, config, verbose, **options):
 
 # convert's options that are job keys (edgeq.job_keys), and how a command-line value becomes a key's value.
 _LIST_OPTIONS = {"targets", "precisions"}  # -t onnx -t tflite or -t onnx,tflite
-_REPEATED_OPTIONS = {"inputs", "keep_float"}
+_REPEATED_OPTIONS = {"inputs", "keep_float", "per_layer"}
 _PATH_OPTIONS = {"data", "out"}
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from edgeq.errors import UsageError
 from edgeq.job_keys import KEYS, check_value, check_values
+from edgeq.layer_overrides import parse_per_layer
 from edgeq.quantize import QuantizeOptions
 from edgeq.signature import TensorSpec
 
@@ -144,6 +145,7 @@ def make_job(values: dict, base: Path | None, label: Callable[[str], str]) -> Jo
     check_keep_float(keep_float, label("keep_float"))
     if "preprocess" in values:
         _parsed(label("preprocess"), _parse_preprocess, values["preprocess"])
+    per_layer = parse_per_layer(values["per_layer"], label("per_layer")) if "per_layer" in values else ()
     inputs = [_parsed(label("inputs"), _parse_input, text) for text in values.get("inputs", [])]
     repeated = sorted({spec.name for spec in inputs if [s.name for s in inputs].count(spec.name) > 1})
     if repeated:
@@ -166,7 +168,7 @@ def make_job(values: dict, base: Path | None, label: Callable[[str], str]) -> Jo
         out=out,
         name=name,
         keep_float=keep_float,
-        quantize=_parsed(label("smoothquant"), _quantize_options, values),
+        quantize=_parsed(label("smoothquant"), lambda v: _quantize_options(v, per_layer), values),
         layers=values.get("layers", False),
     )
 
@@ -189,13 +191,13 @@ def _parse_preprocess(text: str):
     return parse_preprocess(text)
 
 
-def _quantize_options(values: dict) -> QuantizeOptions:
+def _quantize_options(values: dict, per_layer: tuple = ()) -> QuantizeOptions:
     from edgeq.quantize import parse_smoothquant
 
     return QuantizeOptions(
         calibration_samples=values.get("calibration_samples", 32), observer=values.get("observer", "mse"),
         auto_fallback=values.get("auto_fallback", False), fallback_max=float(values.get("fallback_max", 0.1)),
-        algorithm=values.get("algo"), group_size=_group_size(values.get("group_size", 32)),
+        algorithm=values.get("algo"), group_size=_group_size(values.get("group_size", 32)), layer_overrides=per_layer,
         **parse_smoothquant(values.get("smoothquant")),
     )
 

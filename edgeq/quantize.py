@@ -22,6 +22,7 @@ class QuantizeOptions:
     fallback_max: float = 0.1  # at most this fraction of the quantized layers is relaxed
     algorithm: str | None = None  # low-bit schemes: rtn, gptq or awq (None: the scheme's default, edgeq.scheme)
     group_size: int | None = 32  # low-bit schemes: input channels per scale; None: one scale per output channel
+    layer_overrides: tuple = ()  # per-layer schemes (edgeq.layer_overrides.LayerOverride), later entries win
 
     def __post_init__(self):
         from edgeq.errors import UsageError
@@ -60,20 +61,34 @@ def quantization_plan(model, profile, precision, options: QuantizeOptions, keep_
     from edgeq.calibration.sensitivity import sensitivity_fallback
     from edgeq.compress.apply import user_fqn
     from edgeq.compress.fold import fold_batchnorm
-    from edgeq.targets.resolve import Calibration, resolve_plan
+    from edgeq.targets.resolve import Calibration, matches, resolve_plan
 
     module, folded = fold_batchnorm(model.module)
     model = dataclasses.replace(model, module=module)
     from edgeq.scheme import LOW_BIT
 
     if precision in LOW_BIT:
-        return model, _lowbit_plan(model, profile, precision, options, keep_float, calibration_samples, folded), None
+        plan = _lowbit_plan(model, profile, precision, options, keep_float, calibration_samples, folded)
+        if not options.auto_fallback or not calibration_samples or not budget.bounds:
+            return model, plan, None
+        fallback = _lowbit_fallback(model, profile, plan, options, calibration_samples, budget)
+        return model, fallback.plan, fallback
 
+    floats = {}
+    if options.layer_overrides:  # 8-bit schemes: per_layer float entries keep layers float (edgeq.layer_overrides)
+        from edgeq.targets.layer_schemes import int8_scheme_floats
+
+        floats = int8_scheme_floats(options.layer_overrides, model.module, model.example_inputs)
+        keep_float = list(keep_float) + [fqn for fqn in floats if not matches(fqn, list(keep_float))]
     calibration = Calibration(
         calibration_samples, model.input_names, observer=options.observer,
         smooth_alpha=options.smoothquant, smooth=not options.no_smoothquant,
     )
     plan = resolve_plan(model.module, profile, precision, keep_float, model.example_inputs, calibration)
+    if options.layer_overrides:
+        from edgeq.targets.layer_schemes import note_int8_scheme
+
+        note_int8_scheme(plan, options.layer_overrides, floats)
     if folded:
         plan.notes.append(f"BatchNorm folded into {', '.join(user_fqn(f) for f in folded)} before quantization")
     if not options.auto_fallback or not calibration_samples or not budget.bounds:
@@ -87,17 +102,28 @@ def quantization_plan(model, profile, precision, options: QuantizeOptions, keep_
 
 def _lowbit_plan(model, profile, precision, options: QuantizeOptions, keep_float, calibration_samples, folded):
     from edgeq.compress.apply import user_fqn
-    from edgeq.errors import ConversionError
     from edgeq.scheme import scheme_for
     from edgeq.targets.resolve import Calibration
     from edgeq.targets.resolve_lowbit import resolve_lowbit_plan
 
-    if options.auto_fallback:
-        raise ConversionError(f"target {profile.id}: --auto-fallback does not relax low-bit layers yet; use --keep-float")
     scheme = scheme_for(precision, algorithm=options.algorithm, group_size=options.group_size,
                         symmetric=profile.quantization.weight_symmetric)
     calibration = Calibration(calibration_samples, model.input_names)
-    plan = resolve_lowbit_plan(model.module, profile, precision, scheme, keep_float, model.example_inputs, calibration)
+    plan = resolve_lowbit_plan(model.module, profile, precision, scheme, keep_float, model.example_inputs, calibration,
+                               overrides=options.layer_overrides)
     if folded:
         plan.notes.append(f"BatchNorm folded into {', '.join(user_fqn(f) for f in folded)} before quantization")
     return plan
+
+
+def _lowbit_fallback(model, profile, plan, options: QuantizeOptions, calibration_samples, budget):
+    """--auto-fallback on a low-bit plan (calibration/lowbit_fallback.py): its worst layers to int8, then float."""
+    from edgeq.calibration.lowbit_fallback import lowbit_fallback
+    from edgeq.compress.apply import quantizable_layers
+    from edgeq.targets.layer_schemes import int8_layer
+
+    modules = dict(quantizable_layers(model.module))
+    return lowbit_fallback(
+        model.module, plan, calibration_samples, model.input_names, model.outputs, budget, options.fallback_max,
+        lambda fqn, entry: int8_layer(fqn, entry.op, modules[fqn], profile),
+    )

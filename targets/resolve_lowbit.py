@@ -50,54 +50,79 @@ def resolve_lowbit_plan(
     keep_float: list[str] = (),
     example_inputs: tuple | None = None,
     calibration: Calibration | None = None,
+    overrides: tuple = (),
 ) -> QuantPlan:
     """The plan of a low-bit scheme: codes and scales of every executed linear layer the target quantizes,
-    decided by `scheme.algorithm` on the target's grid, layer by layer on the calibration samples."""
+    decided by `scheme.algorithm` on the target's grid, layer by layer on the calibration samples.
+    `overrides` (edgeq.layer_overrides, `per_layer`) give layers schemes of their own: other bits, group
+    sizes or algorithms, int8, or float; each is checked against the target before any work."""
     from edgeq.calibration.lowbit.driver import gptq_solver, quantize_layers, rtn_solver
+    from edgeq.targets.layer_schemes import int8_layer, layer_schemes, overrides_note, quantized_reasons
 
     grid = check_lowbit(profile, precision, scheme)
     samples = list(calibration.samples) if calibration is not None else []
-    if scheme.algorithm == Algorithm.GPTQ and not samples:
-        raise ConversionError(f"target {profile.id}: {precision} with GPTQ needs calibration samples (--calibration-samples)")
     plan = QuantPlan(precision.value, profile.id)
     layers = planned_layers(module, plan, keep_float, example_inputs)
-    chosen = []
+    decided = layer_schemes(profile, precision, scheme, tuple(overrides), layers, list(keep_float))
+    chosen: dict[str, Scheme] = {}  # the low-bit layers and each one's scheme (the model's unless per_layer says)
+    grids = {scheme: grid}
     for fqn, layer in layers:
         kind, kept = op_kind(layer), matches(fqn, list(keep_float))
+        decision = decided.get(fqn)
+        layer_scheme, by = (decision.scheme, f" (per_layer {decision.entry.describe()})") if decision else (scheme, "")
         if kept:
             plan.layers[fqn] = LayerPlan(fqn, kind, reason=f"kept float: --keep-float {kept}")
+        elif layer_scheme is None:
+            plan.layers[fqn] = LayerPlan(fqn, kind, reason=decision.reason("kept float"))
+        elif layer_scheme.bits == 8 and not layer_scheme.palette:
+            plan.layers[fqn] = int8_layer(fqn, kind, layer, profile, reason=decision.reason("int8 per channel"))
         elif kind != OpKind.LINEAR:
-            plan.layers[fqn] = LayerPlan(fqn, kind, reason=f"{precision} quantizes linear layers; {kind.value} layers stay float")
-        elif scheme.group_size is not None and not scheme.palette and layer.in_features % scheme.group_size:
+            plan.layers[fqn] = LayerPlan(fqn, kind, reason=f"{precision} quantizes linear layers; {kind.value} layers stay float{by}")
+        elif layer_scheme.group_size is not None and not layer_scheme.palette and layer.in_features % layer_scheme.group_size:
             plan.layers[fqn] = LayerPlan(
-                fqn, kind, reason=f"{layer.in_features} input features are not a multiple of the group size {scheme.group_size}"
+                fqn, kind, reason=f"{layer.in_features} input features are not a multiple of the group size {layer_scheme.group_size}{by}"
             )
         else:
-            chosen.append(fqn)
-    if not chosen:
+            chosen[fqn] = layer_scheme
+            grids.setdefault(layer_scheme, decision.grid if decision else grid)
+    if decided:
+        plan.notes.append(overrides_note(decided))
+    palettes = {fqn: s for fqn, s in chosen.items() if s.palette}
+    for palette_scheme in dict.fromkeys(palettes.values()):
+        _palette_plan(module, plan, [f for f, s in palettes.items() if s == palette_scheme], palette_scheme, grids[palette_scheme])
+    affine = {fqn: s for fqn, s in chosen.items() if not s.palette}
+    quantized_reasons(plan, decided)
+    if not affine:
         return plan
-    if scheme.palette:
-        return _palette_plan(module, plan, chosen, scheme, grid)
-    if scheme.algorithm == Algorithm.GPTQ:
-        # act-order with static groups: GPTQ's best on MiniLM, and groups stay contiguous columns (runtimes need it)
-        solver = gptq_solver(grid, actorder=True, static_groups=True, clip="mse")
-    else:
-        solver = rtn_solver(grid, clip="mse")
+    if any(s.algorithm == Algorithm.GPTQ for s in affine.values()) and not samples:
+        raise ConversionError(f"target {profile.id}: {precision} with GPTQ needs calibration samples (--calibration-samples)")
+    solvers = {}
+    for layer_scheme in dict.fromkeys(affine.values()):
+        if layer_scheme.algorithm == Algorithm.GPTQ:
+            # act-order with static groups: GPTQ's best on MiniLM, and groups stay contiguous columns (runtimes need it)
+            solvers[layer_scheme] = gptq_solver(grids[layer_scheme], actorder=True, static_groups=True, clip="mse")
+        else:
+            solvers[layer_scheme] = rtn_solver(grids[layer_scheme], clip="mse")
     input_names = calibration.input_names if calibration is not None else None
-    result = quantize_layers(module, samples or [_example_sample(example_inputs, input_names)], chosen, solver,
+    result = quantize_layers(module, samples or [_example_sample(example_inputs, input_names)], list(affine),
+                             lambda fqn, layer: solvers[affine[fqn]](fqn, layer),
                              input_names=input_names, row_mask=_attention_rows if "attention_mask" in (input_names or []) else None)
     dynamic = QDtype.INT8 if scheme.activations == Activations.DYNAMIC else None
-    for fqn in chosen:
+    for fqn in affine:
         entry = layer_plan(fqn, OpKind.LINEAR, result.weights[fqn])
         entry.dynamic_activation = dynamic
         plan.layers[fqn] = entry
-    grouping = f"group {scheme.group_size}" if scheme.group_size else "per channel"
-    plan.notes.append(
-        f"{scheme.bits}-bit {'symmetric' if scheme.symmetric else 'asymmetric'} weights, {grouping}, scales in "
-        f"{grid.scale_dtype}, by {scheme.algorithm.value}"
-        + (f" (act-order, static groups, MSE clipping) on {len(samples)} calibration samples" if scheme.algorithm == Algorithm.GPTQ else " (MSE clipping)")
-        + f", {result.total_seconds:.1f} s"
-    )
+    quantized_reasons(plan, decided)
+    for layer_scheme in dict.fromkeys(affine.values()):
+        grouping = f"group {layer_scheme.group_size}" if layer_scheme.group_size else "per channel"
+        count = sum(s == layer_scheme for s in affine.values())
+        plan.notes.append(
+            f"{layer_scheme.bits}-bit {'symmetric' if layer_scheme.symmetric else 'asymmetric'} weights, {grouping}, scales in "
+            f"{grids[layer_scheme].scale_dtype}, by {layer_scheme.algorithm.value}"
+            + (f" (act-order, static groups, MSE clipping) on {len(samples)} calibration samples" if layer_scheme.algorithm == Algorithm.GPTQ else " (MSE clipping)")
+            + (f" ({count} layers)" if len(affine) != count else "")
+            + f", {result.total_seconds:.1f} s"
+        )
     plan.notes.append(_footprint(module, plan, grid))
     return plan
 
