@@ -9,7 +9,10 @@ so the salient channels are rounded on a finer relative grid. s = mean|x|^alpha 
 with alpha in [0, 1] searched on calibration data to minimize the output error
     L(s) = || x W^T - (x / s) Q(W s)^T ||^2,
 and s normalized by sqrt(max(s) min(s)) as in the reference code. alpha = 0 gives s = 1: plain round-to-nearest
-is always a candidate, so AWQ's output error on the calibration inputs is never worse than RTN's. Then the
+is always a candidate, so AWQ's output error on the calibration inputs is never worse than RTN's. With
+`power_of_two`, every candidate s is rounded to the nearest power of two (in log2) before it is tried: dividing
+and multiplying by a power of two is exact in binary floating point and commutes with every rounding, so a
+model with such scales folded computes the same float numbers as the original (conversion folds them). Then the
 clipping search (the reference's auto_clip): per output channel and group, the range is shrunk by 1, 0.95,
 ... , 0.55 and the factor with the least error of that group's share of the output is kept.
 
@@ -38,6 +41,7 @@ from edgeq.calibration.lowbit.rtn import LowBitWeight, rtn
 N_GRID = 20  # the reference's n_grid: alpha in {0, 0.05, ..., 1} (it stops at 0.95; 1 costs one more try)
 MAX_SHRINK = 0.5  # the reference's auto_clip max_shrink: clip factors 1, 0.95, ..., 0.55
 MIN_SCALE = 1e-4  # the reference's clamp on mean|x|^alpha: a channel that never fires keeps a finite scale
+POWER_OF_TWO_OFFSETS = (0.0, 0.25, 0.5, 0.75)  # fractions of an octave tried with power_of_two (see _search_scales)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class AWQ:
         search_scales: bool = True,
         n_grid: int = N_GRID,
         max_shrink: float = MAX_SHRINK,
+        power_of_two: bool = False,
     ):
         weights = [weights] if isinstance(weights, torch.Tensor) else list(weights)
         if not weights:
@@ -91,7 +96,7 @@ class AWQ:
             raise ValueError(f"AWQ on {name}: n_grid {n_grid} must be >= 1 and max_shrink {max_shrink} in [0, 1)")
         grid.groups(self.columns)  # refuses a K that is not a multiple of the group size, before any pass
         self.name, self.grid, self.search_scales = name, grid, search_scales
-        self.n_grid, self.max_shrink = n_grid, max_shrink
+        self.n_grid, self.max_shrink, self.power_of_two = n_grid, max_shrink, power_of_two
         device = self.W[0].device
         dtype = torch.float64 if device.type == "cpu" else torch.float32  # as GPTQ: cheap and near-exact on CPU
         self.H = torch.zeros(self.columns, self.columns, device=device, dtype=dtype)
@@ -140,18 +145,23 @@ class AWQ:
     def grid_shape(self, w: torch.Tensor) -> tuple[int, int]:
         return (w.shape[0], self.grid.groups(w.shape[1]))
 
-    def _candidate_scales(self, alpha: float) -> torch.Tensor:
+    def _candidate_scales(self, alpha: float, offset: float = 0.0) -> torch.Tensor:
         s = self.x_abs.float().pow(alpha).clamp(min=MIN_SCALE)
-        return s / (s.max() * s.min()).sqrt()
+        s = s / (s.max() * s.min()).sqrt()
+        return torch.exp2(torch.round(torch.log2(s) + offset)) if self.power_of_two else s
 
     def _search_scales(self, rtn_error: float) -> tuple[torch.Tensor, float, float]:
         best = (torch.ones(self.columns, device=self.H.device), 0.0, rtn_error)  # alpha = 0 is s = 1: RTN
+        # Powers of two: where log2 s is cut into octaves decides which channels share a scale; a global factor
+        # is free (each group's range absorbs it), so shifting the cut by a fraction of an octave is a new candidate.
+        offsets = POWER_OF_TWO_OFFSETS if self.power_of_two else (0.0,)
         for step in range(1, self.n_grid + 1):
             alpha = step / self.n_grid
-            s = self._candidate_scales(alpha)
-            error = self._error(s, [None] * len(self.W))
-            if error < best[2]:
-                best = (s, alpha, error)
+            for offset in offsets:
+                s = self._candidate_scales(alpha, offset)
+                error = self._error(s, [None] * len(self.W))
+                if error < best[2]:
+                    best = (s, alpha, error)
         return best
 
     def _error(self, s: torch.Tensor, clip: Sequence[torch.Tensor | None]) -> float:

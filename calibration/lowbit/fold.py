@@ -65,7 +65,7 @@ def fold_reason(
         if producer.out_features != channels:
             return f"the producing Linear has {producer.out_features} outputs; the scales have {channels}"
         return _between_reason(between, scales)
-    return f"{type(producer).__name__} cannot absorb a per-channel scale (LayerNorm, RMSNorm or Linear can); use a runtime Mul"
+    return f"{type(producer).__name__} cannot absorb a per-channel scale (LayerNorm, RMSNorm or Linear can)"
 
 
 def _norm_reason(norm: nn.Module, channels: int, between: nn.Module | None) -> str | None:
@@ -86,7 +86,7 @@ def _between_reason(between: nn.Module | None, scales: torch.Tensor) -> str | No
             return f"{type(between).__name__} commutes with a division by s only for s > 0; some scales are <= 0"
         return None
     name = type(between).__name__
-    return f"{name} between the linears is not scale-equivariant ({name}(x / s) != {name}(x) / s); keep a runtime Mul or leave this input unscaled"
+    return f"{name} between the linears is not scale-equivariant ({name}(x / s) != {name}(x) / s)"
 
 
 def fold_scales(

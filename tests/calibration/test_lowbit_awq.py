@@ -75,6 +75,23 @@ def test_awq_never_worse_than_rtn_on_a_minilm_layer(symmetric):
             assert ratio <= tolerance, (bits, group_size, result.alpha, ratio)
 
 
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 32)])
+def test_power_of_two_scales_stay_never_worse_than_rtn_and_fold_bit_for_bit(bits, group_size):
+    torch.manual_seed(0)
+    W, X, held_out = seeded_layer(4, outliers=True)
+    grid = Grid(bits, group_size)
+    result = awq(W, X, grid, power_of_two=True)
+    assert result.alpha > 0 and torch.equal(torch.exp2(torch.log2(result.scales).round()), result.scales)
+    rounded = rtn(W, grid).dequantize()
+    assert output_error(X, W, result.effective_weight(0)) <= output_error(X, W, rounded)
+    assert output_error(held_out, W, result.effective_weight(0)) < 0.6 * output_error(held_out, W, rounded)
+    block = NormBlock().eval()
+    folded = copy.deepcopy(block)
+    fold_scales(folded.norm, [folded.first, folded.second], result.scales[:64])
+    x = torch.randn(2, 16, 64)
+    assert torch.equal(folded(x), block(x))  # x / s and W s are exact in binary floating point
+
+
 def test_awq_without_search_is_rtn():
     W, X, _ = seeded_layer(0, outliers=True)
     grid = Grid(4, 32, symmetric=False)
