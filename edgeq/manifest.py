@@ -23,11 +23,13 @@ TIMING_FIELDS = (
 )
 
 
-def build_manifest(*, model, profile, artifact, report, budget, violations, verdict, signature, settings, golden, data_source, plan=None, parity=None, latency=None, latency_reason=None, quantization=None) -> dict:
+def build_manifest(*, model, profile, artifact, report, budget, violations, verdict, signature, settings, golden, data_source, plan=None, parity=None, latency=None, latency_reason=None, quantization=None, storage=None, accuracy_levels=None) -> dict:
     """Everything a build step or a device lab needs to trust the artifact, with no timestamps: reruns
     match except the TIMING_FIELDS, also from another folder (paths inside the working directory are
     recorded relative to it: edgeq.reproducible). `quantization` (a QuantizationDrift) holds a quantized
-    artifact against its target's FP32 artifact; None for FP32 artifacts."""
+    artifact against its target's FP32 artifact; None for FP32 artifacts. `storage` (edgeq.footprint.WeightStorage)
+    is the weights as the runtime stores them, in bits per weight; `accuracy_levels` (validate.check.AccuracyLevels)
+    the ONNX MatMulNBits artifact's deployed run beside its run at accuracy_level 1."""
     return {
         "schema": MANIFEST_SCHEMA,
         "model": {
@@ -42,6 +44,10 @@ def build_manifest(*, model, profile, artifact, report, budget, violations, verd
             "file": artifact.path.name,
             "sha256": sha256_path(artifact.path),
             "size_bytes": size_bytes(artifact.path),
+            # the weights as stored: bits per weight (codes, scales, zero points, LUTs, floats), per layer and in all
+            "storage": None if storage is None else storage.to_json(),
+            # ONNX low-bit: the accuracy_level its MatMulNBits nodes deploy with (4: int8 activations); else None
+            "ort_accuracy_level": None if accuracy_levels is None else accuracy_levels.deployed,
         },
         "signature": {
             "declared_inputs": [spec.to_json() for spec in model.inputs],
@@ -65,6 +71,7 @@ def build_manifest(*, model, profile, artifact, report, budget, violations, verd
             "data": {**data_source, "path": recorded_path(data_source.get("path"))},  # pipeline.describe_data: source, path, samples_found/used, split, preprocess, notes
             "latency": None if latency is None else latency.to_json(),
             "latency_reason": latency_reason,
+            "accuracy_levels": None if accuracy_levels is None else accuracy_levels.to_json(),
             **_against_fp32_artifact(quantization),
         },
         "budget": {"terms": str(budget), "verdict": verdict, "violations": violations},

@@ -23,7 +23,8 @@ from edgeq.targets import Precision, TargetProfile, expand_targets, load_profile
 from edgeq.quantize import QuantizeOptions, quantization_plan
 from edgeq.targets.resolve import QUANTIZED
 from edgeq.validate.budget import BudgetSyntaxError, parse_budget
-from edgeq.validate.check import per_compute_unit, run_artifact, runner_settings
+from edgeq.footprint import WeightStorage, float_bits_of, weight_storage
+from edgeq.validate.check import AccuracyLevels, per_compute_unit, run_accuracy_levels, run_artifact, runner_settings
 from edgeq.validate.drift import DriftReport, Status
 from edgeq.validate.latency import Latency
 from edgeq.validate.layer_drift import LayerReport
@@ -62,6 +63,8 @@ class Outcome:
     outputs: list[dict[str, np.ndarray]] | None = field(default=None, repr=False)  # fp32 only: the baseline
     plan_notes: list[str] = field(default_factory=list)  # quantized schemes: how the plan was decided
     layers: LayerReport | None = None  # per-layer drift, when asked for
+    storage: WeightStorage | None = None  # the weights as the artifact stores them (bits per weight)
+    accuracy_levels: AccuracyLevels | None = None  # ONNX MatMulNBits: deployed beside accuracy_level 1
 
 
 def convert(model: LoadedModel, options: ConvertOptions, on_step: Callable[[str], None] = lambda _: None) -> list[Outcome]:
@@ -181,6 +184,8 @@ def _convert_one(model, profile, precision, validation, references, options, dat
                     raise ConversionError(f"target {profile.id}: weight parity failed: " + "; ".join(problems[:10]))
             run = run_artifact(artifact.path, profile.runtime.value, settings, validation, references, model.outputs)
             report, signature = run.report, run.signature
+            levels = run_accuracy_levels(artifact.path, profile.runtime.value, settings, validation, references, model.outputs, run)
+            storage = weight_storage(request.model.module, request.plan, profile.runtime.value, float_bits_of(profile.runtime.value, precision.value))
             quantization = None
             if precision != Precision.FP32 and fp32_artifact is not None:
                 quantization = compare_with_fp32(fp32_artifact, run, model.outputs)
@@ -199,6 +204,7 @@ def _convert_one(model, profile, precision, validation, references, options, dat
                 violations=violations, verdict=verdict.value, signature=signature, settings=settings, golden=golden,
                 data_source=data_source, plan=request.plan, parity=parity,
                 latency=run.latency, latency_reason=run.latency_reason, quantization=quantization,
+                storage=storage, accuracy_levels=levels,
             )
             if profile.runtime.value == "coreml":
                 manifest["validation"]["per_compute_unit"] = per_compute_unit(artifact.path, settings, validation, references, model.outputs)
@@ -212,7 +218,8 @@ def _convert_one(model, profile, precision, validation, references, options, dat
     error = report.reason if report.status == Status.ERROR else None
     outputs = run.outputs if precision == Precision.FP32 else None
     notes = _plan_notes(request.plan)
-    return Outcome(profile.id, precision.value, verdict, final, report, violations, error, size, run.latency, quantization, outputs, notes, layers)
+    return Outcome(profile.id, precision.value, verdict, final, report, violations, error, size, run.latency, quantization, outputs, notes, layers,
+                   storage, levels)
 
 
 def _plan_notes(plan) -> list[str]:

@@ -394,6 +394,8 @@ def _short(name: str, limit: int = 25) -> str:
 
 
 def _summary(reports: list[dict]) -> str:
+    from edgeq.report_storage import bits_per_weight
+
     rows = []
     for r in reports:
         verdict = verdict_of(r)
@@ -418,6 +420,7 @@ def _summary(reports: list[dict]) -> str:
             e(r.get("precision", "?")),
             _badge(verdict),
             size,
+            _num_cell(bits_per_weight(r), 3),
             _num_cell(get(latency, "median_ms"), 3),
             _num_cell(get(latency, "p90_ms"), 3),
             _num_cell(get(latency, "p99_ms"), 3),
@@ -430,12 +433,13 @@ def _summary(reports: list[dict]) -> str:
         "<p class=note>Latency: wall time of one run of the artifact in its runtime on "
         + (e("; ".join(hosts)) if hosts else "this machine")
         + " (median p50, p90, p99 in ms), not the device's. “vs FP32”: the median over the FP32 artifact's median "
-        "of the same target (below 1 is faster).</p>"
+        "of the same target (below 1 is faster). Bits/weight: every weight of the model as the artifact stores it "
+        "(codes in their containers, scales, zero points, look-up tables, float weights), over the weight count.</p>"
     )
-    head = ["target", "precision", "verdict", "size", "p50 ms", "p90 ms", "p99 ms", "vs FP32", "budget", "violations and errors"]
+    head = ["target", "precision", "verdict", "size", "bits/weight", "p50 ms", "p90 ms", "p99 ms", "vs FP32", "budget", "violations and errors"]
     return (
         '<section id="summary"><h2>Summary</h2>'
-        + _table("Verdict, size and latency per target and precision", head, rows, numeric=(3, 4, 5, 6), cls="summary")
+        + _table("Verdict, size and latency per target and precision", head, rows, numeric=(3, 4, 5, 6, 7), cls="summary")
         + note + "</section>"
     )
 
@@ -576,6 +580,8 @@ def _executors(reports: list[dict]) -> str:
 
 
 def _plans(reports: list[dict]) -> str:
+    from edgeq.report_storage import storage_items, storage_table
+
     parts = []
     for r in reports:
         plan = r.get("plan")
@@ -595,10 +601,12 @@ def _plans(reports: list[dict]) -> str:
             if parity.get("removed_as_unused"):
                 text += f"; removed as unused: {', '.join(map(str, parity['removed_as_unused']))}"
             items.append(("weight parity", text))
+        items += storage_items(r)
         body = '<dl class="facts">' + "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in items) + "</dl>"
         notes = plan.get("notes") or []
         if notes:
             body += "<ul class=notes>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>"
+        body += storage_table(r, _name(r))
         parts.append(f'<div class="card"><h3 id="{_anchor(r, "-plan")}">{e(_name(r))}</h3>{body}</div>')
     if not parts:
         return ""
@@ -606,24 +614,27 @@ def _plans(reports: list[dict]) -> str:
     return '<section id="plans"><h2>Quantization plans</h2>' + intro + '<div class="cards">' + "".join(parts) + "</div></section>"
 
 
-def _layer_cells(row: dict) -> list[str]:
-    """kind, tensor, SQNR, local SQNR, input SQNR, dB lost, cosine of one layer row."""
+def _layer_cells(row: dict, bits: dict) -> list[str]:
+    """kind, tensor, SQNR, local SQNR, input SQNR, dB lost, cosine, stored bits per weight of one layer row."""
     return [
         e(row.get("kind") or "-"), f'<code class="nowrap">{e(row.get("tensor") or "-")}</code>',
         _num_cell(row.get("sqnr_db"), 4), _num_cell(row.get("local_sqnr_db"), 4), _num_cell(row.get("input_sqnr_db"), 4),
-        _num_cell(row.get("sqnr_lost_db"), 3), _num_cell(row.get("cosine"), 7),
+        _num_cell(row.get("sqnr_lost_db"), 3), _num_cell(row.get("cosine"), 7), _num_cell(bits.get(str(row.get("name"))), 3),
     ]
 
 
-_LAYER_HEAD = ["kind", "tensor", "SQNR dB", "local SQNR dB", "input SQNR dB", "dB lost", "cosine"]
+_LAYER_HEAD = ["kind", "tensor", "SQNR dB", "local SQNR dB", "input SQNR dB", "dB lost", "cosine", "bits/weight"]
 
 
 def _layers(reports: list[dict]) -> str:
+    from edgeq.report_storage import layer_bits
+
     parts = []
     for index, r in enumerate(reports):
         layers = layers_of(r)
         if layers is None:
             continue
+        bits = layer_bits(r)
         rows = [row for row in layers.get("rows") or [] if isinstance(row, dict)]
         top = [str(t) for t in layers.get("top") or []]
         meta = (
@@ -646,19 +657,19 @@ def _layers(reports: list[dict]) -> str:
             for rank, name in enumerate(top, 1):
                 position, row = by_name.get(name, (None, {}))
                 table_rows.append([
-                    str(rank), f'<code class="nowrap">{e(name)}</code>', "-" if position is None else str(position + 1), *_layer_cells(row),
+                    str(rank), f'<code class="nowrap">{e(name)}</code>', "-" if position is None else str(position + 1), *_layer_cells(row, bits),
                     e(row.get("local_method") or "-"),
                 ])
             if table_rows:
                 head = ["rank", "layer", "#", *_LAYER_HEAD, "method"]
-                parts.append(_table(f"Layers of {_name(r)} adding the most noise (worst first)", head, table_rows, numeric=(0, 2, 5, 6, 7, 8, 9)))
+                parts.append(_table(f"Layers of {_name(r)} adding the most noise (worst first)", head, table_rows, numeric=(0, 2, 5, 6, 7, 8, 9, 10)))
             all_rows = [
-                [str(i + 1), f'<code class="nowrap">{e(row.get("name"))}</code>', *_layer_cells(row), e(", ".join(map(str, row.get("fused") or [])) or "-")]
+                [str(i + 1), f'<code class="nowrap">{e(row.get("name"))}</code>', *_layer_cells(row, bits), e(", ".join(map(str, row.get("fused") or [])) or "-")]
                 for i, row in enumerate(rows)
             ]
             parts.append(
                 f"<details><summary>All {len(rows)} layers</summary>"
-                + _table(f"Every compared layer of {_name(r)} in execution order", ["#", "layer", *_LAYER_HEAD, "fused into it"], all_rows, numeric=(0, 4, 5, 6, 7, 8))
+                + _table(f"Every compared layer of {_name(r)} in execution order", ["#", "layer", *_LAYER_HEAD, "fused into it"], all_rows, numeric=(0, 4, 5, 6, 7, 8, 9))
                 + "</details>"
             )
         notes = [str(n) for n in layers.get("notes") or []]
@@ -741,6 +752,8 @@ footer{margin-top:40px;font-size:12.5px;color:var(--dim);border-top:1px solid va
 
 def render_html(reports: list[dict]) -> str:
     """One self-contained HTML page for the reports of a run (report.json dicts, see the module doc)."""
+    from edgeq.report_storage import accuracy_levels_section
+
     reports = sort_reports(r for r in reports if isinstance(r, dict))
     models = list(dict.fromkeys(str(get(r, "model", "name")) for r in reports if get(r, "model", "name"))) or ["no bundles"]
     title = f"edgeq report: {', '.join(models)}"
@@ -756,7 +769,7 @@ def render_html(reports: list[dict]) -> str:
         f"{len(reports)} artifact{'s' if len(reports) != 1 else ''}",
     ]))
     sections = [
-        _summary(reports), _drift(reports), _conversion_vs_quantization(reports), _layers(reports),
+        _summary(reports), _drift(reports), _conversion_vs_quantization(reports), accuracy_levels_section(reports), _layers(reports),
         _plans(reports), _data(reports), _executors(reports), _bundles(reports),
     ]
     sections = [s for s in sections if s]
@@ -764,7 +777,7 @@ def render_html(reports: list[dict]) -> str:
         f'<li><a href="#{ident}">{e(label)}</a></li>'
         for ident, label in (
             ("summary", "Summary"), ("drift", "Drift per output"), ("conversion-vs-quantization", "Conversion vs quantization"),
-            ("layers", "Per-layer drift"), ("plans", "Quantization plans"), ("data", "Validation data"),
+            ("accuracy-levels", "Weight vs kernel error"), ("layers", "Per-layer drift"), ("plans", "Quantization plans"), ("data", "Validation data"),
             ("executors", "Who ran each artifact"), ("bundles", "Bundles"),
         )
         if any(f'id="{ident}"' in s for s in sections)

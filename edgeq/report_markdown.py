@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from edgeq.report_html import fmt, fmt_size, get, layers_of, model_of, number, size_ratio, sort_reports, target_of, verdict_of, worst
+from edgeq.report_storage import accuracy_level_text, bits_per_weight, layer_bits
 
 _ICON = {"passed": "✅", "not_validated": "⚠️", "over_budget": "❌", "validation_failed": "❌", "conversion_failed": "❌"}
 TOP_LAYERS = 3
@@ -36,6 +37,12 @@ def _vs_fp32(report: dict, reports: list[dict]) -> str:
     return ", ".join(parts) or "-"
 
 
+def _size(report: dict) -> str:
+    """The artifact's size, with its stored bits per weight where the report has them: "18.2 kB, 4.61 bits/w"."""
+    size, bits = fmt_size(get(report, "artifact", "size_bytes")), bits_per_weight(report)
+    return size if bits is None else f"{size}, {fmt(bits, 3)} bits/w"
+
+
 def _problems(report: dict) -> list[str]:
     lines = [f"over budget: {v}" for v in get(report, "budget", "violations", default=[]) or []]
     if report.get("error"):
@@ -53,6 +60,7 @@ def _top_layers(report: dict) -> list[str]:
     layers = layers_of(report)
     if layers is None:
         return []
+    bits = layer_bits(report)
     rows = {str(r.get("name")): r for r in layers.get("rows") or [] if isinstance(r, dict)}
     lines = []
     for name in [str(t) for t in layers.get("top") or []][:TOP_LAYERS]:
@@ -62,6 +70,8 @@ def _top_layers(report: dict) -> list[str]:
         parts.append(f"layer SQNR {fmt(row.get('sqnr_db'), 3)} dB")
         if row.get("sqnr_lost_db") is not None:
             parts.append(f"{fmt(row.get('sqnr_lost_db'), 3)} dB lost")
+        if bits.get(name) is not None:
+            parts.append(f"{fmt(bits[name], 3)} bits/weight")
         lines.append(f"`{name.replace('`', '')}`{kind}: {', '.join(parts)}")
     return lines
 
@@ -83,18 +93,20 @@ def render_markdown(reports: list[dict]) -> str:
             f"{_ICON.get(verdict, '')} {cell(verdict)}".strip(),
             cell(fmt(worst(r, "cosine"), 7)),
             cell(fmt(worst(r, "sqnr_db"), 4)),
-            cell(fmt_size(get(r, "artifact", "size_bytes"))),
+            cell(_size(r)),
             cell(fmt(get(r, "validation", "latency", "median_ms"), 3)),
             cell(_vs_fp32(r, reports)),
         ]
         lines.append("| " + " | ".join(row) + " |")
     details = []
     for r in reports:
-        problems, top = _problems(r), _top_layers(r)
-        if not problems and not top:
+        problems, top, level = _problems(r), _top_layers(r), accuracy_level_text(r)
+        if not problems and not top and not level:
             continue
         details.append(f"**{cell(target_of(r))} {cell(r.get('precision', '?'))}**")
         details.extend(f"- {cell(p)}" for p in problems)
+        if level:
+            details.append(f"- {cell(level)}")
         if top:
             details.append(f"- top {len(top)} offending layers:")
             details.extend(f"  {i}. {line}" for i, line in enumerate(top, 1))
@@ -103,7 +115,10 @@ def render_markdown(reports: list[dict]) -> str:
         lines += ["", *details]
     else:
         lines.append("")
-    lines.append("<sub>Drift against FP32 PyTorch; speed and size against the FP32 artifact of the same target; latency on the machine that ran edgeq.</sub>")
+    lines.append(
+        "<sub>Drift against FP32 PyTorch; speed and size against the FP32 artifact of the same target; latency on the machine "
+        "that ran edgeq; bits/w: every weight as the artifact stores it (codes, scales, zero points, LUTs, floats).</sub>"
+    )
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -70,6 +70,61 @@ def run_artifact(
     return run
 
 
+FLOAT_ACCURACY_LEVEL = 1  # MatMulNBits in fp32 math: what is left is the weights' error
+
+
+@dataclass
+class AccuracyLevels:
+    """An ONNX artifact with low-bit MatMulNBits run as deployed and at accuracy_level 1, side by side: `weight`
+    is level 1 against FP32 PyTorch (the plan's weights alone), `kernel` the deployed outputs against level 1's
+    (what the kernel's arithmetic adds: int8 activations at level 4). The budget holds the deployed run."""
+
+    levels: list[int]  # the distinct accuracy_level values of the artifact's MatMulNBits nodes (0: unset)
+    weight: DriftReport | None = None
+    kernel: DriftReport | None = None  # None: the deployed level computes in fp32 (no kernel error to separate)
+    reason: str | None = None  # why a figure is missing
+
+    @property
+    def deployed(self) -> int:
+        """The level that quantizes most (the highest) among the nodes'."""
+        return max(self.levels)
+
+    def to_json(self) -> dict:
+        return {
+            "deployed": self.deployed,
+            "levels": list(self.levels),
+            "float_level": FLOAT_ACCURACY_LEVEL,
+            "weight_error": None if self.weight is None else self.weight.to_json(),
+            "kernel_error": None if self.kernel is None else self.kernel.to_json(),
+            "reason": self.reason,
+        }
+
+
+def run_accuracy_levels(path: Path, runtime: str, settings: dict, inputs, references, output_names, deployed: ArtifactRun) -> AccuracyLevels | None:
+    """For an ONNX artifact with MatMulNBits nodes: `deployed` (its run at its own levels) beside a run of the
+    same bytes at level 1. None for other artifacts. A deployed level that already computes in fp32 (0 or 1)
+    needs no second run: its drift is the weights' error."""
+    if runtime != "onnx":
+        return None
+    from edgeq.validate.runners.onnx_levels import FLOAT_LEVELS, matmul_nbits_levels
+
+    try:
+        levels = matmul_nbits_levels(path)
+    except ImportError:
+        return None  # without the onnx package nothing here can read the nodes (a device with only the runtime)
+    if not levels:
+        return None
+    if deployed.report.status != Status.VALIDATED or deployed.outputs is None:
+        return AccuracyLevels(levels, reason=f"not compared: the artifact did not run ({deployed.report.reason})")
+    if all(level in FLOAT_LEVELS for level in levels):
+        return AccuracyLevels(levels, weight=deployed.report, reason="deployed in fp32 math: its drift is the weights' error alone")
+    at_float = run_artifact(path, runtime, {**settings, "accuracy_level": FLOAT_ACCURACY_LEVEL}, inputs, references, output_names, timed=False)
+    if at_float.report.status != Status.VALIDATED:
+        return AccuracyLevels(levels, weight=at_float.report, reason=f"the level-1 run failed: {at_float.report.reason}")
+    kernel = compare(at_float.outputs, deployed.outputs, output_names, f"{deployed.report.executor} against level {FLOAT_ACCURACY_LEVEL}")
+    return AccuracyLevels(levels, weight=at_float.report, kernel=kernel)
+
+
 def _failed(report: DriftReport, signature: list[IOSpec] | None = None) -> ArtifactRun:
     """The artifact did not run through: no outputs, no latency, and the report says why."""
     return ArtifactRun(report, signature, latency_reason=f"not measured: {report.reason}")

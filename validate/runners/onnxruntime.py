@@ -31,7 +31,10 @@ class OnnxRuntimeRunner(Runner):
         optimization: str = "all",
         threads: int = 0,
         session_config: dict[str, str] | None = None,
+        accuracy_level: int | None = None,
     ):
+        """`accuracy_level`: run every com.microsoft.MatMulNBits node at this level instead of the artifact's
+        own (validation's level-1 run: the weights' error without the kernel's; runners/onnx_levels.py)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -48,11 +51,21 @@ class OnnxRuntimeRunner(Runner):
         # A profile names the provider it deploys on (e.g. QNN); where it is not installed, say so and use the rest.
         providers = [p for p in wanted if p in ort.get_available_providers()] or ["CPUExecutionProvider"]
         missing = [p for p in wanted if p not in providers]
+        source = str(path)
+        if accuracy_level is not None:
+            from edgeq.validate.runners.onnx_levels import at_accuracy_level
+
+            try:
+                source = at_accuracy_level(path, accuracy_level)
+            except (ImportError, ValueError) as exc:
+                raise RunnerError(f"cannot run {path.name} at accuracy_level {accuracy_level}: {exc}") from exc
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(source, options, providers=providers)
         except Exception as exc:
             raise RunnerError(f"onnxruntime could not load {path}: {exc}") from exc
         config = "".join(f", {k}={v}" for k, v in (session_config or {}).items())
+        if accuracy_level is not None:
+            config += f", MatMulNBits accuracy_level={accuracy_level} for this run"
         self.executor = f"onnxruntime {ort.__version__} ({', '.join(providers)}, optimization={optimization}{config})"
         if missing:
             self.executor += f"; not installed here: {', '.join(missing)}"
