@@ -168,7 +168,7 @@ def weight_uses(model, subgraph, names: list[str]) -> list[WeightUse]:
 
 def tflite_weights(path: Path) -> StoredWeights:
     """Codes (PyTorch layout) and scales of every int8/int4/int2 per-channel weight, and of every blockwise
-    INT4 FULLY_CONNECTED weight (scales [N, K / block_size]), named `<fqn>.weight`.
+    INT4 FULLY_CONNECTED weight or EMBEDDING_LOOKUP table (scales [N, K / block_size]), named `<fqn>.weight`.
 
     A weight stored float, per tensor, or along another axis than the op's output channels is left out
     of `quantized` (parity then reports the layer as not quantized); its name still marks the layer present.
@@ -187,7 +187,7 @@ def tflite_weights(path: Path) -> StoredWeights:
             if suffix is None or tensor.type not in (INT8, *PACKED_BITS) or quant is None:
                 continue
             if quant.detailsType == BLOCKWISE:
-                scales = blockwise_scales(model, subgraph, tensor) if use.op_name == "FULLY_CONNECTED" else None
+                scales = blockwise_scales(model, subgraph, tensor) if use.op_name in ("FULLY_CONNECTED", "EMBEDDING_LOOKUP") else None
                 if scales is not None and suffix == WEIGHT_SUFFIX:
                     found[name.removesuffix(suffix)] = (np.ascontiguousarray(constant(model, tensor)), scales)
                 continue

@@ -107,8 +107,10 @@ class TFLiteConverter(Converter):
         low_bit = request.precision == Precision.INT4_DYNAMIC
         if low_bit:  # the float model is converted; its planned weights are rewritten afterwards
             from edgeq.converters.tflite_lowbit import checked_lowbit_plan, pack_lowbit
+            from edgeq.converters.tflite_lowbit_tables import dequantized_tables
 
             plan = checked_lowbit_plan(request)
+            module = dequantized_tables(module, plan)  # tables are found (and folded lookups hold) the plan's values
         wrapper = KeywordIO(module, model.input_names, model.outputs).eval()
         sample = dict(zip(model.input_names, examples))
         try:

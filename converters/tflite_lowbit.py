@@ -31,7 +31,8 @@ that is not a multiple of 32 or does not divide K, block scales not exactly repr
 float16's normal range (XNNPACK reads the FLOAT16 scales and rounds them to bf16: the plan must already be on
 that grid), per-channel int4 codes of -8 (LiteRT's builtin per-channel INT4 kernel computes them wrongly,
 measured; XNNPACK does not: per channel the grid is [-7, 7]), static activations, and low-bit weights on
-anything but a linear layer.
+anything but a linear layer. Embedding tables (4-bit per group, int8 per row) are EMBEDDING_LOOKUP's:
+converters/tflite_lowbit_tables.py.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ def layer_refusal(layer: LayerPlan, module: torch.nn.Module | None) -> str | Non
     quant, codes = layer.weight, layer.weight_codes
     if quant is None:
         return None
+    if layer.op == OpKind.EMBEDDING and layer.activation is None and layer.output is None:
+        from edgeq.converters.tflite_lowbit_tables import table_refusal  # EMBEDDING_LOOKUP tables
+
+        return table_refusal(layer, module)
     if layer.activation is not None or layer.output is not None:
         return "static activation quantization: LiteRT's low-bit FULLY_CONNECTED takes float input and quantizes it at run time; plan no activation scales"
     if layer.op != OpKind.LINEAR or not isinstance(module, torch.nn.Linear):
@@ -185,7 +190,7 @@ def pack_lowbit(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], requ
     model = read_model(flatbuffer)
     names = op_names(model)
     subgraph = model.subgraphs[0]  # one signature, one subgraph
-    planned = {fqn for fqn, layer in plan.layers.items() if layer.weight is not None}
+    planned = {fqn for fqn, layer in plan.layers.items() if layer.weight is not None and layer.op != OpKind.EMBEDDING}
     uses: dict[str, list] = {}  # fqn -> the ops computing with its weight (a module called twice has two)
     owners: dict[int, str] = {}  # weight tensor -> fqn
     for use in weight_uses(model, subgraph, names):
@@ -234,6 +239,9 @@ def pack_lowbit(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], requ
         if isinstance(layer.weight.granularity, PerGroup):
             blockwise_ops += [u.op for u in fqn_uses]
     _raise_versions(model, subgraph, hybrid_ops)
+    from edgeq.converters.tflite_lowbit_tables import pack_tables
+
+    pack_tables(model, subgraph, plan, notes, target)  # embedding tables: EMBEDDING_LOOKUP
     rewritten = {id(subgraph.operators[u.op]): fqn for fqn, us in uses.items() for u in us}
     _unfuse_activations(model, subgraph, blockwise_ops, target)  # last: it moves operator positions
     if containers:

@@ -309,3 +309,132 @@ def test_pipeline_plans_on_the_bf16_grid_and_validates_with_parity(tmp_path):
     manifest = json.loads((outcome.path / "manifest.json").read_text())
     assert manifest["weight_parity"]["checked_layers"] == 2 and manifest["weight_parity"]["mismatches"] == []
     assert any("low-bit FULLY_CONNECTED" in note for note in manifest["notes"])
+
+
+# -- embedding tables (EMBEDDING_LOOKUP) beside low-bit and int8 layers --------------------------------------------
+
+
+class Lookup(nn.Module):
+    """Word and token-type tables looked up by inputs, position rows through a buffer (a constant lookup)."""
+
+    def __init__(self):
+        super().__init__()
+        self.word = nn.Embedding(100, 64, padding_idx=0)
+        self.position = nn.Embedding(16, 64)
+        self.kind = nn.Embedding(2, 64)
+        self.register_buffer("positions", torch.arange(16).unsqueeze(0), persistent=False)
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 64)
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, input_ids, token_type_ids):
+        x = self.word(input_ids) + self.position(self.positions[:, : input_ids.shape[1]]) + self.kind(token_type_ids)
+        return self.head(self.down(torch.relu(self.up(x))))
+
+
+def lookup():
+    torch.manual_seed(0)
+    ids = torch.randint(1, 100, (1, 8))
+    return Lookup().eval(), {"input_ids": ids, "token_type_ids": ids % 2}
+
+
+def table_entry(fqn: str, table: torch.Tensor, bits: int):
+    """A table on LiteRT's grid: 4-bit blocks of 32 with bfloat16 scales, or int8 per row."""
+    from edgeq.calibration.lowbit.grid import Grid
+    from edgeq.calibration.lowbit.rtn import rtn
+    from edgeq.calibration.lowbit.to_plan import layer_plan
+    from edgeq.calibration.weights import quantize_weight_per_channel
+    from edgeq.plan import LayerPlan, OpKind, QDtype
+
+    if bits == 8:
+        return LayerPlan(fqn, OpKind.EMBEDDING, *quantize_weight_per_channel(table, QDtype.INT8, axis=0))
+    return layer_plan(fqn, OpKind.EMBEDDING, rtn(table, Grid(4, 32, True, "bfloat16"), "mse"))
+
+
+@pytest.fixture(scope="module")
+def tables_converted(tmp_path_factory):
+    from edgeq.converters.tflite import TFLiteConverter
+    from edgeq.load import load_model
+    from edgeq.plan import QuantPlan
+
+    loaded = load_model("tests.converters.test_tflite_lowbit:lookup")
+    modules = dict(loaded.module.inner.named_children())
+    plan = QuantPlan("int4-dynamic", "tflite", {
+        "word": table_entry("word", modules["word"].weight.detach(), 4),
+        "position": table_entry("position", modules["position"].weight.detach(), 4),
+        "kind": table_entry("kind", modules["kind"].weight.detach(), 8),
+        "up": lowbit_layer("up", modules["up"].weight.detach(), 4, 32),
+        "down": lowbit_layer("down", modules["down"].weight.detach(), 8, None),  # an int8 fallback (hybrid)
+    })
+    request = request_for(plan, loaded, target="tflite")
+    assert TFLiteConverter().check(request) == []
+    artifact = TFLiteConverter().convert(request, tmp_path_factory.mktemp("tables") / "model.tflite")
+    return request, artifact
+
+
+def test_tables_are_packed_exactly_beside_low_bit_and_int8_layers(tables_converted):
+    from edgeq.converters.parity import artifact_weights, compare_weights
+    from edgeq.converters.parity_tflite import INT4, INT8, read_model, tensor_name
+
+    request, artifact = tables_converted
+    parity = compare_weights(request.plan, artifact_weights(artifact.path, "tflite"))
+    assert parity.mismatches == [] and parity.missing == [] and parity.checked == 4
+    # A lookup of constant positions is folded by litert-torch into float rows (the plan's, see below): said, not hidden.
+    assert parity.removed == ["position"]
+    assert any("folded by the converter" in note and note.endswith("position") for note in artifact.notes)
+    model = read_model(artifact.path.read_bytes())
+    tensors = {tensor_name(t): t for t in model.subgraphs[0].tensors}
+    assert (tensors["word.weight"].type, tensors["kind.weight"].type) == (INT4, INT8)
+    assert len(model.buffers[tensors["word.weight"].buffer].data) == 100 * 64 // 2  # 4 bits a code
+    float_tables = [tensor_name(t) for t in model.subgraphs[0].tensors if t.type == 0 and list(t.shape) in ([100, 64], [16, 64], [2, 64])]
+    assert float_tables == []  # no float table left beside the codes
+
+
+def test_lookups_return_the_plans_rows_bit_for_bit(tables_converted):
+    """Every EMBEDDING_LOOKUP output (default delegates; XNNPACK leaves lookups to the builtin kernel) equals the
+    plan's dequantized rows exactly, and the folded position rows are the plan's too."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeq.converters.parity_tflite import constant, op_names, read_model, tensor_name
+
+    request, artifact = tables_converted
+    plan, (ids, kinds) = request.plan, (t.numpy() for t in request.model.example_inputs)
+    rows = {f: plan.layers[f].weight.dequantize(plan.layers[f].weight_codes) for f in ("word", "position", "kind")}
+    interpreter = Interpreter(model_path=str(artifact.path), experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    interpreter.get_signature_runner()(input_ids=ids.astype(np.int32), token_type_ids=kinds.astype(np.int32))
+    model = read_model(artifact.path.read_bytes())
+    names, subgraph = op_names(model), model.subgraphs[0]
+    looked_up = {}
+    for op in subgraph.operators:
+        if names[op.opcodeIndex] == "EMBEDDING_LOOKUP":
+            table = tensor_name(subgraph.tensors[op.inputs[1]]).removesuffix(".weight")
+            looked_up[table] = interpreter.get_tensor(int(op.outputs[0]))
+    assert np.array_equal(looked_up["word"], rows["word"][ids[0]]) and np.array_equal(looked_up["kind"], rows["kind"][kinds[0]])
+    folded = [constant(model, t) for t in subgraph.tensors if t.type == 0 and list(t.shape) == [1, 8, 64]]
+    assert any(v is not None and np.array_equal(v[0], rows["position"][:8]) for v in folded)
+
+
+def test_tables_litert_cannot_hold_are_refused():
+    import dataclasses
+
+    from edgeq.calibration.lowbit.grid import Grid
+    from edgeq.calibration.lowbit.rtn import rtn
+    from edgeq.calibration.lowbit.to_plan import layer_plan
+    from edgeq.converters.tflite import TFLiteConverter
+    from edgeq.load import load_model
+    from edgeq.plan import OpKind, QuantPlan
+
+    loaded = load_model("tests.converters.test_tflite_lowbit:lookup")
+    table = dict(loaded.module.inner.named_children())["word"].weight.detach()
+    asymmetric = layer_plan("word", OpKind.EMBEDDING, rtn(table, Grid(4, 32, False, "bfloat16")))
+    int8_blocks = layer_plan("word", OpKind.EMBEDDING, rtn(table, Grid(8, 32, True)))
+    off_grid = table_entry("word", table, 4)
+    scale = off_grid.weight.scale.copy()
+    scale.view(np.uint32)[0, 0] |= 1  # no longer a float16 value
+    off_grid = dataclasses.replace(off_grid, weight=dataclasses.replace(off_grid.weight, scale=scale))
+    expected = {"zero point 0": asymmetric, "int8 per row": int8_blocks, "normal float16": off_grid}
+    for words, entry in expected.items():
+        request = request_for(QuantPlan("int4-dynamic", "tflite", {"word": entry}), loaded, target="tflite")
+        (refusal,) = TFLiteConverter().check(request)
+        assert refusal.layer == "word" and words in refusal.reason, refusal
