@@ -1,7 +1,9 @@
 """Core ML packer for low-bit weights: the plan's codes, scales and palettes written verbatim as iOS18
 compile-time ops (research: shared/research/lowbit-prune-peers.md §4).
 
-Two forms, each one MIL op over the weight of an nn.Linear, which the `linear` op then reads:
+Two forms, each one MIL op over the weight of an nn.Linear, which the `linear` op then reads (or of an
+nn.Embedding table, which MIL `gather` reads: 4-bit tables per group along D, and 8-bit codes per group, take
+the affine form with int8/uint8 data):
   affine (int4/int3/int2-weight)  constexpr_blockwise_shift_scale(data, scale, offset?) = scale * (data - offset)
       data   int4 [N, K] (signed codes) or uint4 (unsigned codes): the plan's weight_codes. 3- and 2-bit codes
              are held in the 4-bit container (Core ML has no int3/int2 data type), so they cost 4 bits each;
@@ -57,6 +59,9 @@ LOWBIT_MIN_TARGET = "iOS18"
 AFFINE_DTYPES = frozenset({QDtype.INT2, QDtype.INT3, QDtype.INT4, QDtype.UINT2, QDtype.UINT3, QDtype.UINT4})
 PALETTE_BITS = (1, 2, 3, 4, 6, 8)  # constexpr_lut_to_dense's index types uint1 .. uint8 (no uint5 / uint7)
 CONTAINER_BITS = 4  # int2/int3 codes are stored as int4: Core ML's narrowest affine data type
+# 8-bit codes per group (a mixed plan's int8 layer with blocks along K) take the same op with int8/uint8 data;
+# int8 per channel keeps the int8 route (constexpr_affine_dequantize), as in int8 plans.
+BLOCKWISE_8BIT = frozenset({QDtype.INT8, QDtype.UINT8})
 
 
 # ---- the plan side ----------------------------------------------------------------------------------------
@@ -77,8 +82,12 @@ def lut_layer(fqn: str, palette, op: OpKind = OpKind.LINEAR) -> LayerPlan:
 
 
 def is_lowbit(layer: LayerPlan) -> bool:
-    """Packed here: a palette, or affine codes of 4 bits or fewer (int8 layers take the int8 route)."""
-    return palette_of(layer) is not None or (layer.weight is not None and layer.weight.dtype in AFFINE_DTYPES)
+    """Packed here: a palette, affine codes of 4 bits or fewer, or 8-bit codes per group (int8 per channel takes
+    the int8 route)."""
+    if palette_of(layer) is not None:
+        return True
+    quant = layer.weight
+    return quant is not None and (quant.dtype in AFFINE_DTYPES or (quant.dtype in BLOCKWISE_8BIT and isinstance(quant.granularity, PerGroup)))
 
 
 def palette_bits(lut: np.ndarray) -> int:
@@ -92,7 +101,7 @@ def palette_bits(lut: np.ndarray) -> int:
 def check_plan(plan: QuantPlan, profile: TargetProfile, module: nn.Module) -> list[Refusal]:
     """Every layer of a low-bit plan this target cannot hold exactly as planned, with what would work."""
     caps = profile.quantization
-    linears = {user_fqn(name): child for name, child in module.named_modules() if isinstance(child, nn.Linear)}
+    linears = {user_fqn(name): child for name, child in module.named_modules() if isinstance(child, (nn.Linear, nn.Embedding))}
     refusals = []
     for fqn, layer in plan.layers.items():
         if not is_lowbit(layer):
@@ -101,9 +110,9 @@ def check_plan(plan: QuantPlan, profile: TargetProfile, module: nn.Module) -> li
                                              "low-bit (4 bits or fewer, or a palette) weights"))
             continue
         linear = linears.get(fqn)
-        if linear is None:
-            refusals.append(Refusal(fqn, "low-bit weights are lowered for nn.Linear layers only, and the model has no "
-                                         "nn.Linear by this name; keep it float or int8"))
+        if linear is None or (isinstance(linear, nn.Embedding) and palette_of(layer) is not None):
+            refusals.append(Refusal(fqn, "low-bit weights are lowered for nn.Linear layers and (affine, not palettes) "
+                                         "nn.Embedding tables, and the model has no such layer by this name; keep it float or int8"))
             continue
         reason = _weight_only(layer) or (
             _check_palette(layer, palette_of(layer), linear, profile) if palette_of(layer) is not None
@@ -190,15 +199,16 @@ def _fp16_exact(values: np.ndarray, what: str, profile: TargetProfile) -> str | 
 
 
 @torch.library.custom_op("edgeq_coreml::blockwise_weight", mutates_args=())
-def blockwise_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """scale * (codes - zero_point), float32 [N, K]; scale and zero_point [N, groups] repeat over K / groups columns."""
+def blockwise_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """scale * (codes - zero_point), float32 [N, K]; scale and zero_point [N, groups] repeat over K / groups columns.
+    `bits` (4 or 8) is the data type the constexpr op stores the codes in (int8 buffers hold both)."""
     columns = codes.shape[1] // scale.shape[1]
     shift = codes.float() - zero_point.float().repeat_interleave(columns, dim=1)
     return shift * scale.repeat_interleave(columns, dim=1)
 
 
 @blockwise_weight.register_fake
-def _(codes, scale, zero_point):
+def _(codes, scale, zero_point, bits):
     return codes.new_empty(codes.shape, dtype=torch.float32)
 
 
@@ -235,11 +245,12 @@ class PackedWeight(nn.Module):
             self.register_buffer("codes", torch.from_numpy(np.ascontiguousarray(layer.weight_codes, dtype=storage)))
             self.register_buffer("scale", torch.from_numpy(quant.scale.reshape(rows, -1).astype(np.float32)))
             self.register_buffer("zero_point", torch.from_numpy(quant.zero_point.reshape(rows, -1).astype(storage)))
+            self.bits = 8 if quant.dtype in BLOCKWISE_8BIT else CONTAINER_BITS
 
     def forward(self) -> torch.Tensor:
         if hasattr(self, "lut"):
             return lut_weight(self.indices, self.lut)
-        return blockwise_weight(self.codes, self.scale, self.zero_point)
+        return blockwise_weight(self.codes, self.scale, self.zero_point, self.bits)
 
 
 class PackedLinear(nn.Module):
@@ -252,9 +263,22 @@ class PackedLinear(nn.Module):
         return F.linear(x, self.weight(), self.bias)
 
 
+class PackedEmbedding(nn.Module):
+    """A table gathered from its constexpr weight: MIL `gather` over constexpr_blockwise_shift_scale (Core ML
+    materializes the weight at load; the program never dequantizes it per call)."""
+
+    def __init__(self, embedding: nn.Embedding, layer: LayerPlan):
+        super().__init__()
+        self.weight = PackedWeight(layer)
+        self.padding_idx = embedding.padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight(), self.padding_idx)
+
+
 def pack_module(module: nn.Module, plan: QuantPlan) -> tuple[nn.Module, QuantPlan]:
-    """A copy of `module` with each low-bit layer of `plan` replaced by its PackedLinear, and the rest of the
-    plan (int8 layers, tensor points) for the int8 route (compress.apply.apply_plan)."""
+    """A copy of `module` with each low-bit layer of `plan` replaced by its PackedLinear (tables: PackedEmbedding),
+    and the rest of the plan (int8 per-channel layers, tensor points) for the int8 route (compress.apply.apply_plan)."""
     packed = {fqn: layer for fqn, layer in plan.layers.items() if is_lowbit(layer)}
     rest = QuantPlan(plan.scheme, plan.target, {f: l for f, l in plan.layers.items() if f not in packed},
                      list(plan.notes), dict(plan.tensors), list(plan.inputs))
@@ -263,7 +287,8 @@ def pack_module(module: nn.Module, plan: QuantPlan) -> tuple[nn.Module, QuantPla
         if user_fqn(name) in packed:
             parent_name, _, attribute = name.rpartition(".")
             parent = result.get_submodule(parent_name) if parent_name else result
-            setattr(parent, attribute, PackedLinear(child, packed[user_fqn(name)]))
+            packing = PackedEmbedding if isinstance(child, nn.Embedding) else PackedLinear
+            setattr(parent, attribute, packing(child, packed[user_fqn(name)]))
     return result.eval(), rest
 
 
@@ -287,8 +312,9 @@ def register_frontend() -> None:
 
     @register_torch_op(torch_alias=["edgeq_coreml::blockwise_weight"], override=True)
     def edgeq_coreml_blockwise_weight(context, node):
-        codes, scale, zero = (value.val for value in _get_inputs(context, node, expected=3))
-        container = subbyte("int4" if codes.dtype == np.int8 else "uint4")
+        codes, scale, zero, bits = (value.val for value in _get_inputs(context, node, expected=4))
+        signed = codes.dtype == np.int8
+        container = (np.int8 if signed else np.uint8) if int(bits) == 8 else subbyte("int4" if signed else "uint4")
         # Scales go in as the plan's float32 values (fp16 numbers: check_plan); the fp16 compute pass stores
         # them as fp16 without changing a value. An offset only where a zero point is not 0, as coremltools does.
         arguments = {"data": codes.astype(container), "scale": scale.astype(np.float32)}
@@ -330,5 +356,6 @@ def stored_bits(layer: LayerPlan) -> StoredBits:
     if lut is not None:
         return StoredBits(rows * columns, rows * columns * palette_bits(lut), lut.size * 16)
     groups = layer.weight.scale.size
-    offsets = groups * CONTAINER_BITS if np.any(layer.weight.zero_point) else 0
-    return StoredBits(rows * columns, rows * columns * CONTAINER_BITS, groups * 16 + offsets)
+    container = 8 if layer.weight.dtype in BLOCKWISE_8BIT else CONTAINER_BITS
+    offsets = groups * container if np.any(layer.weight.zero_point) else 0
+    return StoredBits(rows * columns, rows * columns * container, groups * 16 + offsets)

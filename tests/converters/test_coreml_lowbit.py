@@ -294,7 +294,7 @@ def test_what_the_target_does_not_hold_is_refused_per_layer(model):
     plan.layers["nowhere"] = plan.layers["down"]
     refusals = _refusals(model, profile, Precision.INT4_WEIGHT, plan)
     assert refusals[0].startswith("up: low-bit Core ML weights take float activations (weight-only)")
-    assert refusals[1].startswith("nowhere: low-bit weights are lowered for nn.Linear layers only")
+    assert refusals[1].startswith("nowhere: low-bit weights are lowered for nn.Linear layers and (affine, not palettes) nn.Embedding tables")
 
 
 def test_int4_weight_through_the_pipeline(tmp_path):
@@ -310,3 +310,78 @@ def test_int4_weight_through_the_pipeline(tmp_path):
     manifest = json.loads((outcome.path / "manifest.json").read_text())
     assert manifest["weight_parity"]["checked_layers"] >= 1 and manifest["weight_parity"]["mismatches"] == []
     assert any("raised from iOS16 to iOS18" in note for note in manifest["notes"])
+
+
+# ---- embedding tables and mixed bit widths in one program ------------------------------------------------------
+
+
+class Tokens(nn.Module):
+    """Word and token-type tables looked up by inputs, position rows through a buffer, and a stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.word = nn.Embedding(100, 64, padding_idx=0)
+        self.position = nn.Embedding(16, 64)
+        self.kind = nn.Embedding(2, 64)
+        self.register_buffer("positions", torch.arange(16).unsqueeze(0), persistent=False)
+        self.up = nn.Linear(64, 128)
+        self.down = nn.Linear(128, 64)
+        self.mid = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, input_ids, token_type_ids):
+        x = self.word(input_ids) + self.position(self.positions[:, : input_ids.shape[1]]) + self.kind(token_type_ids)
+        return self.head(self.mid(self.down(torch.relu(self.up(x)))))
+
+
+def tokens():
+    torch.manual_seed(0)
+    ids = torch.randint(1, 100, (1, 8))
+    return Tokens().eval(), {"input_ids": ids, "token_type_ids": ids % 2}
+
+
+def test_tables_and_mixed_bit_widths_are_the_plans(tmp_path):
+    """4-bit tables per group (gathered from constexpr_blockwise_shift_scale), an int8 table per row (the int8
+    route), int4 and blockwise int8 linear layers, an int8 per-channel fallback and a float head, in one program:
+    zero parity mismatches, the executor's materialized weights are the plan's in fp16, outputs in the fp16 band."""
+    from edgeq.calibration.weights import quantize_weight_per_channel
+    from edgeq.converters.parity import artifact_weights, compare_weights
+    from edgeq.plan import LayerPlan
+    from edgeq.validate.metrics import sqnr_db
+    from edgeq.validate.runners.coreml import CoreMLRunner
+
+    loaded = load_model("tests.converters.test_coreml_lowbit:tokens")
+
+    def fitted(fqn, op, bits, group):
+        return layer_plan(fqn, op, rtn(_weight(loaded, fqn), Grid(bits, group, True, "float16"), "mse"))
+
+    def int8(fqn, op):
+        return LayerPlan(fqn, op, *quantize_weight_per_channel(_weight(loaded, fqn), QDtype.INT8, axis=0, scale_dtype="float16"))
+
+    layers = [fitted("word", OpKind.EMBEDDING, 4, 32), fitted("position", OpKind.EMBEDDING, 4, 64), int8("kind", OpKind.EMBEDDING),
+              fitted("up", OpKind.LINEAR, 4, 32), fitted("mid", OpKind.LINEAR, 8, 32), int8("down", OpKind.LINEAR)]
+    plan = QuantPlan(Precision.INT4_WEIGHT.value, "coreml", {layer.fqn: layer for layer in layers})
+    artifact = _convert(loaded, load_profile("coreml"), Precision.INT4_WEIGHT, plan, tmp_path)
+    parity = compare_weights(plan, artifact_weights(artifact.path, "coreml"))
+    assert (parity.checked, parity.mismatches, parity.missing, parity.removed) == (6, [], [], [])
+    materialized = _materialized(artifact.path)
+    for fqn in ("word", "position", "up", "mid"):
+        expected = plan.layers[fqn].weight.dequantize(plan.layers[fqn].weight_codes).astype(np.float16)
+        np.testing.assert_array_equal(materialized[fqn], expected, err_msg=fqn)
+    from coremltools.converters.mil.mil import types
+
+    from edgeq.converters.parity_coreml import fqn_of, load_program, operations
+
+    stored = {fqn_of(op.name)[0].removeprefix("inner.").removesuffix(".weight"): types.builtin_to_string(op.data.dtype)
+              for op in operations(load_program(artifact.path)) if op.op_type == "constexpr_blockwise_shift_scale"}
+    assert stored == {"word": "int4", "position": "int4", "up": "int4", "mid": "int8", "kind": "int8", "down": "int8"}  # iOS18 writes the int8 route so too
+    feeds = {name: t.numpy().astype(np.int32) for name, t in zip(loaded.input_names, loaded.example_inputs)}
+    (output,) = CoreMLRunner(artifact.path).run(feeds).values()
+    import copy
+
+    reference = copy.deepcopy(loaded.module)
+    with torch.no_grad():
+        for fqn, layer in plan.layers.items():
+            dict(reference.named_modules())[f"inner.{fqn}"].weight.copy_(torch.from_numpy(layer.weight.dequantize(layer.weight_codes)))
+        (expected,) = reference(*loaded.example_inputs)
+    assert FP16_BAND_DB[0] <= sqnr_db(expected.numpy(), output) <= FP16_BAND_DB[1]
