@@ -72,8 +72,10 @@ def _grid(profile: TargetProfile, precision: Precision, scheme: Scheme, entry: L
         if refused:
             raise ConversionError(f"{where}: the target does not quantize {kinds[refused[0]].value} layers ({_named(refused)}); give float")
         return Grid(8, None, True, caps.scale_dtype)  # int8 scales in the target's int8 precision (not lowbit_scale_dtype)
-    if not any(kinds[fqn] == OpKind.LINEAR for fqn in fqns):
-        raise ConversionError(f"{where}: low-bit weights go to linear layers, and these are {kinds[fqns[0]].value} layers; give int8 or float")
+    takers = (OpKind.LINEAR, OpKind.EMBEDDING) if "embedding" in caps.ops else (OpKind.LINEAR,)
+    if not any(kinds[fqn] in takers for fqn in fqns):
+        held = " and embedding" if "embedding" in caps.ops else ""
+        raise ConversionError(f"{where}: low-bit weights go to linear{held} layers, and these are {kinds[fqns[0]].value} layers; give int8 or float")
     try:
         return check_lowbit(profile, precision, scheme)
     except ConversionError as exc:
@@ -105,12 +107,32 @@ def scheme_name(scheme: Scheme | None) -> str:
     return f"int{scheme.bits} {f'group {scheme.group_size}' if scheme.group_size else 'per channel'} ({scheme.algorithm.value})"
 
 
+def decided_tables(decided: dict[str, LayerDecision], layers: list[tuple[str, nn.Module]]) -> list[tuple[Scheme, list]]:
+    """Embedding tables a low-bit per_layer entry decides, grouped by scheme: targets/resolve_embeddings.py plans
+    them (4-bit blocks where the target's gathers hold them, else int8 rows: its docstring says why)."""
+    groups: dict[Scheme, list] = {}
+    for fqn, layer in layers:
+        decision = decided.get(fqn)
+        if isinstance(layer, nn.Embedding) and decision and decision.scheme and not (decision.scheme.bits == 8 and not decision.scheme.palette):
+            groups.setdefault(decision.scheme, []).append((fqn, layer))
+    return list(groups.items())
+
+
+def _form(layer: LayerPlan) -> str:
+    """What a quantized plan entry holds, read from the entry itself: int4 group 32, int8 per channel, 4-bit palette."""
+    if layer.palette is not None:
+        return f"{int(layer.palette.shape[1]).bit_length() - 1}-bit palette"
+    granularity = layer.weight.granularity.to_json()
+    return f"{layer.weight.dtype.value} " + (f"group {granularity['size']}" if granularity["kind"] == "per_group" else "per channel")
+
+
 def quantized_reasons(plan, decided: dict[str, LayerDecision]) -> None:
-    """Each quantized layer a per_layer entry decided says so in its reason (its float layers already do)."""
+    """Each quantized layer a per_layer entry decided says so in its reason, with the form it got (its float
+    layers already say why)."""
     for fqn, decision in decided.items():
         layer = plan.layers.get(fqn)
         if layer is not None and layer.reason is None and not layer.is_float:
-            layer.reason = decision.reason(scheme_name(decision.scheme))
+            layer.reason = decision.reason(_form(layer))
 
 
 def overrides_note(decided: dict[str, LayerDecision]) -> str:

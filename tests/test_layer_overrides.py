@@ -186,10 +186,10 @@ def test_a_mixed_plan_holds_int8_int4_int3_and_float_layers_each_with_its_entry(
         assert layers[fqn].reason == "int8 per channel by per_layer '*.attention.*' = 'int8' (--per-layer)"
     up = layers["encoder.layer.0.intermediate.dense"]
     assert up.weight.dtype == "int3" and up.weight.granularity == PerGroup(1, 64) and up.weight_codes.min() >= -4
-    assert up.reason == "int3 group 64 (rtn) by per_layer '*.intermediate.dense' = 'int3:g64:rtn' (--per-layer)"
+    assert up.reason == "int3 group 64 by per_layer '*.intermediate.dense' = 'int3:g64:rtn' (--per-layer)"
     down = layers["encoder.layer.0.output.dense"]
     assert down.weight.dtype == "int4" and down.weight.granularity == PerGroup(1, 32)  # the model's options fill the rest
-    assert down.reason == "int4 group 32 (gptq) by per_layer '*' = 'int4' (--per-layer)"
+    assert down.reason == "int4 group 32 by per_layer '*' = 'int4' (--per-layer)"
     assert layers["classifier"].is_float and layers["classifier"].reason == "kept float by per_layer 'classifier' = 'float' (--per-layer)"
     notes = " ".join(plan.notes)
     assert "3-bit symmetric weights, group 64, scales in float32, by rtn (MSE clipping) (1 layers)" in notes
@@ -248,6 +248,46 @@ def test_palette_and_affine_layers_in_one_core_ml_plan(model):
     assert plan.layers["encoder.layer.0.attention.query"].weight.dtype == "int8"
     assert np.array_equal(plan.layers["encoder.layer.0.attention.query"].weight.scale.astype(np.float16).astype(np.float32),
                           plan.layers["encoder.layer.0.attention.query"].weight.scale)  # Core ML keeps int8 scales in fp16 too
+
+
+class Embedded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embeddings = nn.ModuleDict({"word_embeddings": nn.Embedding(100, 64), "position_embeddings": nn.Embedding(8, 64)})
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList([Layer()])})
+
+    def forward(self, input_ids):
+        positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+        x = self.embeddings["word_embeddings"](input_ids) + self.embeddings["position_embeddings"](positions)
+        return self.encoder["layer"][0](x)
+
+
+def embedded():
+    torch.manual_seed(0)
+    return Embedded(), (torch.randint(0, 100, (2, 8)),)
+
+
+def test_entries_on_embedding_tables(tmp_path):
+    """Tables take int8 rows, float, or low bits (planned by targets/resolve_embeddings.py with the entry's group)."""
+    from edgeq.load import load_model
+    from edgeq.quantize import QuantizeOptions, quantization_plan
+    from edgeq.targets import Precision, load_profile
+    from edgeq.validate.budget import parse_budget
+
+    model = load_model("tests.test_layer_overrides:embedded")
+    generator = torch.Generator().manual_seed(2)
+    ids = [{"input_ids": torch.randint(0, 100, (2, 8), generator=generator).numpy()} for _ in range(4)]
+    entries = parse_per_layer({"embeddings.word_embeddings": "int8", "embeddings.position_embeddings": "int4:g64"}, "--per-layer")
+    options = QuantizeOptions(algorithm="rtn", layer_overrides=entries)
+    plan = quantization_plan(model, load_profile("onnx"), Precision.INT4_WEIGHT, options, [], ids, parse_budget(None))[1]
+    words, positions = plan.layers["embeddings.word_embeddings"], plan.layers["embeddings.position_embeddings"]
+    assert words.weight.dtype == "int8" and words.weight.scale.shape == (100,)  # one scale per row (token)
+    assert words.reason == "int8 per channel by per_layer 'embeddings.word_embeddings' = 'int8' (--per-layer)"
+    assert positions.weight.dtype == "int4" and positions.weight.granularity.size == 64
+    floats = parse_per_layer({"embeddings.*": "float"}, "--per-layer")
+    plan = quantization_plan(model, load_profile("onnx"), Precision.INT4_WEIGHT, QuantizeOptions(algorithm="rtn", layer_overrides=floats),
+                             [], ids, parse_budget(None))[1]
+    assert plan.layers["embeddings.word_embeddings"].is_float and plan.layers["encoder.layer.0.output.dense"].weight.dtype == "int4"
 
 
 def test_int8_schemes_take_float_entries_and_note_the_low_bit_ones(model):
