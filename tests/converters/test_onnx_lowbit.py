@@ -431,3 +431,26 @@ def test_converter_lowers_tables_and_mixed_bit_widths_exactly(tmp_path):
     assert not any(node.op_type == "DequantizeLinear" for node in graph.node)
     assert any("2 embedding table(s) run as com.microsoft.GatherBlockQuantized" in note for note in artifact.notes)
     assert sqnr_db(torch_reference(model, plan), run_ort(artifact.path, model)) >= FLOAT_MATH_SQNR_DB
+
+
+def test_pipeline_plans_tables_at_4_bits_and_validates_with_parity(tmp_path):
+    import json
+
+    from edgeq.load import load_model
+    from edgeq.pipeline import ConvertOptions, convert
+    from edgeq.quantize import QuantizeOptions
+    from edgeq.validate.verdict import Verdict
+
+    model = load_model("tests.converters.test_onnx_lowbit:tokens")
+    options = ConvertOptions(
+        targets=["onnx"], out=tmp_path, precisions=["int4-weight"], samples=2,
+        quantize=QuantizeOptions(algorithm="rtn", group_size=32, calibration_samples=2),
+    )
+    (outcome,) = convert(model, options)
+    assert outcome.verdict == Verdict.PASSED, outcome.error or outcome.violations
+    manifest = json.loads((outcome.path / "manifest.json").read_text())
+    parity = manifest["weight_parity"]
+    assert parity["mismatches"] == [] and parity["checked_layers"] == 6 and parity["removed_as_unused"] == ["position"]
+    notes = json.loads((outcome.path / "plan.json").read_text())["notes"]
+    assert any(note.startswith("embedding tables: word, position, kind: 4-bit per group of 32") for note in notes)
+    assert any("folded by the exporter): position" in note for note in manifest["notes"])
