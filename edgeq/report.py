@@ -71,8 +71,8 @@ def _bits(storage) -> str:
 
 def storage_lines(storage) -> list[str]:
     """The weights as stored: bits per weight over the model, bytes by kind, and the layers grouped by how they
-    are stored (e.g. "36 int4 layers at 4.50 bits/weight")."""
-    if storage is None:
+    are stored (e.g. "36 int4 layers at 4.50 bits/weight"). Nothing for float artifacts: the table's bits/w says it."""
+    if storage is None or not storage.quantized:
         return []
     kinds = storage.bytes_by_kind()
     lines = [
