@@ -123,27 +123,33 @@ def resolve_lowbit_plan(
             + (f" ({count} layers)" if len(affine) != count else "")
             + f", {result.total_seconds:.1f} s"
         )
-    plan.notes.append(_footprint(module, plan, grid))
+    plan.notes.append(_footprint(module, plan, grid, profile.runtime.value))
     return plan
 
 
-def _footprint(module: nn.Module, plan: QuantPlan, grid: Grid) -> str:
-    """Bits per weight as stored (codes, scales in the target's precision, zero points where asymmetric), and
-    the share of the model's weight elements the quantized layers hold: what a user weighs the size by."""
+def _footprint(module: nn.Module, plan: QuantPlan, grid: Grid, runtime: str) -> str:
+    """Bits per weight as `runtime` stores them (codes in their containers, scales, zero points: edgeq/footprint.py),
+    on the quantized layers and over the whole model, and the share of the model's weight elements the quantized
+    layers hold: what a user weighs the size by."""
     from edgeq.calibration.lowbit.grid import SCALE_DTYPES
+    from edgeq.footprint import float_bits_of, weight_storage
 
-    scale_bits = SCALE_DTYPES[grid.scale_dtype][0].itemsize * 8
-    quantized = [layer for layer in plan.layers.values() if layer.weight is not None]
-    elements = sum(layer.weight_codes.size for layer in quantized)
-    bits = sum(
-        layer.weight_codes.size * grid.bits + layer.weight.scale.size * (scale_bits + (0 if grid.symmetric else grid.bits))
-        for layer in quantized
-    )
+    storage = weight_storage(module, plan, runtime, float_bits_of(runtime, plan.scheme))
+    quantized = storage.quantized
+    elements = sum(layer.weights for layer in quantized)
+    bits = sum(layer.bits for layer in quantized)
+    containers = sorted({layer.container_bits for layer in quantized if layer.container_bits > layer.code_width})
+    codes = f"codes in {'/'.join(map(str, containers))}-bit containers" if containers else "codes"
+    # the runtime's scale type where it is wider than the grid's (ONNX MatMulNBits holds float32: A's dtype)
+    scales = sum(plan.layers[layer.name].weight.scale.size for layer in quantized if plan.layers[layer.name].weight is not None)
+    width = sum(layer.scale_bits for layer in quantized) / scales if scales else None
+    held = f" held as float{width:g}" if width and width != SCALE_DTYPES[grid.scale_dtype][0].itemsize * 8 else ""
     total = sum(p.numel() for name, p in module.named_parameters() if name.endswith("weight"))
     return (
-        f"{bits / max(elements, 1):.2f} bits per weight on the {len(quantized)} quantized layers (codes, "
-        f"{grid.scale_dtype} scales{'' if grid.symmetric else ', zero points'}), which hold "
-        f"{100 * elements / max(total, 1):.1f}% of the model's weight elements; the rest stays float"
+        f"{bits / max(elements, 1):.2f} bits per weight on the {len(quantized)} quantized layers ({codes}, "
+        f"{grid.scale_dtype} scales{held}{'' if grid.symmetric else ', zero points'}), which hold "
+        f"{100 * elements / max(total, 1):.1f}% of the model's weight elements; the rest stays float: "
+        f"{storage.bits_per_weight:.2f} bits per weight over the whole model as {runtime} stores it"
     )
 
 
