@@ -16,6 +16,7 @@ Counted as each packer writes them (read from the converters' own layouts, so th
                                                                                              a zero point != 0
   coreml   palettes (lut*)                index bits                       -                 LUT entries fp16
   coreml   int8 per channel               8                                fp16 [N]          int8 [N]
+  coreml   int8 per group (tables)        8                                fp16 per group    only where != 0
 
 SmoothQuant factors (float, one per input channel) count with the scales. Float layers, biases, norms and every
 other parameter count at the artifact's float width (16 in fp16 artifacts and Core ML's fp16 programs, else
@@ -173,6 +174,8 @@ def layer_storage(layer: LayerPlan, runtime: str, float_bits: int = 32, elements
         return LayerStorage(layer.fqn, op, f"float{float_bits}", float_bits, size, size * float_bits)
     quant, size = layer.weight, int(layer.weight_codes.size)
     smooth = 0 if layer.smooth is None else layer.smooth.size * float_bits
+    if quant.dtype.bits >= 8 and runtime == "coreml" and isinstance(quant.granularity, PerGroup):
+        return _coreml_lowbit(layer, container=8)  # int8 per group: constexpr_blockwise_shift_scale with int8 data
     if quant.dtype.bits >= 8:
         zero_bits = _ZERO_POINT_BITS.get(runtime, 8)
         return LayerStorage(layer.fqn, op, quant.dtype.value, quant.dtype.bits, size, size * quant.dtype.bits,
@@ -217,10 +220,11 @@ def _tflite_lowbit(layer: LayerPlan) -> LayerStorage:
                         layer.weight.zero_point.size * 64)
 
 
-def _coreml_lowbit(layer: LayerPlan) -> LayerStorage:
+def _coreml_lowbit(layer: LayerPlan, container: int | None = None) -> LayerStorage:
     from edgeq.converters.coreml_lowbit import CONTAINER_BITS
 
+    container = container or CONTAINER_BITS
     # constexpr_blockwise_shift_scale: an offset tensor only where some zero point is not 0
-    base = _packed_lowbit(layer, CONTAINER_BITS, scale_bits=16)
-    zeros = layer.weight.zero_point.size * CONTAINER_BITS if np.any(layer.weight.zero_point) else 0
+    base = _packed_lowbit(layer, container, scale_bits=16)
+    zeros = layer.weight.zero_point.size * container if np.any(layer.weight.zero_point) else 0
     return LayerStorage(base.name, base.op, base.dtype, base.container_bits, base.weights, base.code_bits, base.scale_bits, zeros)

@@ -83,6 +83,7 @@ def test_onnx_bits_per_weight_equal_a_hand_count():
     ("coreml", grouped("up", 48, 64, QDtype.INT3), 4 + 16 / 32),
     ("coreml", per_channel("up", 48, 64, QDtype.UINT4, symmetric=False, zero=5), 4 + (16 + 4) / 64),
     ("coreml", per_channel("up", 48, 64, QDtype.INT8), 8 + (16 + 8) / 64),
+    ("coreml", grouped("emb", 10, 64, QDtype.INT8, op=OpKind.EMBEDDING), 8 + 16 / 32),  # blockwise int8, no offset
     # ONNX: int8 per channel (DequantizeLinear: float32 scale and int8 zero point a row), int2 in a 4-bit container
     ("onnx", per_channel("up", 48, 64, QDtype.INT8), 8 + (32 + 8) / 64),
     ("onnx", grouped("up", 48, 64, QDtype.INT2), 4 + 32 / 32),
