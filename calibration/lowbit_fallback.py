@@ -15,6 +15,7 @@ FP32's).
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -108,6 +109,7 @@ class LowBitFallback:
     after: float = 0.0  # ... and of the final plan
     cap: int = 0
     samples: int = 0
+    seconds: float = 0.0  # the sweep and the relaxing, simulation included
 
     def to_json(self) -> dict:
         return {
@@ -118,6 +120,7 @@ class LowBitFallback:
             "simulated_cosine_after": round(self.after, 6),
             "max_relaxed_layers": self.cap,
             "samples": f"{self.samples} calibration samples",
+            "seconds": round(self.seconds, 1),
             "sweep": [s.to_json() for s in self.sweep],
         }
 
@@ -143,6 +146,7 @@ def lowbit_fallback(
     in simulation: first to `int8_entry(fqn, entry)` (the target's int8 form of that layer), then to float,
     at most `max_fraction` of the low-bit layers. The returned plan is a copy; its relaxed layers' reasons say
     what they fell back to and the drift that was measured."""
+    started = time.perf_counter()
     samples = samples[:SWEEP_SAMPLES]
     candidates = [fqn for fqn, layer in plan.layers.items() if is_lowbit(layer)]
     quantized = [fqn for fqn, layer in plan.layers.items() if not layer.is_float]
@@ -161,6 +165,7 @@ def lowbit_fallback(
     result = LowBitFallback(plan, [], before=score(full), after=score(full), cap=int(max_fraction * len(candidates)), samples=len(samples))
     result.holds = not budget.violations(full)
     if result.holds or result.cap == 0:
+        result.seconds = time.perf_counter() - started
         return result
     for fqn in candidates:
         result.sweep.append(LowBitSensitivity(fqn, _described(plan.layers[fqn]), score(drift({fqn: plan.layers[fqn]}))))
@@ -191,4 +196,5 @@ def lowbit_fallback(
         f"calibration samples; budget {'holds' if result.holds else 'still broken'})"
     )
     result.plan = current
+    result.seconds = time.perf_counter() - started
     return result
