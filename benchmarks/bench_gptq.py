@@ -25,6 +25,19 @@ gptq 0.866, act-order 0.914, act-order mse-clip 0.937. Per-layer median GPTQ/RTN
 load varying); the published implementation took ~80 s. Padding tokens included in the statistics (--with-padding)
 cost GPTQ 4-bit g32 asymmetric 0.9958 -> 0.9935 and 8x the pass time. Driver passes on 128 sentences: 24 stages
 with early stop 13 s, 36 one-per-layer full forwards 38 s.
+
+Conversion's algorithms side by side (2026-12-02, `--configs "rtn,rtn mse-clip,gptq act-order mse-clip,awq,awq+gptq"
+--grids 4:32,4:128,3:32,2:32`, 256 sentences, symmetric grids as every profile holds), cosine to FP32:
+                           4-bit g32  4-bit g128  3-bit g32  2-bit g32
+  rtn (min-max)               0.9605      0.9427     0.8363     0.1268
+  rtn mse-clip                0.9686      0.9562     0.8952     0.5832   --algo rtn
+  awq                         0.9806      0.9752     0.9353     0.6596   --algo awq
+  gptq act-order mse-clip     0.9956      0.9942     0.9819     0.9199   --algo gptq, the default
+  awq+gptq                    0.9956      0.9942     0.9822     0.9194   --algo awq+gptq
+AWQ's scales fold exactly only into attention.self.value (for attention.output.dense) in this post-LayerNorm
+encoder, and the search kept s = 1 on 2-3 of those 6 groups: awq's gain over rtn is mostly its clip search (layer
+output error 0.58-0.71x min-max RTN's, in norm), and AWQ before GPTQ changes nothing measurable (+0.0003 at 3 bits, -0.0005 at 2 bits), so
+GPTQ stays the default. Seconds on the shared machine (load 4-5): awq 66-216, gptq 83-302, awq+gptq 87-112.
 """
 
 from __future__ import annotations
@@ -47,6 +60,10 @@ CONFIGS = {  # label -> (algorithm, options)
     "gptq act-order": ("gptq", {"actorder": True, "static_groups": True}),
     "gptq mse-clip": ("gptq", {"clip": "mse"}),
     "gptq act-order mse-clip": ("gptq", {"actorder": True, "static_groups": True, "clip": "mse"}),
+    # conversion's --algo awq and awq+gptq: AWQ's power-of-two scales folded where exact (calibration/lowbit/
+    # awq_fold.py, searched on the FP32 model), then AWQ's clip search, or GPTQ as edgeq's default runs it
+    "awq": ("awq", {}),
+    "awq+gptq": ("awq+gptq", {"actorder": True, "static_groups": True, "clip": "mse"}),
 }
 
 
@@ -90,6 +107,7 @@ def main() -> None:
     from torch import nn
 
     from edgeq.calibration.data import tokenize
+    from edgeq.calibration.lowbit.awq import awq_clip_solver
     from edgeq.calibration.lowbit.driver import gptq_solver, quantize_layers, rtn_solver
     from edgeq.calibration.lowbit.grid import Grid
     from edgeq.compress.apply import quantizable_layers
@@ -123,23 +141,40 @@ def main() -> None:
               + ("  spearman" if pairs else ""))
         for label in args.configs.split(","):
             algorithm, options = CONFIGS[label]
-            solver = rtn_solver(grid, **options) if algorithm == "rtn" else gptq_solver(grid, **options)
+            solver = {"rtn": rtn_solver, "awq": awq_clip_solver}.get(algorithm, gptq_solver)(grid, **options)
             mask = None if args.with_padding else lambda sample: torch.from_numpy(sample["attention_mask"]).bool()  # noqa: E731
-            result = quantize_layers(model.module, calibration, layers, solver, input_names=names, device=device, row_mask=mask)
+            source, fold_seconds, folded = model.module, 0.0, ""
+            if algorithm.startswith("awq"):
+                source, fold_seconds, folded = awq_folded(model.module, calibration, layers, grid, names, mask, device)
+            result = quantize_layers(source, calibration, layers, solver, input_names=names, device=device, row_mask=mask)
+            result.total_seconds += fold_seconds
             cosines = np.sum(embed(result.module, evaluation, names, device) * fp32, axis=-1)  # both L2-normalised
             ratios = [
-                (s["gptq"] / s["rtn"]) ** 0.5 for s in result.summaries.values() if s.get("rtn", 0) > 0
-            ]  # norms, not squares
+                (s.get("gptq", s.get("awq", 0)) / s["rtn"]) ** 0.5 for s in result.summaries.values() if s.get("rtn", 0) > 0
+            ]  # norms, not squares; AWQ's clip search against RTN of the (folded) weight it was given
             ratio = f"{statistics.median(ratios):9.3f}" if ratios else f"{'-':>9}"
-            fallbacks = f"{int(sum(s['fell_back'] for s in result.summaries.values())):9d}" if ratios else f"{'-':>9}"
+            fallbacks = f"{int(sum(s.get('fell_back', 0) for s in result.summaries.values())):9d}" if ratios else f"{'-':>9}"
             seconds = list(result.seconds.values())
             line = (f"  {label:26} {cosines.mean():7.4f} {cosines.min():6.3f} {ratio} {fallbacks} {result.total_seconds:8.1f} "
                     f"{statistics.median(seconds):8.2f}/{max(seconds):<7.2f}")
             if pairs:
                 quantized = embed(result.module, pairs, names, device)
                 line += f"  {spearman(pair_cosines(quantized[: len(gold)], quantized[len(gold):]), gold):8.2f}"
-            print(line, flush=True)
+            print(line + folded, flush=True)
             del result
+
+
+def awq_folded(module, calibration, layers, grid, names, mask, device):
+    """(a copy of `module` with AWQ's scales folded where exact, seconds, a note of how many groups folded)."""
+    import copy
+
+    from edgeq.calibration.lowbit.awq_fold import fold_awq_scales
+
+    started = time.perf_counter()
+    folded = copy.deepcopy(module)
+    groups = fold_awq_scales(folded, calibration, dict.fromkeys(layers, grid), input_names=names, row_mask=mask, device=device)
+    moved = [g for g in groups if g.reason is None and g.alpha]
+    return folded, time.perf_counter() - started, f"  ({len(moved)} of {len(groups)} input groups folded)"
 
 
 if __name__ == "__main__":

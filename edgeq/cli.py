@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from edgeq.errors import EdgeqError, UsageError
+from edgeq.quantize import ALGORITHM_NAMES, DEVICE_NAMES
 
 
 def _fail(error: EdgeqError) -> None:
@@ -54,8 +55,9 @@ def main() -> None:
 @click.option("--smoothquant", metavar="ALPHA|off", help="SmoothQuant strength for linear layers with quantized activations (default: the scheme's, 0.7 for int8-dynamic and w8a8).")
 @click.option("--auto-fallback", is_flag=True, help="Sweep layer sensitivity and keep the most harmful layers at higher precision until the budget holds.")
 @click.option("--fallback-max", type=click.FloatRange(0, 1), default=0.1, show_default=True, help="At most this fraction of quantized layers is relaxed by --auto-fallback.")
-@click.option("--algo", type=click.Choice(["rtn", "gptq", "awq"]), help="Low-bit schemes: how codes are chosen (default gptq: Hessian-aware rounding on the calibration samples; rtn: round to nearest with MSE clipping).")
+@click.option("--algo", type=click.Choice(list(ALGORITHM_NAMES)), help="Low-bit schemes: how codes are chosen (default gptq: Hessian-aware rounding on the calibration samples; rtn: round to nearest with MSE clipping; awq: activation-aware input scales folded into the previous LayerNorm or linear where exact, then AWQ's clip search; awq+gptq: those scales, then GPTQ).")
 @click.option("--group-size", metavar="N|channel", help="Low-bit schemes: input channels sharing one scale (32, 64, 128; default 32), or 'channel' for one scale per output channel.")
+@click.option("--device", type=click.Choice(list(DEVICE_NAMES)), help="Low-bit schemes: where calibration runs (default cpu; cuda: a GPU, the same plan in meaning).")
 @click.option("--per-layer", "per_layer", multiple=True, metavar="PATTERN=SCHEME", help="A layer's own scheme in low-bit plans (repeatable; the last match wins): PATTERN is an FQN, a glob or re:REGEX; SCHEME float, int8, int4/int3/int2[:gN|:channel][:rtn|:gptq] or lutN, e.g. 'classifier=float', '*.intermediate.dense=int3:g32'.")
 @click.option("--layers", is_flag=True, help="Also localize drift per layer (ONNX and TFLite): each layer's output in the runtime against FP32 PyTorch, worst offenders first.")
 @click.option("-c", "--config", type=click.Path(path_type=Path), help="edgeq.toml: convert every model x target it declares. Options given beside it override the file for every model.")

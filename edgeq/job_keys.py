@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgeq.errors import UsageError
-from edgeq.quantize import ALGORITHM_NAMES, OBSERVER_NAMES
+from edgeq.quantize import ALGORITHM_NAMES, DEVICE_NAMES, OBSERVER_NAMES
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ KEYS: dict[str, Key] = {
     "algo": Key(lambda v: v in ALGORITHM_NAMES, f"one of {', '.join(ALGORITHM_NAMES)}", "--algo"),
     "group_size": Key(lambda v: v == "channel" or _integer(1)(v) or (isinstance(v, str) and v.isdigit() and int(v) >= 1),
                       "a number of input channels per scale (32, 64, 128) or 'channel'", "--group-size"),
+    "device": Key(lambda v: v in DEVICE_NAMES, f"one of {', '.join(DEVICE_NAMES)} (where low-bit calibration runs)", "--device"),
     # Values and patterns are checked by edgeq.layer_overrides (make_job); here only the shape.
     "per_layer": Key(lambda v: isinstance(v, dict) or _strings(v),
                      'a table of layer patterns and schemes, e.g. { "classifier" = "float", "*.intermediate.dense" = "int3" }',

@@ -128,3 +128,26 @@ def check_keep_float(patterns: list[str], label: str) -> None:
                 re.compile(pattern[3:])
             except re.error as exc:
                 raise UsageError(f"{label} {pattern!r}: not a valid regular expression: {exc}") from exc
+
+
+def check_device(device: str, label: str) -> None:
+    """`cuda` needs a torch built with CUDA (or ROCm, which torch.cuda also drives). Read from torch/version.py
+    as text, without importing torch (a second or more); whether a GPU is present is checked when calibration
+    starts (edgeq.quantize.check_calibration_device)."""
+    import importlib.util
+
+    if device != "cuda":
+        return
+    spec = importlib.util.find_spec("torch")
+    version_file = Path(spec.origin).with_name("version.py") if spec is not None and spec.origin else None
+    try:
+        text = version_file.read_text() if version_file is not None else ""
+    except OSError:
+        return  # an unusual install: leave it to the check at calibration
+    builds = dict(re.findall(r"^(__version__|cuda|hip)\b[^=\n]*=\s*(.+)$", text, flags=re.MULTILINE))
+    if builds and builds.get("cuda", "None").strip() == "None" and builds.get("hip", "None").strip() == "None":
+        version = builds.get("__version__", "?").strip().strip("'\"")
+        raise UsageError(
+            f"{label} cuda: the installed torch {version} is built without CUDA, so calibration cannot run on a GPU "
+            "here; use --device cpu (the default), or install a CUDA build of torch"
+        )

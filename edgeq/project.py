@@ -114,8 +114,8 @@ def make_job(values: dict, base: Path | None, label: Callable[[str], str]) -> Jo
     `base`: the folder relative paths start from (the project file's), None for the command line.
     `label(key)` names the option or file key in messages."""
     from edgeq.preflight import (
-        check_budget, check_data, check_keep_float, check_name, check_out, check_precisions, check_source,
-        check_targets, check_task,
+        check_budget, check_data, check_device, check_keep_float, check_name, check_out, check_precisions,
+        check_source, check_targets, check_task,
     )
 
     def relative(value: str) -> str:
@@ -143,6 +143,7 @@ def make_job(values: dict, base: Path | None, label: Callable[[str], str]) -> Jo
     check_out(out, label("out"))
     keep_float = list(values.get("keep_float", []))
     check_keep_float(keep_float, label("keep_float"))
+    check_device(values.get("device", "cpu"), label("device"))
     if "preprocess" in values:
         _parsed(label("preprocess"), _parse_preprocess, values["preprocess"])
     per_layer = parse_per_layer(values["per_layer"], label("per_layer")) if "per_layer" in values else ()
@@ -197,7 +198,7 @@ def _quantize_options(values: dict, per_layer: tuple = ()) -> QuantizeOptions:
     return QuantizeOptions(
         calibration_samples=values.get("calibration_samples", 32), observer=values.get("observer", "mse"),
         auto_fallback=values.get("auto_fallback", False), fallback_max=float(values.get("fallback_max", 0.1)),
-        algorithm=values.get("algo"), group_size=_group_size(values.get("group_size", 32)), layer_overrides=per_layer,
+        algorithm=values.get("algo"), group_size=_group_size(values.get("group_size", 32)), device=values.get("device", "cpu"), layer_overrides=per_layer,
         **parse_smoothquant(values.get("smoothquant")),
     )
 

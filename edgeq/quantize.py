@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 OBSERVER_NAMES = ("minmax", "percentile", "mse", "entropy")  # calibration/observers.py
-ALGORITHM_NAMES = ("rtn", "gptq", "awq")  # low-bit weight algorithms (edgeq.scheme.Algorithm)
+ALGORITHM_NAMES = ("rtn", "gptq", "awq", "awq+gptq")  # low-bit weight algorithms (edgeq.scheme.Algorithm)
+DEVICE_NAMES = ("cpu", "cuda")  # where low-bit calibration runs
 
 
 @dataclass
@@ -20,9 +21,10 @@ class QuantizeOptions:
     no_smoothquant: bool = False
     auto_fallback: bool = False  # relax the most sensitive layers until the budget holds (in simulation)
     fallback_max: float = 0.1  # at most this fraction of the quantized layers is relaxed
-    algorithm: str | None = None  # low-bit schemes: rtn, gptq or awq (None: the scheme's default, edgeq.scheme)
+    algorithm: str | None = None  # low-bit schemes: ALGORITHM_NAMES (None: the scheme's default, edgeq.scheme)
     group_size: int | None = 32  # low-bit schemes: input channels per scale; None: one scale per output channel
     layer_overrides: tuple = ()  # per-layer schemes (edgeq.layer_overrides.LayerOverride), later entries win
+    device: str = "cpu"  # low-bit calibration (the driver, GPTQ, AWQ): cpu or cuda; the plan means the same
 
     def __post_init__(self):
         from edgeq.errors import UsageError
@@ -37,6 +39,8 @@ class QuantizeOptions:
             raise UsageError("calibration samples must be 0 or more")
         if self.algorithm is not None and self.algorithm not in ALGORITHM_NAMES:
             raise UsageError(f"algorithm {self.algorithm!r}: not one of {', '.join(ALGORITHM_NAMES)}")
+        if self.device not in DEVICE_NAMES:
+            raise UsageError(f"device {self.device!r}: not one of {', '.join(DEVICE_NAMES)}")
 
 
 def parse_smoothquant(text: str | float | None) -> dict:
@@ -55,7 +59,8 @@ def parse_smoothquant(text: str | float | None) -> dict:
 
 def quantization_plan(model, profile, precision, options: QuantizeOptions, keep_float: list[str], calibration_samples: list, budget):
     """(model to convert, QuantPlan, Fallback or None) for `precision` on `profile`, calibrated on
-    `calibration_samples`. The model to convert has BatchNorm folded into its convolutions."""
+    `calibration_samples`. The model to convert has BatchNorm folded into its convolutions, and with AWQ
+    (low-bit `--algo awq`, `awq+gptq`) its input scales folded where exact: the plan's codes are of its weights."""
     import dataclasses
 
     from edgeq.calibration.sensitivity import sensitivity_fallback
@@ -68,7 +73,8 @@ def quantization_plan(model, profile, precision, options: QuantizeOptions, keep_
     from edgeq.scheme import LOW_BIT
 
     if precision in LOW_BIT:
-        plan = _lowbit_plan(model, profile, precision, options, keep_float, calibration_samples, folded)
+        check_calibration_device(options.device)
+        model, plan = _lowbit_plan(model, profile, precision, options, keep_float, calibration_samples, folded)
         if not options.auto_fallback or not calibration_samples or not budget.bounds:
             return model, plan, None
         fallback = _lowbit_fallback(model, profile, plan, options, calibration_samples, budget)
@@ -100,20 +106,41 @@ def quantization_plan(model, profile, precision, options: QuantizeOptions, keep_
     return model, fallback.plan, fallback
 
 
+def check_calibration_device(device: str) -> None:
+    """Refuse `--device cuda` where torch sees no CUDA device (exit 2), before calibration starts. Preflight
+    (edgeq.preflight.check_device, torch-free) already refuses a torch built without CUDA."""
+    import torch
+
+    from edgeq.errors import UsageError
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device cuda: torch {torch.__version__} sees no CUDA device here (torch.cuda.is_available() is False: "
+            "no GPU, or no driver for it); use --device cpu (the default)"
+        )
+
+
 def _lowbit_plan(model, profile, precision, options: QuantizeOptions, keep_float, calibration_samples, folded):
+    """(model to convert, plan): AWQ folds its scales into a copy of the model, which is then the one converted."""
+    import copy
+    import dataclasses
+
     from edgeq.compress.apply import user_fqn
-    from edgeq.scheme import scheme_for
+    from edgeq.scheme import AWQ_ALGORITHMS, scheme_for
     from edgeq.targets.resolve import Calibration
     from edgeq.targets.resolve_lowbit import resolve_lowbit_plan
 
     scheme = scheme_for(precision, algorithm=options.algorithm, group_size=options.group_size,
                         symmetric=profile.quantization.weight_symmetric)
     calibration = Calibration(calibration_samples, model.input_names)
+    awq = {scheme.algorithm, *(o.algorithm for o in options.layer_overrides)} & set(AWQ_ALGORITHMS)
+    if awq:  # resolve_lowbit_plan folds AWQ's scales into the module it is given
+        model = dataclasses.replace(model, module=copy.deepcopy(model.module))
     plan = resolve_lowbit_plan(model.module, profile, precision, scheme, keep_float, model.example_inputs, calibration,
-                               overrides=options.layer_overrides)
+                               overrides=options.layer_overrides, device=options.device)
     if folded:
         plan.notes.append(f"BatchNorm folded into {', '.join(user_fqn(f) for f in folded)} before quantization")
-    return plan
+    return model, plan
 
 
 def _lowbit_fallback(model, profile, plan, options: QuantizeOptions, calibration_samples, budget):

@@ -17,8 +17,12 @@ from edgeq.targets import Precision
 class Algorithm(StrEnum):
     RTN = "rtn"  # round to nearest, with MSE-searched clipping
     GPTQ = "gptq"  # Frantar et al. 2022
-    AWQ = "awq"  # Lin et al. 2023
+    AWQ = "awq"  # Lin et al. 2023: scales folded where exact, then round-to-nearest with AWQ's clip search
+    AWQ_GPTQ = "awq+gptq"  # AWQ's folded scales, then GPTQ on the folded weights
     KMEANS = "kmeans"  # palettes (lut*-weight)
+
+
+AWQ_ALGORITHMS = (Algorithm.AWQ, Algorithm.AWQ_GPTQ)  # fold per-input-channel scales into the model converted
 
 
 class Activations(StrEnum):

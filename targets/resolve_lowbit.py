@@ -12,11 +12,12 @@ from torch import nn
 
 from edgeq.calibration.lowbit.grid import Grid
 from edgeq.calibration.lowbit.to_plan import code_dtype, layer_plan
-from edgeq.errors import ConversionError, UsageError
+from edgeq.errors import ConversionError
 from edgeq.plan import LayerPlan, OpKind, QDtype, QuantPlan
-from edgeq.scheme import Activations, Algorithm, Scheme
+from edgeq.scheme import AWQ_ALGORITHMS, Activations, Algorithm, Scheme
 from edgeq.targets.profile import Granularity, Precision, TargetProfile
 from edgeq.targets.resolve import Calibration, matches, op_kind, planned_layers
+from edgeq.targets.resolve_embeddings import plan_embeddings
 
 
 def check_lowbit(profile: TargetProfile, precision: Precision, scheme: Scheme) -> Grid:
@@ -37,8 +38,6 @@ def check_lowbit(profile: TargetProfile, precision: Precision, scheme: Scheme) -
         raise ConversionError(f"target {profile.id}: group size {scheme.group_size} is not one it runs (it runs {sizes})")
     if not scheme.symmetric and caps.weight_symmetric:
         raise ConversionError(f"target {profile.id} holds symmetric low-bit weights only")
-    if scheme.algorithm == Algorithm.AWQ:
-        raise UsageError("--algo awq: AWQ's scales need folding into the previous op, which conversion does not do yet; use gptq or rtn")
     return Grid(scheme.bits, scheme.group_size, scheme.symmetric, caps.lowbit_scale_dtype or caps.scale_dtype)
 
 
@@ -51,13 +50,18 @@ def resolve_lowbit_plan(
     example_inputs: tuple | None = None,
     calibration: Calibration | None = None,
     overrides: tuple = (),
+    device: str = "cpu",
 ) -> QuantPlan:
     """The plan of a low-bit scheme: codes and scales of every executed linear layer the target quantizes,
     decided by `scheme.algorithm` on the target's grid, layer by layer on the calibration samples.
     `overrides` (edgeq.layer_overrides, `per_layer`) give layers schemes of their own: other bits, group
-    sizes or algorithms, int8, or float; each is checked against the target before any work."""
+    sizes or algorithms, int8, or float; each is checked against the target before any work.
+    AWQ layers (--algo awq, awq+gptq) get their input scales folded into `module` IN PLACE where the fold is
+    exact (calibration/lowbit/awq_fold.py): the caller passes a copy and converts that (edgeq.quantize).
+    `device`: where calibration runs ("cpu" or "cuda")."""
+    from edgeq.calibration.lowbit.awq import awq_clip_solver
     from edgeq.calibration.lowbit.driver import gptq_solver, quantize_layers, rtn_solver
-    from edgeq.targets.layer_schemes import int8_layer, layer_schemes, overrides_note, quantized_reasons
+    from edgeq.targets.layer_schemes import decided_tables, int8_layer, layer_schemes, overrides_note, quantized_reasons
 
     grid = check_lowbit(profile, precision, scheme)
     samples = list(calibration.samples) if calibration is not None else []
@@ -85,6 +89,9 @@ def resolve_lowbit_plan(
         else:
             chosen[fqn] = layer_scheme
             grids.setdefault(layer_scheme, decision.grid if decision else grid)
+    plan_embeddings(module, plan, profile, scheme, layers, keep_float, skip=set(decided))  # tables: resolve_embeddings.py
+    for table_scheme, tables in decided_tables(decided, layers):  # tables a per_layer entry gives low bits
+        plan_embeddings(module, plan, profile, table_scheme, tables, keep_float)
     if decided:
         plan.notes.append(overrides_note(decided))
     palettes = {fqn: s for fqn, s in chosen.items() if s.palette}
@@ -94,19 +101,24 @@ def resolve_lowbit_plan(
     quantized_reasons(plan, decided)
     if not affine:
         return plan
-    if any(s.algorithm == Algorithm.GPTQ for s in affine.values()) and not samples:
-        raise ConversionError(f"target {profile.id}: {precision} with GPTQ needs calibration samples (--calibration-samples)")
+    needing = [s.algorithm.value for s in affine.values() if s.algorithm != Algorithm.RTN]
+    if needing and not samples:
+        raise ConversionError(f"target {profile.id}: {precision} with {needing[0]} needs calibration samples (--calibration-samples)")
+    input_names = calibration.input_names if calibration is not None else None
+    row_mask = _attention_rows if "attention_mask" in (input_names or []) else None
+    folds = _fold_awq(module, plan, affine, grids, samples, input_names, row_mask, device)
     solvers = {}
     for layer_scheme in dict.fromkeys(affine.values()):
-        if layer_scheme.algorithm == Algorithm.GPTQ:
+        if layer_scheme.algorithm in (Algorithm.GPTQ, Algorithm.AWQ_GPTQ):
             # act-order with static groups: GPTQ's best on MiniLM, and groups stay contiguous columns (runtimes need it)
             solvers[layer_scheme] = gptq_solver(grids[layer_scheme], actorder=True, static_groups=True, clip="mse")
+        elif layer_scheme.algorithm == Algorithm.AWQ:
+            solvers[layer_scheme] = awq_clip_solver(grids[layer_scheme])  # s = 1 now: the scales are in the weights
         else:
             solvers[layer_scheme] = rtn_solver(grids[layer_scheme], clip="mse")
-    input_names = calibration.input_names if calibration is not None else None
     result = quantize_layers(module, samples or [_example_sample(example_inputs, input_names)], list(affine),
                              lambda fqn, layer: solvers[affine[fqn]](fqn, layer),
-                             input_names=input_names, row_mask=_attention_rows if "attention_mask" in (input_names or []) else None)
+                             input_names=input_names, row_mask=row_mask, device=device)
     dynamic = QDtype.INT8 if scheme.activations == Activations.DYNAMIC else None
     for fqn in affine:
         entry = layer_plan(fqn, OpKind.LINEAR, result.weights[fqn])
@@ -119,12 +131,34 @@ def resolve_lowbit_plan(
         plan.notes.append(
             f"{layer_scheme.bits}-bit {'symmetric' if layer_scheme.symmetric else 'asymmetric'} weights, {grouping}, scales in "
             f"{grids[layer_scheme].scale_dtype}, by {layer_scheme.algorithm.value}"
-            + (f" (act-order, static groups, MSE clipping) on {len(samples)} calibration samples" if layer_scheme.algorithm == Algorithm.GPTQ else " (MSE clipping)")
+            + _HOW[layer_scheme.algorithm].format(samples=len(samples))
             + (f" ({count} layers)" if len(affine) != count else "")
             + f", {result.total_seconds:.1f} s"
         )
+    plan.notes += [group.note() for group in folds]
     plan.notes.append(_footprint(module, plan, grid, profile.runtime.value))
     return plan
+
+
+_HOW = {  # how each algorithm decided the codes, for the plan's notes
+    Algorithm.RTN: " (MSE clipping)",
+    Algorithm.GPTQ: " (act-order, static groups, MSE clipping) on {samples} calibration samples",
+    Algorithm.AWQ: " (input scales folded where exact, then AWQ's clip search) on {samples} calibration samples",
+    Algorithm.AWQ_GPTQ: " (AWQ input scales folded where exact, then GPTQ with act-order, static groups, MSE clipping) "
+                        "on {samples} calibration samples",
+}
+
+
+def _fold_awq(module, plan: QuantPlan, affine: dict, grids: dict, samples, input_names, row_mask, device) -> list:
+    """AWQ's scales folded into `module` in place for the layers whose algorithm is AWQ (awq_fold.py); never
+    into a group with a layer whose codes `plan` already holds (int8 or palette per-layer schemes)."""
+    from edgeq.calibration.lowbit.awq_fold import fold_awq_scales
+
+    layers = {fqn: grids[s] for fqn, s in affine.items() if s.algorithm in AWQ_ALGORITHMS}
+    if not layers:
+        return []
+    fixed = {fqn for fqn, entry in plan.layers.items() if not entry.is_float}
+    return fold_awq_scales(module, samples, layers, input_names=input_names, row_mask=row_mask, device=device, fixed=fixed)
 
 
 def _footprint(module: nn.Module, plan: QuantPlan, grid: Grid, runtime: str) -> str:

@@ -135,7 +135,6 @@ def test_palettes_hold_fp16_tables_and_survive_the_plan_files(model, profile, tm
         (Precision.INT4_WEIGHT, {"group_size": 64}, ConversionError, "group size 64 is not one it runs (it runs 32, 128)"),
         (Precision.INT2_WEIGHT, {}, ConversionError, "does not hold int2 weights"),
         (Precision.LUT2_WEIGHT, {}, ConversionError, "does not hold lut2 weights"),
-        (Precision.INT4_WEIGHT, {"algorithm": "awq"}, UsageError, "--algo awq"),
     ],
 )
 def test_requests_the_target_cannot_hold_are_refused_before_any_work(model, profile, precision, options, error, words):
