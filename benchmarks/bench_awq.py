@@ -40,7 +40,9 @@ Measured on the 2-core development machine (shared, load ~3-4; seconds are wall 
   lut3: per tensor 0.7908, per 16 output channels 0.8482, per 16 channels weighted by diag(H) 0.8745
 Only 6 of MiniLM's 24 input groups can hold a folded scale (value -> attention.output.dense); there the
 scales add nothing measurable, and GPTQ dominates: in this post-LayerNorm encoder, AWQ's value is its
-clipping search.
+clipping search. Conversion (--algo awq, awq+gptq) finds and proves those folds itself on any model
+(calibration/lowbit/awq_fold.py) and rounds its scales to powers of two (the folded FP32 model computes the same
+floats); its figures next to RTN and GPTQ come from `benchmarks/bench_gptq.py --configs ...,awq,awq+gptq`.
 """
 
 from __future__ import annotations
