@@ -219,7 +219,8 @@ def lower_lowbit(proto, layers: dict[str, LayerPlan], precision: Precision, targ
 
 def _tables_note(tables: dict[str, LayerPlan], gathered: list[str]) -> str:
     lost = sorted(set(tables) - set(gathered))
-    forms = sorted({f"{tables[f].weight.dtype} per block of {tables[f].weight.granularity.size}" for f in gathered})
+    forms = sorted({f"{tables[f].weight.dtype} per block of {g.size}" if isinstance(g := tables[f].weight.granularity, PerGroup)
+                    else f"{tables[f].weight.dtype} per row" for f in gathered})
     return (
         f"{len(set(gathered))} embedding table(s) run as com.microsoft.GatherBlockQuantized ({', '.join(forms)}): rows "
         "are gathered first, then only they are dequantized"

@@ -452,5 +452,6 @@ def test_pipeline_plans_tables_at_4_bits_and_validates_with_parity(tmp_path):
     parity = manifest["weight_parity"]
     assert parity["mismatches"] == [] and parity["checked_layers"] == 6 and parity["removed_as_unused"] == ["position"]
     notes = json.loads((outcome.path / "plan.json").read_text())["notes"]
-    assert any(note.startswith("embedding tables: word, position, kind: 4-bit per group of 32") for note in notes)
+    (note,) = [note for note in notes if note.startswith("embedding tables: ")]
+    assert "word, position: 4-bit per group of 32" in note and "kind: int8 per row (under 1% of the model's weights" in note
     assert any("folded by the exporter): position" in note for note in manifest["notes"])
