@@ -205,12 +205,20 @@ def pack_lowbit(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], requ
         if owners.setdefault(use.tensor, fqn) != fqn:
             raise ConversionError(f"target {target}: layers {owners[use.tensor]} and {fqn} share one weight tensor; keep them float")
         uses.setdefault(fqn, []).append(use)
-    lost = sorted(planned - set(uses))
+    # A layer none of whose tensors carries its scope was removed as dead code (e.g. BERT's pooler under a mean-pooled
+    # sentence embedding): noted, as weight parity reports it. One whose scope is there but not as a FULLY_CONNECTED
+    # weight was lowered otherwise: refused.
+    segments = {part for tensor in subgraph.tensors for part in tensor_name(tensor).split(";")}
+    seen = {scopes[part] for part in segments if part in scopes}
+    lost = sorted((planned - set(uses)) & seen)
     if lost:
         raise ConversionError(
             f"target {target}: no FULLY_CONNECTED float weight found for layer(s) {', '.join(lost[:5])} in the converted "
             "model (litert-torch lowered them otherwise, or folded them)"
         )
+    unused = sorted(planned - set(uses) - seen)
+    if unused:
+        notes.append(f"not in the converted model (removed by litert-torch as unused): {', '.join(unused)}")
     references: dict[int, int] = {}
     for graph in model.subgraphs:
         for tensor in graph.tensors:

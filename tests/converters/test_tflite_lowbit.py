@@ -438,3 +438,37 @@ def test_tables_litert_cannot_hold_are_refused():
         request = request_for(QuantPlan("int4-dynamic", "tflite", {"word": entry}), loaded, target="tflite")
         (refusal,) = TFLiteConverter().check(request)
         assert refusal.layer == "word" and words in refusal.reason, refusal
+
+
+class DeadBranch(nn.Module):
+    """`pooler` runs but its output is unused (as BERT's pooler under a mean-pooled sentence embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(64, 64)
+        self.pooler = nn.Linear(64, 64)
+
+    def forward(self, x):
+        y = self.body(x)
+        self.pooler(y[:, 0])
+        return y
+
+
+def dead_branch():
+    torch.manual_seed(0)
+    return DeadBranch().eval(), (torch.randn(1, 4, 64),)
+
+
+def test_a_planned_layer_removed_as_dead_code_is_noted_not_refused(tmp_path):
+    from edgeq.converters.parity import artifact_weights, compare_weights
+    from edgeq.converters.tflite import TFLiteConverter
+    from edgeq.load import load_model
+    from edgeq.plan import QuantPlan
+
+    loaded = load_model("tests.converters.test_tflite_lowbit:dead_branch")
+    modules = dict(linears(loaded.module))
+    plan = QuantPlan("int4-dynamic", "tflite", {f: lowbit_layer(f, modules[f].weight.detach(), 4, 32) for f in ("body", "pooler")})
+    artifact = TFLiteConverter().convert(request_for(plan, loaded, target="tflite"), tmp_path / "model.tflite")
+    assert "not in the converted model (removed by litert-torch as unused): pooler" in artifact.notes
+    parity = compare_weights(plan, artifact_weights(artifact.path, "tflite"))
+    assert (parity.checked, parity.mismatches, parity.removed) == (1, [], ["pooler"])
