@@ -62,11 +62,12 @@ def embedding_grid(profile: TargetProfile, scheme: Scheme) -> Grid | str:
 
 def plan_embeddings(
     module: nn.Module, plan: QuantPlan, profile: TargetProfile, scheme: Scheme, layers: list,
-    keep_float: list[str] = (), skip: set[str] | frozenset = frozenset(),
+    keep_float: list[str] = (), skip: set[str] | frozenset = frozenset(), small_tables_int8: bool = True,
 ) -> None:
     """Quantize the executed nn.Embedding layers among `layers` ((FQN, module) pairs) into `plan`, in place, and
     note what each table became. Tables kept float by --keep-float, or listed in `skip` (decided elsewhere, e.g.
-    by a per-layer override), are left as the plan has them."""
+    by a per-layer override), are left as the plan has them. `small_tables_int8` False: small tables take 4 bits
+    too (a per-layer entry that asks for them explicitly)."""
     tables = [(fqn, layer) for fqn, layer in layers
               if isinstance(layer, nn.Embedding) and not matches(fqn, list(keep_float)) and fqn not in skip]
     if not tables:
@@ -82,7 +83,7 @@ def plan_embeddings(
     outcomes: dict[str, list[str]] = {}
     for fqn, layer in tables:
         rows, dim = layer.weight.shape
-        if int8 and isinstance(grid, Grid) and layer.weight.numel() < SMALL_TABLE_SHARE * total:
+        if small_tables_int8 and int8 and isinstance(grid, Grid) and layer.weight.numel() < SMALL_TABLE_SHARE * total:
             plan.layers[fqn] = int8_table(fqn, layer, caps.scale_dtype)
             outcomes.setdefault(f"int8 per row (under {SMALL_TABLE_SHARE:.0%} of the model's weights: 4 bits would "
                                 "save little, and its rows reach every token)", []).append(fqn)

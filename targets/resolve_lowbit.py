@@ -91,7 +91,7 @@ def resolve_lowbit_plan(
             grids.setdefault(layer_scheme, decision.grid if decision else grid)
     plan_embeddings(module, plan, profile, scheme, layers, keep_float, skip=set(decided))  # tables: resolve_embeddings.py
     for table_scheme, tables in decided_tables(decided, layers):  # tables a per_layer entry gives low bits
-        plan_embeddings(module, plan, profile, table_scheme, tables, keep_float)
+        plan_embeddings(module, plan, profile, table_scheme, tables, keep_float, small_tables_int8=False)
     if decided:
         plan.notes.append(overrides_note(decided))
     palettes = {fqn: s for fqn, s in chosen.items() if s.palette}

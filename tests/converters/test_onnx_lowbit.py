@@ -455,3 +455,27 @@ def test_pipeline_plans_tables_at_4_bits_and_validates_with_parity(tmp_path):
     (note,) = [note for note in notes if note.startswith("embedding tables: ")]
     assert "word, position: 4-bit per group of 32" in note and "kind: int8 per row (under 1% of the model's weights" in note
     assert any("folded by the exporter): position" in note for note in manifest["notes"])
+
+
+@pytest.mark.parametrize(("target", "precision", "group", "expected"), [
+    ("onnx", Precision.INT3_WEIGHT, 32, {"word": "int4 per_group", "position": "int4 per_group", "kind": "int8 per_channel"}),
+    ("onnx", Precision.INT4_WEIGHT, 128, {"word": "64 embedding columns are not a multiple of the group size 128"}),
+    ("coreml-ane", Precision.LUT4_WEIGHT, None, {"word": "int8 per_channel", "position": "int8 per_channel"}),
+])
+def test_tables_are_planned_at_4_bits_where_the_target_holds_them(target, precision, group, expected):
+    """int3 schemes still give 4-bit tables (the gathers' width), small tables int8 per row, a dim that is not a
+    multiple of the group stays float, and the Neural Engine's palette scheme gives int8 rows."""
+    from edgeq.load import load_model
+    from edgeq.scheme import scheme_for
+    from edgeq.targets.resolve import Calibration
+    from edgeq.targets.resolve_lowbit import resolve_lowbit_plan
+
+    model = load_model("tests.converters.test_onnx_lowbit:tokens")
+    profile = load_profile(target)
+    scheme = scheme_for(precision, algorithm=None if precision.value.startswith("lut") else "rtn", group_size=group)
+    plan = resolve_lowbit_plan(model.module, profile, precision, scheme, [], model.example_inputs, Calibration([], model.input_names))
+    for fqn, form in expected.items():
+        layer = plan.layers[fqn]
+        got = layer.reason if layer.weight is None else f"{layer.weight.dtype} {layer.weight.granularity.to_json()['kind']}"
+        assert got == form, (fqn, got)
+    assert any(note.startswith("embedding tables: ") for note in plan.notes)
