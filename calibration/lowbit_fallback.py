@@ -119,8 +119,7 @@ class LowBitFallback:
             "simulated_cosine_before": round(self.before, 6),
             "simulated_cosine_after": round(self.after, 6),
             "max_relaxed_layers": self.cap,
-            "samples": f"{self.samples} calibration samples",
-            "seconds": round(self.seconds, 1),
+            "samples": f"{self.samples} held-out calibration samples (not used to fit the codes)",
             "sweep": [s.to_json() for s in self.sweep],
         }
 
@@ -177,7 +176,7 @@ def lowbit_fallback(
     for entry, target in steps:
         old = plan.layers[entry.fqn]
         why = (f"--auto-fallback: {target} instead of {entry.scheme} (alone it cost {1 - entry.cosine_alone:.3g} of mean "
-               f"cosine on {len(samples)} calibration samples, rank {result.sweep.index(entry) + 1} of {len(candidates)})")
+               f"cosine on {len(samples)} held-out calibration samples, rank {result.sweep.index(entry) + 1} of {len(candidates)})")
         if target == "int8":
             current.layers[entry.fqn] = int8_entry(entry.fqn, old)
             current.layers[entry.fqn].reason = why
@@ -193,8 +192,9 @@ def lowbit_fallback(
     current.notes.append(
         f"--auto-fallback relaxed {len(result.relaxed)} of {len(candidates)} low-bit layers ({counts['int8']} to int8, "
         f"{counts['float']} to float; simulated cosine {result.before:.5f} -> {result.after:.5f} on {len(samples)} "
-        f"calibration samples; budget {'holds' if result.holds else 'still broken'})"
+        f"held-out calibration samples; budget {'holds' if result.holds else 'still broken'})"
     )
     result.plan = current
     result.seconds = time.perf_counter() - started
+    current.seconds = {**plan.seconds, "fallback": round(result.seconds, 1)}
     return result

@@ -20,6 +20,7 @@ TIMING_FIELDS = (
     ("validation", "latency_vs_fp32"),
     ("validation", "fp32_artifact", "latency"),
     ("validation", "per_compute_unit"),  # macOS only: latencies per Core ML compute unit
+    ("plan", "seconds"),  # calibration and fallback wall-clock time
 )
 
 
@@ -61,7 +62,7 @@ def build_manifest(*, model, profile, artifact, report, budget, violations, verd
             **artifact.converter,
             "runtime": report.executor,
         },
-        "plan": None if plan is None else {**plan.summary(), "files": ["plan.json", "scales.npz"]},
+        "plan": None if plan is None else {**plan.summary(), "files": ["plan.json", "scales.npz"]} | ({"seconds": plan.seconds} if plan.seconds else {}),
         "weight_parity": None if parity is None else parity.to_json(),
         "rewrites": list(artifact.rewrites),
         "notes": list(artifact.notes),

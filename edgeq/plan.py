@@ -201,6 +201,9 @@ class QuantPlan:
     notes: list[str] = field(default_factory=list)
     tensors: dict[str, TensorQuant] = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)
+    # wall-clock seconds of the steps that decided it (calibration, fallback): reported in the manifest as timing
+    # fields, never in plan.json or the notes, so two runs on the same inputs write the same plan
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def quantized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers.values() if not layer.is_float]

@@ -74,10 +74,12 @@ def quantization_plan(model, profile, precision, options: QuantizeOptions, keep_
 
     if precision in LOW_BIT:
         check_calibration_device(options.device)
-        model, plan = _lowbit_plan(model, profile, precision, options, keep_float, calibration_samples, folded)
-        if not options.auto_fallback or not calibration_samples or not budget.bounds:
+        sweeping = options.auto_fallback and len(calibration_samples) > 1 and budget.bounds
+        fitted, held_out = _held_out(calibration_samples) if sweeping else (calibration_samples, [])
+        model, plan = _lowbit_plan(model, profile, precision, options, keep_float, fitted, folded)
+        if not sweeping:
             return model, plan, None
-        fallback = _lowbit_fallback(model, profile, plan, options, calibration_samples, budget)
+        fallback = _lowbit_fallback(model, profile, plan, options, held_out, budget)
         return model, fallback.plan, fallback
 
     floats = {}
@@ -141,6 +143,14 @@ def _lowbit_plan(model, profile, precision, options: QuantizeOptions, keep_float
     if folded:
         plan.notes.append(f"BatchNorm folded into {', '.join(user_fqn(f) for f in folded)} before quantization")
     return model, plan
+
+
+def _held_out(samples: list) -> tuple[list, list]:
+    """(samples GPTQ/AWQ fit on, samples the --auto-fallback sweep judges on): a plan judged on the samples it
+    was fitted to looks better than it is (MiniLM int3, 32 samples: 0.993 simulated, 0.964 on unseen sentences),
+    so a quarter of them (at most 16) is held out of the fit."""
+    count = min(16, max(1, len(samples) // 4))
+    return list(samples[:-count]), list(samples[-count:])
 
 
 def _lowbit_fallback(model, profile, plan, options: QuantizeOptions, calibration_samples, budget):

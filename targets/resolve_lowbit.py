@@ -119,6 +119,7 @@ def resolve_lowbit_plan(
     result = quantize_layers(module, samples or [_example_sample(example_inputs, input_names)], list(affine),
                              lambda fqn, layer: solvers[affine[fqn]](fqn, layer),
                              input_names=input_names, row_mask=row_mask, device=device)
+    plan.seconds["calibration"] = round(result.total_seconds, 1)
     dynamic = QDtype.INT8 if scheme.activations == Activations.DYNAMIC else None
     for fqn in affine:
         entry = layer_plan(fqn, OpKind.LINEAR, result.weights[fqn])
@@ -133,7 +134,6 @@ def resolve_lowbit_plan(
             f"{grids[layer_scheme].scale_dtype}, by {layer_scheme.algorithm.value}"
             + _HOW[layer_scheme.algorithm].format(samples=len(samples))
             + (f" ({count} layers)" if len(affine) != count else "")
-            + f", {result.total_seconds:.1f} s"
         )
     plan.notes += [group.note() for group in folds]
     plan.notes.append(_footprint(module, plan, grid, profile.runtime.value))

@@ -129,7 +129,7 @@ def assert_same_bundles(tmp_path, monkeypatch, source: str, target: str, precisi
 @ONNX
 def test_onnx_bundles_are_identical_from_two_folders(tmp_path, monkeypatch):
     files = assert_same_bundles(
-        tmp_path, monkeypatch, "{folder}/weights.pt", "onnx", "fp32,w8a8", extra=("--factory", f"{MODULE}:build")
+        tmp_path, monkeypatch, "{folder}/weights.pt", "onnx", "fp32,w8a8,int4-weight", extra=("--factory", f"{MODULE}:build")
     )
     import onnx
 
