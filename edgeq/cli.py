@@ -181,7 +181,7 @@ def _validate_layers(bundle: Path, manifest: dict, source: str | None, **load_op
     from edgeq.bundle import write_atomic
 
     layer_report = localize_bundle(bundle, manifest, source, **load_options)
-    print_layers(layer_report, str(bundle))
+    print_layers(layer_report, str(bundle), storage=manifest.get("artifact", {}).get("storage"))
     report_path = bundle / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     write_atomic(report_path, json.dumps({**report, "layers": layer_report.to_json()}, indent=2) + "\n")

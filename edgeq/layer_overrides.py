@@ -33,7 +33,7 @@ from edgeq.errors import UsageError
 
 AFFINE_BITS = (2, 3, 4, 8)
 PALETTE_BITS = (2, 3, 4, 6, 8)  # constexpr_lut_to_dense's index widths edgeq plans (as the lut*-weight schemes)
-ALGORITHMS = ("rtn", "gptq")  # AWQ is not wired into conversion (targets/resolve_lowbit.py says why)
+ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")  # edgeq.scheme.Algorithm, k-means aside (lutN entries)
 EXPECTED = (
     "float, int8, int4, int3, int2 (options after ':' - gN for N input channels per scale, channel, rtn, gptq; "
     "e.g. int4:g128) or lut2/3/4/6/8 (lut4:g16)"
@@ -109,8 +109,8 @@ def parse_value(value: str, where: str) -> dict:
         elif option in ALGORITHMS and kind == "int":
             fields["algorithm"] = option
         else:
-            raise UsageError(f"{where}: option {option!r} in {value!r}: expected gN (e.g. g32), channel, rtn or gptq")
-    if kind == "int" and bits == 8 and (fields.get("group_size") or fields.get("algorithm") == "gptq"):
+            raise UsageError(f"{where}: option {option!r} in {value!r}: expected gN (e.g. g32), channel, rtn, gptq, awq or awq+gptq")
+    if kind == "int" and bits == 8 and (fields.get("group_size") or fields.get("algorithm", "rtn") != "rtn"):
         raise UsageError(f"{where}: {value!r}: int8 layers are per output channel, rounded to nearest (the int8 kernels of every runtime here); write 'int8'")
     return fields
 

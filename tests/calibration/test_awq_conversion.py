@@ -101,6 +101,25 @@ def test_the_folded_model_computes_the_same_and_the_plan_holds_its_codes(algorit
     assert "AWQ fc2: input scale 1 (clip search only): GELU between" in notes
 
 
+def test_a_per_layer_awq_entry_folds_only_that_layers_group():
+    """--algo gptq for the model, `up=int4:awq` for one layer: only up's scales fold, into the norm."""
+    from edgeq.layer_overrides import parse_per_layer
+    from edgeq.load import load_model
+    from edgeq.quantize import QuantizeOptions, quantization_plan
+    from edgeq.targets import Precision, load_profile
+    from edgeq.validate.budget import parse_budget
+
+    model = load_model("tests.calibration.test_awq_conversion:block")
+    options = QuantizeOptions(algorithm="rtn", group_size=32, layer_overrides=parse_per_layer({"up": "int4:awq"}, "--per-layer"))
+    folded, plan, _ = quantization_plan(model, load_profile("onnx"), Precision.INT4_WEIGHT, options, [], samples(), parse_budget(None))
+    inner, original = folded.module.inner, model.module.inner
+    assert not torch.equal(inner.norm.weight, original.norm.weight)
+    assert torch.equal(inner.mix.weight, original.mix.weight) and torch.equal(inner.fc1.weight, original.fc1.weight)
+    notes = "\n".join(plan.notes)
+    assert "AWQ up: input scales (alpha" in notes and "AWQ mix" not in notes
+    assert "awq" in plan.layers["up"].reason and "by rtn" in notes
+
+
 def simulated_error(module, plan, reference) -> float:
     """Relative output error of `module` with `plan`'s codes in its layers against FP32 `reference`."""
     from edgeq.converters.onnx_lowbit import dequantized_weights
