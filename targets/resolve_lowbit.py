@@ -7,6 +7,8 @@ stays float with its reason in the plan, and so does a linear whose input width 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 from torch import nn
 
@@ -116,9 +118,10 @@ def resolve_lowbit_plan(
             solvers[layer_scheme] = awq_clip_solver(grids[layer_scheme])  # s = 1 now: the scales are in the weights
         else:
             solvers[layer_scheme] = rtn_solver(grids[layer_scheme], clip="mse")
-    result = quantize_layers(module, samples or [_example_sample(example_inputs, input_names)], list(affine),
-                             lambda fqn, layer: solvers[affine[fqn]](fqn, layer),
-                             input_names=input_names, row_mask=row_mask, device=device)
+    with _tables_as_planned(module, plan):  # the layers after a table are solved on what the artifact's lookups give
+        result = quantize_layers(module, samples or [_example_sample(example_inputs, input_names)], list(affine),
+                                 lambda fqn, layer: solvers[affine[fqn]](fqn, layer),
+                                 input_names=input_names, row_mask=row_mask, device=device)
     plan.seconds["calibration"] = round(result.total_seconds, 1)
     dynamic = QDtype.INT8 if scheme.activations == Activations.DYNAMIC else None
     for fqn in affine:
@@ -147,6 +150,32 @@ _HOW = {  # how each algorithm decided the codes, for the plan's notes
     Algorithm.AWQ_GPTQ: " (AWQ input scales folded where exact, then GPTQ with act-order, static groups, MSE clipping) "
                         "on {samples} calibration samples",
 }
+
+
+@contextmanager
+def _tables_as_planned(module: nn.Module, plan: QuantPlan):
+    """`module`'s quantized embedding tables hold the plan's dequantized rows while the block is running, then
+    their own again: the driver calibrates each layer on the outputs of the quantized layers before it, and a
+    lookup is such a layer (MiniLM int4 g32: the encoder's GPTQ then compensates the 4-bit word table)."""
+    import torch
+
+    from edgeq.compress.apply import user_fqn
+
+    tables = {fqn: entry for fqn, entry in plan.layers.items() if entry.op == OpKind.EMBEDDING and entry.weight is not None}
+    saved = {}
+    with torch.no_grad():
+        for name, child in module.named_modules():
+            entry = tables.get(user_fqn(name))
+            if entry is not None:
+                saved[name] = child.weight.detach().clone()
+                child.weight.copy_(torch.from_numpy(entry.weight.dequantize(entry.weight_codes)).to(child.weight.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, child in module.named_modules():
+                if name in saved:
+                    child.weight.copy_(saved[name])
 
 
 def _fold_awq(module, plan: QuantPlan, affine: dict, grids: dict, samples, input_names, row_mask, device) -> list:

@@ -140,3 +140,47 @@ def test_palettes_hold_fp16_tables_and_survive_the_plan_files(model, profile, tm
 def test_requests_the_target_cannot_hold_are_refused_before_any_work(model, profile, precision, options, error, words):
     with pytest.raises(error, match=words.replace("(", "\\(").replace(")", "\\)")):
         plan_for(model, profile, precision, **options)
+
+
+class Lookup(nn.Module):
+    """A table, then a linear: the linear's GPTQ must see the lookups the artifact makes (4-bit rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(64, 32)
+        self.proj = nn.Linear(32, 16)
+
+    def forward(self, ids):
+        return self.proj(self.table(ids))
+
+
+def lookup():
+    torch.manual_seed(0)
+    return Lookup().eval(), (torch.arange(16).reshape(1, 16),)
+
+
+def test_layers_after_a_quantized_table_are_solved_on_its_planned_rows():
+    from edgeq.calibration.lowbit.driver import gptq_solver, quantize_layers
+    from edgeq.calibration.lowbit.grid import Grid
+
+    loaded = load_model("tests.targets.test_resolve_lowbit:lookup")
+    module = loaded.module.inner if hasattr(loaded.module, "inner") else loaded.module
+    before = module.table.weight.detach().clone()
+    generator = torch.Generator().manual_seed(2)
+    ids = [{"ids": torch.randint(0, 64, (2, 16), generator=generator).numpy()} for _ in range(4)]
+    options = QuantizeOptions(algorithm="gptq", group_size=32)
+    _, plan, _ = quantization_plan(loaded, load_profile("onnx"), Precision.INT4_WEIGHT, options, [], ids, parse_budget(None))
+    table = plan.layers["table"]
+    assert table.weight is not None and torch.equal(module.table.weight, before)  # planned, and the model untouched
+
+    # the reference: GPTQ on a copy whose table already holds the plan's rows
+    import copy
+
+    reference = copy.deepcopy(loaded.module)
+    inner = reference.inner if hasattr(reference, "inner") else reference
+    with torch.no_grad():
+        inner.table.weight.copy_(torch.from_numpy(table.weight.dequantize(table.weight_codes)))
+    grid = Grid(4, 32, True, "float32")
+    solved = quantize_layers(reference, ids, ["proj"], gptq_solver(grid, actorder=True, static_groups=True, clip="mse"),
+                             input_names=["ids"])
+    assert np.array_equal(plan.layers["proj"].weight_codes, solved.weights["proj"].codes.numpy().astype(np.int8))
