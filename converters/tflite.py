@@ -105,12 +105,11 @@ class TFLiteConverter(Converter):
                 raise ConversionError(f"target {profile.id}: {exc}") from exc
             quant_config, strict = qdq_mode(request)
         low_bit = request.precision == Precision.INT4_DYNAMIC
-        if low_bit:  # the float model is converted; its planned weights are rewritten afterwards
-            from edgeq.converters.tflite_lowbit import checked_lowbit_plan, pack_lowbit
-            from edgeq.converters.tflite_lowbit_tables import dequantized_tables
+        if low_bit:  # converted with int8 stand-ins; the planned weights are rewritten afterwards
+            from edgeq.converters.tflite_lowbit import checked_lowbit_plan, lowbit_conversion, pack_lowbit
 
             plan = checked_lowbit_plan(request)
-            module = dequantized_tables(module, plan)  # tables are found (and folded lookups hold) the plan's values
+            module, quant_config, strict = lowbit_conversion(module, request, plan)  # int8 stand-ins, tables dequantized
         wrapper = KeywordIO(module, model.input_names, model.outputs).eval()
         sample = dict(zip(model.input_names, examples))
         try:

@@ -6,8 +6,10 @@ weight, whose input rows are quantized to int8 at run time (dynamic range). XNNP
 converter fails an artifact whose low-bit layers XNNPACK does not take (validate/runners/litert_delegation.py).
 Measured facts and sources: shared/research/lowbit-prune-peers.md §3.
 
-Route: litert-torch converts the float model, then each planned layer's float weight constant (found by its
-module scope, as converters/tflite.py names int8 weights) is rewritten in the flatbuffer, as
+Route: litert-torch converts the model with each planned linear layer as an int8 q/dq stand-in (lowbit_conversion
+says why: a float FC would get a preceding LayerNorm's affine folded into its weights), then each stand-in's int8
+constant (found by its module scope, as converters/tflite.py names int8 weights) is rewritten in the flatbuffer
+and its DEQUANTIZE dropped, as
 ai-edge-quantizer writes its own `dynamic_wi4b*_afp32` recipes (same bytes and parameters, checked on a
 reference model), but with the plan's codes and scales verbatim:
 
@@ -198,8 +200,8 @@ def pack_lowbit(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], requ
         fqn = next((scopes[s] for s in tensor_name(tensor).split(";") if s in scopes), None)
         if fqn not in planned:
             continue
-        if use.op_name != "FULLY_CONNECTED" or use.dequantize is not None:
-            raise ConversionError(f"target {target}: layer {fqn} was lowered to {use.op_name}, not a FULLY_CONNECTED over a float constant; LiteRT's low-bit kernels are FULLY_CONNECTED only")
+        if use.op_name != "FULLY_CONNECTED" or use.dequantize is None:
+            raise ConversionError(f"target {target}: layer {fqn} was lowered to {use.op_name}, not a FULLY_CONNECTED over its int8 stand-in weight; LiteRT's low-bit kernels are FULLY_CONNECTED only")
         if any(other.tensor != use.tensor for other in uses.get(fqn, [])):
             raise ConversionError(f"target {target}: layer {fqn}'s weight is stored twice in the TFLite model")
         if owners.setdefault(use.tensor, fqn) != fqn:
@@ -219,6 +221,7 @@ def pack_lowbit(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], requ
     unused = sorted(planned - set(uses) - seen)
     if unused:
         notes.append(f"not in the converted model (removed by litert-torch as unused): {', '.join(unused)}")
+    fc_ops = _bypass_stand_ins(subgraph, uses, target)
     references: dict[int, int] = {}
     for graph in model.subgraphs:
         for tensor in graph.tensors:
@@ -243,14 +246,16 @@ def pack_lowbit(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], requ
         if bits != layer.weight.dtype.bits:
             containers.append(f"{fqn} ({layer.weight.dtype})")
         if tensor_type == INT8:
-            hybrid_ops += [u.op for u in fqn_uses]
+            hybrid_ops += fc_ops[fqn]
         if isinstance(layer.weight.granularity, PerGroup):
-            blockwise_ops += [u.op for u in fqn_uses]
+            blockwise_ops += fc_ops[fqn]
+    positions = {id(op): index for index, op in enumerate(subgraph.operators)}
+    hybrid_ops, blockwise_ops = ([positions[id(op)] for op in ops] for ops in (hybrid_ops, blockwise_ops))
     _raise_versions(model, subgraph, hybrid_ops)
     from edgeq.converters.tflite_lowbit_tables import pack_tables
 
     pack_tables(model, subgraph, plan, notes, target)  # embedding tables: EMBEDDING_LOOKUP
-    rewritten = {id(subgraph.operators[u.op]): fqn for fqn, us in uses.items() for u in us}
+    rewritten = {id(op): fqn for fqn, ops in fc_ops.items() for op in ops}
     _unfuse_activations(model, subgraph, blockwise_ops, target)  # last: it moves operator positions
     if containers:
         notes.append(f"{len(containers)} layer(s) hold their codes in LiteRT's INT4 type, 4 bits each (no INT3; XNNPACK refuses blockwise INT2): {', '.join(containers[:5])}")
@@ -262,6 +267,56 @@ def pack_lowbit(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], requ
     positions = {id(op): index for index, op in enumerate(subgraph.operators)}
     _require_delegated(packed, {positions[key]: fqn for key, fqn in rewritten.items()}, target)
     return packed
+
+
+def lowbit_conversion(module: torch.nn.Module, request: ConversionRequest, plan: QuantPlan):
+    """(module to convert, quant_config, strict) for a low-bit plan: the plan's dequantized tables, and each planned
+    linear layer as an int8 per-channel q/dq stand-in, converted in litert-torch's strict q/dq mode.
+
+    Why a stand-in: converting float linear layers lets the TFLite converter fold a preceding LayerNorm's affine
+    (gamma, beta) into the FULLY_CONNECTED weights and bias (measured on all-MiniLM-L6-v2: every q/k/v and
+    intermediate FC reads the un-scaled normalized tensor), and no plan's codes are codes of those folded weights
+    (gamma varies within a block): writing them there computed another function (cosine 0.03 against FP32). An
+    int8 constant behind a DEQUANTIZE is not folded (as int8-dynamic artifacts show); pack_lowbit then replaces
+    it with the plan's codes and drops the DEQUANTIZE."""
+    from edgeq.calibration.weights import quantize_weight_per_channel
+    from edgeq.compress.apply import apply_plan, quantizable_layers
+    from edgeq.compress.qdq import WeightForm
+    from edgeq.converters.tflite import qdq_mode
+    from edgeq.converters.tflite_lowbit_tables import dequantized_tables
+
+    modules = dict(quantizable_layers(module))
+    stand_ins = QuantPlan(plan.scheme, plan.target)
+    for fqn, layer in plan.layers.items():
+        if layer.weight is not None and layer.op == OpKind.LINEAR:
+            quant, codes = quantize_weight_per_channel(modules[fqn].weight, QDtype.INT8, axis=0)
+            stand_ins.layers[fqn] = LayerPlan(fqn, OpKind.LINEAR, quant, codes)
+    quant_config, strict = qdq_mode(request)
+    return apply_plan(dequantized_tables(module, plan), stand_ins, WeightForm.QDQ), quant_config, strict
+
+
+def _bypass_stand_ins(subgraph, uses: dict[str, list], target: str) -> dict[str, list]:
+    """Feed each planned FULLY_CONNECTED its weight constant directly and drop the stand-in's DEQUANTIZE;
+    returns FQN -> the FC operators (objects: positions change here)."""
+    consumers: dict[int, int] = {}
+    for op in subgraph.operators:
+        for index in op.inputs:
+            consumers[index] = consumers.get(index, 0) + 1
+    fc_ops: dict[str, list] = {}
+    dropped: set[int] = set()
+    for fqn, fqn_uses in uses.items():
+        for use in fqn_uses:
+            op = subgraph.operators[use.op]
+            dequantized = op.inputs[use.operand]
+            op.inputs[use.operand] = use.tensor
+            consumers[dequantized] -= 1
+            dropped.add(use.dequantize)
+            fc_ops.setdefault(fqn, []).append(op)
+    shared = [index for index in dropped if consumers[subgraph.operators[index].outputs[0]] > 0]
+    if shared:
+        raise ConversionError(f"target {target}: a planned layer's weight also feeds an op other than its FULLY_CONNECTED; keep it float")
+    subgraph.operators = [op for index, op in enumerate(subgraph.operators) if index not in dropped]
+    return fc_ops
 
 
 def _packed(codes: np.ndarray, bits: int) -> np.ndarray:
