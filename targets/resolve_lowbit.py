@@ -204,9 +204,13 @@ def _footprint(module: nn.Module, plan: QuantPlan, grid: Grid, runtime: str) -> 
     containers = sorted({layer.container_bits for layer in quantized if layer.container_bits > layer.code_width})
     codes = f"codes in {'/'.join(map(str, containers))}-bit containers" if containers else "codes"
     # the runtime's scale type where it is wider than the grid's (ONNX MatMulNBits holds float32: A's dtype)
-    scales = sum(plan.layers[layer.name].weight.scale.size for layer in quantized if plan.layers[layer.name].weight is not None)
-    width = sum(layer.scale_bits for layer in quantized) / scales if scales else None
-    held = f" held as float{width:g}" if width and width != SCALE_DTYPES[grid.scale_dtype][0].itemsize * 8 else ""
+    widths = sorted({
+        round(layer.scale_bits / plan.layers[layer.name].weight.scale.size) for layer in quantized
+        if plan.layers[layer.name].weight is not None and plan.layers[layer.name].weight.scale.size
+    })  # per layer: the scale bits it stores per scale (zero points, where any, are counted apart)
+    held = ""
+    if widths and widths != [SCALE_DTYPES[grid.scale_dtype][0].itemsize * 8]:
+        held = " held as " + "/".join(f"float{w}" for w in widths)
     total = sum(p.numel() for name, p in module.named_parameters() if name.endswith("weight"))
     return (
         f"{bits / max(elements, 1):.2f} bits per weight on the {len(quantized)} quantized layers ({codes}, "
