@@ -76,7 +76,7 @@ class OnnxConverter(Converter):
         if lowbit:
             from edgeq.converters.onnx_lowbit import lower_lowbit
 
-            notes += lower_lowbit(proto, lowbit, request.precision, profile.id, model)
+            notes += lower_lowbit(proto, lowbit, request.precision, profile.id, model, profile)
         if request.precision == Precision.INT8_DYNAMIC:
             from edgeq.converters.onnx_dynamic import rewrite_dynamic_matmuls
 

@@ -65,7 +65,11 @@ DTYPE_KEY = "edgeq.weight_dtype"
 PACKED, SCALE, ZERO = ".weight.packed", ".weight.scale", ".weight.zero_point"
 
 
-def accuracy_level(precision: Precision) -> int:
+def accuracy_level(precision: Precision, profile=None) -> int:
+    """The level `precision` deploys with: the profile's `dynamic_accuracy_level` for int4-dynamic (where it
+    states one), else ACCURACY_LEVEL; float-activation schemes at 1."""
+    if precision in ACCURACY_LEVEL and profile is not None and profile.quantization.dynamic_accuracy_level is not None:
+        return profile.quantization.dynamic_accuracy_level
     return ACCURACY_LEVEL.get(precision, FLOAT_ACCURACY_LEVEL)
 
 
@@ -174,13 +178,13 @@ def split_plan(plan: QuantPlan | None) -> tuple[dict[str, LayerPlan], QuantPlan]
     return lowbit, rest
 
 
-def lower_lowbit(proto, layers: dict[str, LayerPlan], precision: Precision, target: str, model=None) -> list[str]:
+def lower_lowbit(proto, layers: dict[str, LayerPlan], precision: Precision, target: str, model=None, profile=None) -> list[str]:
     """Rewrite the exported graph's planned layers into MatMulNBits (tables: GatherBlockQuantized); refuses (ConversionError) a layer that is
     in the graph but could not be rewritten, rather than ship it float. Returns the artifact's notes (with
     `model`, a LoadedModel, and a level above 1: the kernel's error apart from the weights', on its example)."""
     from edgeq.converters.onnx_lowbit_gather import is_table, rewrite_gathers
 
-    level = accuracy_level(precision)
+    level = accuracy_level(precision, profile)
     tables = {fqn: layer for fqn, layer in layers.items() if is_table(layer)}
     gathered = rewrite_gathers(proto, tables, (PACKED, SCALE, ZERO), DTYPE_KEY, DOMAIN) if tables else []
     linears = {fqn: layer for fqn, layer in layers.items() if fqn not in tables}

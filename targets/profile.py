@@ -62,6 +62,9 @@ class QuantCapabilities:
     # The precision of low-bit (int2-int4) weight scales where it differs from scale_dtype (LiteRT: blockwise
     # scales are FLOAT16 that XNNPACK rounds to bfloat16); None: scale_dtype. Low-bit grids round to it.
     lowbit_scale_dtype: str | None = None
+    # ONNX Runtime's MatMulNBits accuracy_level the int4-dynamic scheme deploys with (0-4; 4 = int8 activations per
+    # block). Float-activation low-bit schemes always deploy at 1 (fp32 math). None: not an ONNX low-bit target.
+    dynamic_accuracy_level: int | None = None
 
 
 # Per-runtime settings a profile may state, with their types; anything else is refused.
@@ -93,6 +96,7 @@ _QUANT_KEYS = {
     "ops": list,
     "scale_dtype": str,
     "lowbit_scale_dtype": str,
+    "dynamic_accuracy_level": int,
 }
 _QUANT_VALUES = {
     "weight_dtypes": {"int2", "int3", "int4", "uint2", "uint3", "uint4", "int8", "uint8", "lut2", "lut3", "lut4", "lut6", "lut8"},
@@ -203,6 +207,9 @@ def _parse_quantization(table: dict, fail) -> QuantCapabilities:
         raise fail("quantization.scale_dtype", f"{table['scale_dtype']!r} is not one of float16, float32")
     if table.get("lowbit_scale_dtype", "float32") not in ("float32", "float16", "bfloat16"):
         raise fail("quantization.lowbit_scale_dtype", f"{table['lowbit_scale_dtype']!r} is not one of bfloat16, float16, float32")
+    level = table.get("dynamic_accuracy_level")
+    if level is not None and (isinstance(level, bool) or level not in range(5)):
+        raise fail("quantization.dynamic_accuracy_level", f"{level!r} is not an ORT accuracy_level (0, 1, 2, 3 or 4)")
     sizes = table.get("group_sizes", [])
     if any(not isinstance(size, int) or size <= 0 for size in sizes):
         raise fail("quantization.group_sizes", "group sizes are positive integers")
@@ -219,6 +226,7 @@ def _parse_quantization(table: dict, fail) -> QuantCapabilities:
         ops=tuple(table.get("ops", [])),
         scale_dtype=table.get("scale_dtype", "float32"),
         lowbit_scale_dtype=table.get("lowbit_scale_dtype"),
+        dynamic_accuracy_level=level,
     )
 
 

@@ -98,8 +98,23 @@ def test_quantized_schemes_need_quantization_capabilities(tmp_path):
         ("[quantization]\nweight_dtypes = ['int5']\n", "'int5' is not one of"),
         ("[quantization]\nweight_dtypes = ['int8']\ngroup_sizes = [32]\n", "need per_group"),
         ("[quantization]\nweight_granularity = ['per_row']\n", "'per_row' is not one of"),
+        ("[quantization]\ndynamic_accuracy_level = 7\n", "not an ORT accuracy_level"),
+        ("[quantization]\ndynamic_accuracy_level = true\n", "not an ORT accuracy_level"),
     ],
 )
 def test_quantization_table_is_strict(tmp_path, extra, message):
     with pytest.raises(UsageError, match=message):
         load_profile(_write(tmp_path, extra))
+
+
+def test_onnx_profiles_state_the_accuracy_level_int4_dynamic_deploys_with(tmp_path):
+    from edgeq.converters.onnx_lowbit import accuracy_level
+    from edgeq.targets import Precision
+
+    for target in ("onnx", "onnx-x86-avx2", "onnx-arm64"):
+        profile = load_profile(target)
+        assert profile.quantization.dynamic_accuracy_level == 4
+        assert accuracy_level(Precision.INT4_DYNAMIC, profile) == 4 and accuracy_level(Precision.INT4_WEIGHT, profile) == 1
+    text = (PROFILE_DIR / "onnx.toml").read_text().replace("dynamic_accuracy_level = 4", "dynamic_accuracy_level = 2")
+    (tmp_path / "custom.toml").write_text(text.replace('id = "onnx"', 'id = "custom"'))
+    assert accuracy_level(Precision.INT4_DYNAMIC, load_profile(tmp_path / "custom.toml")) == 2
