@@ -315,29 +315,7 @@ def test_int4_weight_through_the_pipeline(tmp_path):
 # ---- embedding tables and mixed bit widths in one program ------------------------------------------------------
 
 
-class Tokens(nn.Module):
-    """Word and token-type tables looked up by inputs, position rows through a buffer, and a stack."""
-
-    def __init__(self):
-        super().__init__()
-        self.word = nn.Embedding(100, 64, padding_idx=0)
-        self.position = nn.Embedding(16, 64)
-        self.kind = nn.Embedding(2, 64)
-        self.register_buffer("positions", torch.arange(16).unsqueeze(0), persistent=False)
-        self.up = nn.Linear(64, 128)
-        self.down = nn.Linear(128, 64)
-        self.mid = nn.Linear(64, 64)
-        self.head = nn.Linear(64, 8)
-
-    def forward(self, input_ids, token_type_ids):
-        x = self.word(input_ids) + self.position(self.positions[:, : input_ids.shape[1]]) + self.kind(token_type_ids)
-        return self.head(self.mid(self.down(torch.relu(self.up(x)))))
-
-
-def tokens():
-    torch.manual_seed(0)
-    ids = torch.randint(1, 100, (1, 8))
-    return Tokens().eval(), {"input_ids": ids, "token_type_ids": ids % 2}
+from tests.converters.models import Tokens, tokens  # noqa: E402,F401  (`...test_coreml_lowbit:tokens` sources)
 
 
 def test_tables_and_mixed_bit_widths_are_the_plans(tmp_path):

@@ -367,29 +367,7 @@ def test_every_table_form_is_exact_in_gather_block_quantized(bits, group, symmet
     assert np.array_equal(got, table[ids])  # a lookup: bit-exact, not just close
 
 
-class Tokens(nn.Module):
-    """A BERT-style embedding block (word, position through a buffer of positions, token type) and a stack."""
-
-    def __init__(self):
-        super().__init__()
-        self.word = nn.Embedding(100, 64, padding_idx=0)
-        self.position = nn.Embedding(16, 64)
-        self.kind = nn.Embedding(2, 64)
-        self.register_buffer("positions", torch.arange(16).unsqueeze(0), persistent=False)
-        self.up = nn.Linear(64, 128)
-        self.down = nn.Linear(128, 64)
-        self.mid = nn.Linear(64, 64)
-        self.head = nn.Linear(64, 8)
-
-    def forward(self, input_ids, token_type_ids):
-        x = self.word(input_ids) + self.position(self.positions[:, : input_ids.shape[1]]) + self.kind(token_type_ids)
-        return self.head(self.mid(self.down(torch.relu(self.up(x)))))
-
-
-def tokens():
-    torch.manual_seed(0)
-    ids = torch.randint(1, 100, (1, 8))
-    return Tokens().eval(), {"input_ids": ids, "token_type_ids": (ids % 2)}
+from tests.converters.models import Tokens, tokens  # noqa: E402,F401  (`...test_onnx_lowbit:tokens` sources)
 
 
 def mixed_layers(model) -> list[LayerPlan]:
