@@ -89,6 +89,25 @@ def build(model, configs, out: Path, calibration: int, algorithm: str | None) ->
     return outcomes
 
 
+def reused(out: Path) -> dict[str, object]:
+    """label -> a stand-in Outcome (target, path, plan notes, the pipeline's drift) for each bundle in `out`."""
+    import json
+    from types import SimpleNamespace
+
+    outcomes = {}
+    for manifest in sorted(out.glob("*/minilm/*/*/manifest.json")):
+        bundle = manifest.parent
+        label = bundle.parents[2].name.replace("_", " ")
+        report = json.loads((bundle / "report.json").read_text())
+        first = (report["validation"].get("outputs") or [{}])[0]
+        outcomes[label] = SimpleNamespace(
+            target=bundle.parent.name, path=bundle, plan_notes=(report.get("plan") or {}).get("notes", []),
+            report=SimpleNamespace(cosine=first.get("cosine", float("nan"))),
+        )
+    fp32 = {label: o for label, o in outcomes.items() if label.endswith("fp32")}
+    return fp32 | {label: o for label, o in outcomes.items() if label not in fp32}
+
+
 def artifact(outcome) -> tuple[Path, str, dict]:
     from edgeq.targets import load_profile
     from edgeq.validate.check import runner_settings
@@ -135,6 +154,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="latency rounds")
     parser.add_argument("--single-token", action="store_true", help="also time sequence-1 artifacts")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true", help="evaluate the bundles already in --out instead of converting")
     args = parser.parse_args()
     if not (STSB_DIR / "sts-dev.csv").is_file():
         sys.exit(f"needs the STS-B data at {STSB_DIR}")
@@ -148,7 +168,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     model = load()
-    outcomes = build(model, configs, out, args.calibration, args.algo)
+    outcomes = reused(out) if args.reuse else build(model, configs, out, args.calibration, args.algo)
 
     first, second, gold = read_pairs(STSB_DIR / "sts-dev.csv", args.pairs)
     samples = tokenize(first + second, model.inputs, model.tokenizer)
