@@ -132,6 +132,8 @@ def load_huggingface(folder: Path, task: str | None, declared: list[TensorSpec],
                     f"--input {spec}: every text input needs the same sequence length ({length} from {declared_text[0].name})"
                 )
             tensor = encoded[name] if name in encoded else torch.zeros((1, length), dtype=torch.int64)
+            # a length shorter than the tokenizer's special tokens (1 or 2) is not truncated by it: cut it here
+            tensor = tensor[:, :length]
             specs.append(spec)
             examples.append(tensor.to(torch_dtype(spec.dtype)).expand(spec.shape).contiguous())
     else:

@@ -280,6 +280,17 @@ def keyword_inputs(model: LoadedModel) -> dict[str, torch.Tensor]:
     return dict(zip(model.input_names, model.example_inputs))
 
 
+@pytest.mark.parametrize("length", [1, 2])
+def test_a_sequence_shorter_than_the_special_tokens_loads(bert_folder, length):
+    """--input input_ids:1x1 (one-token latency): the tokenizer keeps [CLS] ... [SEP]; the example is cut to fit."""
+    folder, _ = bert_folder
+    specs = [parse_input_spec(f"{name}:1x{length}:int64") for name in TEXT_INPUTS]
+    model = load_model(str(folder), task="feature-extraction", inputs=specs)
+    assert signature_of(model) == [(name, (1, length), "int64") for name in TEXT_INPUTS]
+    assert model.example_inputs[0][0, 0].item() == VOCAB.index("[CLS]")
+    assert_matches_examples(model)
+
+
 def test_huggingface_feature_extraction(bert_folder):
     folder, original = bert_folder
 
