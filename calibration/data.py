@@ -251,12 +251,14 @@ def tokenize(texts: list[str], inputs: list[TensorSpec], tokenizer) -> list[Samp
     """Tokenize each text to the model's input shapes (padded/truncated to the sequence length)."""
     by_name = {spec.name: spec for spec in inputs}
     length = by_name["input_ids"].shape[-1]
-    encoded = tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="np")
+    # lists, not arrays: a length shorter than the special tokens (1 for one-token latency) is not truncated by
+    # the tokenizer and rows can come back longer than asked; each row is cut to the length here
+    encoded = tokenizer(texts, padding="max_length", max_length=length, truncation=True)
     samples = []
     for i in range(len(texts)):
         sample = {}
         for spec in inputs:
-            values = encoded[spec.name][i] if spec.name in encoded else np.zeros(spec.shape[-1:], dtype=np.int64)
+            values = np.asarray(encoded[spec.name][i])[:length] if spec.name in encoded else np.zeros(spec.shape[-1:], dtype=np.int64)
             sample[spec.name] = np.broadcast_to(values, spec.shape).astype(spec.dtype)
         samples.append(sample)
     return samples

@@ -289,6 +289,10 @@ def test_a_sequence_shorter_than_the_special_tokens_loads(bert_folder, length):
     assert signature_of(model) == [(name, (1, length), "int64") for name in TEXT_INPUTS]
     assert model.example_inputs[0][0, 0].item() == VOCAB.index("[CLS]")
     assert_matches_examples(model)
+    from edgeq.calibration.data import tokenize
+
+    samples = tokenize(["a sentence much longer than one token", "x"], model.inputs, model.tokenizer)
+    assert [s["input_ids"].shape for s in samples] == [(1, length)] * 2 and samples[0]["input_ids"][0, 0] == VOCAB.index("[CLS]")
 
 
 def test_huggingface_feature_extraction(bert_folder):
