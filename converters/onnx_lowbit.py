@@ -325,10 +325,9 @@ def rewrite_matmul_nbits(proto, layers: dict[str, LayerPlan], level: int) -> tup
 
     graph = proto.graph
     tensors = onnx_tensors(graph)
-    by_weight: dict[tuple, list[str]] = {}
-    for fqn, layer in layers.items():
-        weight = layer.weight.dequantize(layer.weight_codes)
-        by_weight.setdefault((weight.shape, weight.tobytes()), []).append(fqn)
+    from edgeq.converters.onnx_lowbit_gather import by_dequantized_value
+
+    by_weight = by_dequantized_value(layers)
     scoped = {s for s in (_scope(node) for node in graph.node) if s}
 
     def owner(node) -> str | None:

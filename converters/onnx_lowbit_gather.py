@@ -105,10 +105,7 @@ def rewrite_gathers(proto, tables: dict[str, LayerPlan], suffixes: tuple[str, st
 
     graph = proto.graph
     tensors = onnx_tensors(graph)
-    by_value: dict[tuple, list[str]] = {}
-    for fqn, layer in tables.items():
-        table = layer.weight.dequantize(layer.weight_codes)
-        by_value.setdefault((table.shape, table.tobytes()), []).append(fqn)
+    by_value = by_dequantized_value(tables)
     cache: dict[str, tuple] = {}  # data tensor name -> the FQN it is (None: not a table)
     rewritten, nodes, initializers = [], [], []
     for node in graph.node:
@@ -170,4 +167,14 @@ def read_gathers(graph, tensors: dict, suffix: str, dtype_key: str) -> dict[str,
         if scale.shape[1] == 1 and attrs["block_size"] >= codes.shape[1]:  # one block a row: per row
             scale, zero = scale[:, 0], zero[:, 0]
         found[node.input[0].removesuffix(suffix).removeprefix("inner.")] = (codes, scale, zero)
+    return found
+
+
+def by_dequantized_value(layers: dict) -> dict[tuple, list[str]]:
+    """(shape, bytes) of each layer's dequantized plan weight -> the FQNs holding it: how the rewrites find the
+    exporter's constants (it wrote exactly these floats), bit for bit."""
+    found: dict[tuple, list[str]] = {}
+    for fqn, layer in layers.items():
+        values = layer.weight.dequantize(layer.weight_codes)
+        found.setdefault((values.shape, values.tobytes()), []).append(fqn)
     return found
