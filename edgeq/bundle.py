@@ -210,13 +210,22 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+TOKEN_MASK_PREFIX = "token_mask/"  # golden.npz: token_mask/<output> = the input whose 0/1 values mark its real positions
+
+
 def write_golden(path: Path, inputs: list[dict], outputs: list[dict]) -> None:
-    """golden.npz: `input/<name>` and `output/<name>` arrays with a leading sample axis (FP32 PyTorch outputs)."""
+    """golden.npz: `input/<name>` and `output/<name>` arrays with a leading sample axis (FP32 PyTorch outputs),
+    and `token_mask/<output>` (a string: the mask input's name) for each token output, so a device compares
+    those on the real positions as convert did (edgeq.validate.token_mask), with numpy alone."""
+    from edgeq.validate.token_mask import token_outputs
+
     arrays = {}
     for name in inputs[0]:
         arrays[f"input/{name}"] = np.stack([sample[name] for sample in inputs])
     for name in outputs[0]:
         arrays[f"output/{name}"] = np.stack([sample[name] for sample in outputs]).astype(np.float32)
+    for name, mask_input in token_outputs(inputs, outputs, list(outputs[0])).items():
+        arrays[f"{TOKEN_MASK_PREFIX}{name}"] = np.array(mask_input)
     with open(path, "wb") as handle:
         np.savez(handle, **arrays)
 
@@ -232,6 +241,13 @@ def read_golden(path: Path) -> tuple[list[dict], list[dict]]:
         [{n: a[i] for n, a in inputs.items()} for i in range(count)],
         [{n: a[i] for n, a in outputs.items()} for i in range(count)],
     )
+
+
+def read_golden_token_outputs(path: Path) -> dict[str, str]:
+    """The token outputs a golden.npz records (output -> mask input). A golden file written before edgeq
+    recorded them has none: its outputs are compared at every position, as its budget was held then."""
+    with np.load(path, allow_pickle=False) as archive:
+        return {k.removeprefix(TOKEN_MASK_PREFIX): str(archive[k]) for k in archive.files if k.startswith(TOKEN_MASK_PREFIX)}
 
 
 def size_bytes(path: Path) -> int:

@@ -27,6 +27,7 @@ from edgeq.compress.apply import user_fqn
 from edgeq.load import LoadedModel
 from edgeq.validate.layer_drift import LayerDrift, LayerReport, local_sqnr_db, mean_cosine, pooled_sqnr_db
 from edgeq.validate.layer_taps import Tensor
+from edgeq.validate.token_mask import MASK_INPUT, binary_mask, is_token_shape
 
 LAYER_SAMPLES = 8  # the first validation samples: enough for stable per-layer SQNR, cheap on big models
 MODEL_INPUT = "<input>:"  # producer prefix of a model input, followed by its name
@@ -222,7 +223,11 @@ def localize(model: LoadedModel, artifact: Path, runtime: str, settings: dict, s
     report = LayerReport("FP32 PyTorch", executor, len(samples), notes=notes)
     masks = _token_masks(model, samples)
     if masks is not None:
-        report.notes.append("token positions that attention_mask excludes (padding) are left out of every layer's figures")
+        real, total = sum(int(m.sum()) for m in masks), sum(m.size for m in masks)
+        report.notes.append(
+            f"token tensors ([batch, seq, ...]) are compared on the {real} of {total} token positions attention_mask "
+            "marks real, as the model's outputs are; padding is left out of every layer's figures"
+        )
     runtime_values: dict[str, list[np.ndarray]] = {}
     grouped = set()
     for name in traced.order:
@@ -264,18 +269,22 @@ def localize(model: LoadedModel, artifact: Path, runtime: str, settings: dict, s
 
 
 def _token_masks(model: LoadedModel, samples: list[dict]) -> list[np.ndarray] | None:
-    """Per sample, the token positions a text model attends to: padding positions hold values no output
-    depends on (pooling and attention mask them), which drift freely and would swamp every layer's figures."""
-    if "attention_mask" not in model.input_names:
+    """Per sample, the token positions a text model attends to ([batch, seq] booleans from its 0/1
+    attention_mask): padding positions hold values no output depends on (pooling and attention mask them),
+    which drift freely and would swamp every layer's figures. The rule is the model outputs' own
+    (edgeq.validate.token_mask): None without a binary attention_mask input."""
+    if MASK_INPUT not in model.input_names:
         return None
-    return [np.asarray(sample["attention_mask"]).reshape(-1) != 0 for sample in samples]
+    masks = [binary_mask(sample[MASK_INPUT]) for sample in samples]
+    return None if any(m is None for m in masks) else masks
 
 
 def _valid(arrays: list[np.ndarray], masks: list[np.ndarray] | None) -> list[np.ndarray]:
-    """The arrays restricted to attended token positions, for tensors laid out (batch, tokens, ...)."""
+    """The arrays restricted to real token positions, for tensors laid out [batch, seq, ...] like the mask
+    (validate.token_mask.is_token_shape); other tensors (attention scores [batch, heads, seq, seq]) whole."""
     if masks is None:
         return arrays
-    return [a[:, m] if a.ndim >= 2 and a.shape[1] == m.size else a for a, m in zip(arrays, masks)]
+    return [a[m] if is_token_shape(a.shape, m.shape) else a for a, m in zip(arrays, masks)]
 
 
 def _source(traced: Trace, name: str, runtime_values: dict) -> str | None:

@@ -78,7 +78,7 @@ def compare_with_fp32(fp32_artifact, run: ArtifactRun, output_names: list[str]) 
         reason = f"no FP32 artifact outputs to compare with: {fp32.reason}"
         return QuantizationDrift(DriftReport(Status.ERROR, run.report.executor, reason=reason), fp32)
     try:
-        report = compare(fp32.outputs, run.outputs, output_names, run.report.executor)
+        report = compare(fp32.outputs, run.outputs, output_names, run.report.executor, run.masks)
     except ValueError as exc:
         report = DriftReport(Status.ERROR, run.report.executor, reason=f"against the FP32 artifact: {exc}")
     ratio = None

@@ -54,6 +54,13 @@ def drift_rows(table: Table, prefix: list[str], report, tail: list[str], extra=N
         )
 
 
+def token_lines(report) -> list[str]:
+    """Per token output: the table's figures are over the real token positions; the all-positions figures beside."""
+    if report is None:
+        return []
+    return [f"{d.name}: drift {note}" for d in report.outputs if (note := d.positions_note())]
+
+
 def _against_fp32_artifact(quantization):
     """Cells for one output: cosine and SQNR dB of the quantized artifact against the FP32 artifact."""
 
@@ -134,6 +141,8 @@ def print_outcomes(outcomes) -> None:
         where = f"{outcome.target} {outcome.precision}"
         if outcome.path:
             console.print(f"  {where}: {outcome.path}")
+        for line in token_lines(outcome.report):
+            console.print(f"  {where}: {line}", markup=False)
         if outcome.quantization is not None:
             for line in _fp32_lines(outcome):
                 console.print(f"  {where}: {line}", markup=False)
@@ -188,6 +197,8 @@ def print_bundle_check(result) -> None:
     drift_rows(table, [], result.report, [f"[{_STYLE[result.verdict.value]}]{result.verdict.value}[/]"])
     console.print(table)
     console.print(f"  executed by: {result.report.executor}; budget: {result.budget or 'none'}")
+    for line in token_lines(result.report):
+        console.print(f"  {line}", markup=False)
     if result.report.reason:
         console.print(f"  {result.report.reason}", markup=False)
     for line in result.violations:

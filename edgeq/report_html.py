@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from edgeq.errors import SourceError
+from edgeq.validate.drift import positions_note
 
 VERDICTS = ("passed", "not_validated", "over_budget", "validation_failed", "conversion_failed")
 _VERDICT_TEXT = {
@@ -451,8 +452,10 @@ def _drift(reports: list[dict]) -> str:
         for o in outputs_of(r):
             name = f"{_name(r)} · {o.get('name', '?')}"
             bars.append((name, o.get("sqnr_db"), _BAR.get(verdict, "#4a5568"), f"{name}: SQNR {fmt(o.get('sqnr_db'))} dB, cosine {fmt(o.get('cosine'), 7)}"))
+            note = positions_note(o)  # a token output: figures over its real positions, all positions beside
             rows.append([
-                e(target_of(r)), e(r.get("precision", "?")), e(o.get("name", "?")),
+                e(target_of(r)), e(r.get("precision", "?")),
+                e(o.get("name", "?")) + (f'<br><span class="dim">{e(note)}</span>' if note else ""),
                 _num_cell(o.get("cosine"), 7), _num_cell(o.get("cosine_min"), 7), _num_cell(o.get("sqnr_db"), 4),
                 _num_cell(o.get("max_abs"), 3), _num_cell(o.get("rel_l2"), 3), _num_cell(o.get("top1"), 3), _num_cell(o.get("top5"), 3),
             ])
@@ -467,7 +470,9 @@ def _drift(reports: list[dict]) -> str:
     return (
         '<section id="drift"><h2>Drift per output</h2>'
         "<p>Each artifact's outputs against FP32 PyTorch on the validation samples: cosine is the mean over samples, "
-        "cosine min the worst sample; top-1/top-5 agreement only for outputs named logits.</p>"
+        "cosine min the worst sample; top-1/top-5 agreement only for outputs named logits. Token outputs ([batch, seq, ...]) "
+        "are compared on the positions attention_mask marks real; their figures over every position, padding included, "
+        "are given beside.</p>"
         f'<figure>{plot}<figcaption>SQNR per artifact and output; hover a bar for its figures.</figcaption></figure>'
         + _table("Drift of every output against FP32 PyTorch", head, rows, numeric=range(3, 10))
         + "</section>"

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 
-from edgeq.report_html import fmt, fmt_size, get, layers_of, model_of, number, size_ratio, sort_reports, target_of, verdict_of, worst
+from edgeq.report_html import fmt, fmt_size, get, layers_of, model_of, number, outputs_of, size_ratio, sort_reports, target_of, verdict_of, worst
 from edgeq.report_storage import accuracy_level_text, bits_per_weight, layer_bits
+from edgeq.validate.drift import positions_note
 
 _ICON = {"passed": "✅", "not_validated": "⚠️", "over_budget": "❌", "validation_failed": "❌", "conversion_failed": "❌"}
 TOP_LAYERS = 3
@@ -101,10 +102,12 @@ def render_markdown(reports: list[dict]) -> str:
     details = []
     for r in reports:
         problems, top, level = _problems(r), _top_layers(r), accuracy_level_text(r)
-        if not problems and not top and not level:
+        tokens = [f"`{cell(o.get('name'))}`: drift {cell(note)}" for o in outputs_of(r) if (note := positions_note(o))]
+        if not problems and not top and not level and not tokens:
             continue
         details.append(f"**{cell(target_of(r))} {cell(r.get('precision', '?'))}**")
         details.extend(f"- {cell(p)}" for p in problems)
+        details.extend(f"- {line}" for line in tokens)
         if level:
             details.append(f"- {cell(level)}")
         if top:

@@ -59,7 +59,8 @@ class Budget:
         return ",".join(str(b) for b in self.bounds)
 
     def violations(self, report: DriftReport) -> list[str]:
-        """Every bound that an output breaks, as readable lines; empty when the report is within budget."""
+        """Every bound that an output breaks, as readable lines; empty when the report is within budget.
+        Token outputs are held on their real positions (the figures a DriftReport gives first), never padding."""
         lines = []
         for output in report.outputs:
             for bound in self.bounds:
@@ -67,8 +68,16 @@ class Budget:
                 if value is None:
                     continue  # e.g. top1 on a non-logits output
                 if not _OPS[bound.op](value, bound.limit):
-                    lines.append(f"output {output.name!r}: {bound.metric} {value:.6g} breaks {bound}")
+                    where = _positions(output)
+                    lines.append(f"output {output.name!r}: {bound.metric} {value:.6g} breaks {bound}{where}")
         return lines
+
+
+def _positions(output) -> str:
+    """For a token output, which positions the figure is over (budgets hold token outputs on real tokens)."""
+    if output.positions is None:
+        return ""
+    return f" (on the {output.positions} of {output.positions_total} token positions {output.mask_input} marks real)"
 
 
 def parse_budget(text: str | None, require_terms: bool = False) -> Budget:

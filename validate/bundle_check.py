@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeq.bundle import read_golden
+from edgeq.bundle import read_golden, read_golden_token_outputs
 from edgeq.errors import SourceError, UsageError
 from edgeq.hashing import sha256_path
 from edgeq.validate.budget import Budget, BudgetSyntaxError, parse_budget
@@ -136,11 +136,13 @@ def run_bundle(files: BundleFiles, budget: Budget, timing: Timing | None = None)
     A runtime that is not installed raises ValidationError (exit 5), as in `edgeq convert`.
     """
     inputs, references = read_golden(files.golden)
+    token_outputs = read_golden_token_outputs(files.golden)  # as convert compared them; none in older bundles
     limits = {} if timing is None else {"warmup": timing.warmup}
     if timing is not None and timing.runs is not None:
         limits.update(min_runs=timing.runs, max_runs=timing.runs)
     # One session for the drift check and the timing: loading is not timed, and the artifact loads once.
-    run = run_artifact(files.artifact, files.runtime, files.settings, inputs, references, files.outputs, timed=timing is not None, **limits)
+    run = run_artifact(files.artifact, files.runtime, files.settings, inputs, references, files.outputs, timed=timing is not None,
+                       token_outputs=token_outputs, **limits)
     report = run.report
     violations = budget.violations(report) if report.status == Status.VALIDATED else []
     check = BundleCheck(

@@ -12,6 +12,7 @@ from edgeq.errors import ValidationError
 from edgeq.validate.drift import DriftReport, Status, compare
 from edgeq.validate.latency import Latency, measure_runner
 from edgeq.validate.runners import IOSpec, NotExecutable, RunnerError, open_runner
+from edgeq.validate.token_mask import TokenMask, token_masks
 
 
 @dataclass
@@ -24,6 +25,7 @@ class ArtifactRun:
     latency: Latency | None = None
     latency_reason: str | None = None  # why latency is None
     seconds: float = 0.0  # wall time of running and comparing the inputs (not of the timing runs)
+    masks: dict[str, TokenMask] | None = None  # the token outputs' real positions the comparison used
 
 
 def run_artifact(
@@ -34,10 +36,14 @@ def run_artifact(
     references: list[dict[str, np.ndarray]],
     output_names: list[str],
     timed: bool = True,
+    token_outputs: dict[str, str] | None = None,
     **limits,
 ) -> ArtifactRun:
     """Execute `path` on every input and compare with `references`; then, if `timed`, time it on the first input
     in the same session (`limits`: warm-up and run counts, as for `latency.measure`).
+
+    Token outputs are compared on the positions their attention mask marks real (validate.token_mask):
+    `token_outputs` (output -> mask input, as a golden file records them) names them; None decides from shapes.
 
     A machine that cannot run the runtime at all gives status not_executed (honest, not a pass); a
     runtime that fails on the artifact gives status error with the runtime's message.
@@ -54,14 +60,15 @@ def run_artifact(
         return _failed(DriftReport(Status.ERROR, executor=runner.executor, reason=reason), runner.inputs)
     start = time.perf_counter()
     try:
+        masks = token_masks(inputs, references, output_names, token_outputs)
         candidates = [runner.run(sample) for sample in inputs]
-        report = compare(references, candidates, output_names, runner.executor)
+        report = compare(references, candidates, output_names, runner.executor, masks)
     except NotExecutable as exc:
         return _failed(DriftReport(Status.NOT_EXECUTED, executor="none", reason=str(exc)), runner.inputs)
     except (RunnerError, ValueError) as exc:
         return _failed(DriftReport(Status.ERROR, executor=runner.executor, reason=str(exc)), runner.inputs)
     seconds = time.perf_counter() - start
-    run = ArtifactRun(report, runner.inputs, candidates, latency_reason=runner.untimed or "not timed", seconds=seconds)
+    run = ArtifactRun(report, runner.inputs, candidates, latency_reason=runner.untimed or "not timed", seconds=seconds, masks=masks)
     if timed and inputs and runner.untimed is None:
         try:
             run.latency, run.latency_reason = measure_runner(runner, inputs[0], **limits), None
@@ -121,7 +128,7 @@ def run_accuracy_levels(path: Path, runtime: str, settings: dict, inputs, refere
     at_float = run_artifact(path, runtime, {**settings, "accuracy_level": FLOAT_ACCURACY_LEVEL}, inputs, references, output_names, timed=False)
     if at_float.report.status != Status.VALIDATED:
         return AccuracyLevels(levels, weight=at_float.report, reason=f"the level-1 run failed: {at_float.report.reason}")
-    kernel = compare(at_float.outputs, deployed.outputs, output_names, f"{deployed.report.executor} against level {FLOAT_ACCURACY_LEVEL}")
+    kernel = compare(at_float.outputs, deployed.outputs, output_names, f"{deployed.report.executor} against level {FLOAT_ACCURACY_LEVEL}", deployed.masks)
     return AccuracyLevels(levels, weight=at_float.report, kernel=kernel)
 
 

@@ -55,6 +55,7 @@ def _testsuite(suite: Suite) -> ET.Element:
             ET.SubElement(case, "system-out").text = (
                 f"cosine {output.cosine:.7f} (min {output.cosine_min:.7f}), SQNR {output.sqnr_db:.2f} dB, "
                 f"max abs {output.max_abs:.3g}; executor {report.executor}; {report.samples} samples"
+                + (f"; {note}" if (note := output.positions_note()) else "")
             )
             cases.append(case)
     else:

@@ -34,6 +34,10 @@ def bundle_lines(run: BundleRun) -> list[str]:
         widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
         for row in (header, *rows):
             lines.append("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    for drift in report.outputs:
+        note = drift.positions_note()
+        if note:
+            lines.append(f"  {drift.name}: drift {note}")
     if report.reason:
         lines.append(f"  {report.reason}")
     for line in check.violations:
