@@ -29,6 +29,7 @@ from edgeq.compress.apply import user_fqn
 from edgeq.plan import LayerPlan, QuantPlan
 from edgeq.validate.budget import Budget
 from edgeq.validate.drift import DriftReport, compare
+from edgeq.validate.token_mask import token_masks
 
 
 def is_lowbit(layer: LayerPlan) -> bool:
@@ -151,11 +152,12 @@ def lowbit_fallback(
     quantized = [fqn for fqn, layer in plan.layers.items() if not layer.is_float]
     simulation = Simulation(module, quantized)
     references = run_module(module, samples, input_names, output_names, "fallback: FP32 reference")
+    masks = token_masks(samples, references, output_names)  # judged where the artifact's budget is: real tokens
 
     def drift(entries: dict[str, LayerPlan]) -> DriftReport:
         simulation.set(entries)
         outputs = run_module(simulation.model, samples, input_names, output_names, "fallback: simulating")
-        return compare(references, outputs, output_names, "pytorch simulation")
+        return compare(references, outputs, output_names, "pytorch simulation", masks)
 
     def score(report: DriftReport) -> float:
         return float(np.mean([o.cosine for o in report.outputs]))

@@ -23,6 +23,7 @@ from edgeq.compress.qdq import WeightForm
 from edgeq.plan import LayerPlan, QDtype, QuantPlan
 from edgeq.validate.budget import Budget
 from edgeq.validate.drift import DriftReport, compare
+from edgeq.validate.token_mask import token_masks
 
 SWEEP_SAMPLES = 16  # enough to rank layers; the sweep costs 2 forward passes per layer over these
 
@@ -91,9 +92,11 @@ def sensitivity_fallback(
     samples = samples[:SWEEP_SAMPLES]
     references = run_module(module, samples, input_names, output_names, "sensitivity: FP32 reference")
     modules = dict(quantizable_layers(module))
+    masks = token_masks(samples, references, output_names)  # judged where the artifact's budget is: real tokens
 
     def drift(candidate: QuantPlan) -> DriftReport:
-        return compare(references, simulate(module, candidate, samples, input_names, output_names), output_names, "pytorch simulation")
+        outputs = simulate(module, candidate, samples, input_names, output_names)
+        return compare(references, outputs, output_names, "pytorch simulation", masks)
 
     def score(report: DriftReport) -> float:
         return float(np.mean([o.cosine for o in report.outputs]))
