@@ -19,6 +19,7 @@ plan's arrays; the plan's int8 layers, if any, take the int8 route above.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from pathlib import Path
@@ -29,6 +30,7 @@ from edgeq.compress.apply import apply_plan
 from edgeq.compress.qdq import WeightForm
 from edgeq.converters.base import Artifact, ConversionRequest, Converter, Refusal
 from edgeq.converters.coreml_lowbit import LOWBIT, LOWBIT_MIN_TARGET, WEIGHT_OPS, check_plan, pack_module, register_frontend
+from edgeq.converters.coreml_names import FEATURE_NAMES_KEY, describe, feature_names
 from edgeq.converters.failures import explain_failure
 from edgeq.converters.parity_coreml import mil_name
 from edgeq.converters.tracing import quiet, shape_notes
@@ -100,23 +102,34 @@ class CoreMLConverter(Converter):
             compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
             minimum_deployment_target=getattr(ct.target, target),
         )
-        io_names = {*model.input_names, *model.outputs}
+        # Names Core ML cannot take (`state`, `input.1`) get coremltools' own spelling; the artifact records the
+        # mapping and edgeq's Core ML runner shows the model's names to validation and bundles.
+        renamed = feature_names(model.input_names, model.outputs)
+        input_names = [renamed["inputs"].get(n, n) for n in model.input_names]
+        output_names = [renamed["outputs"].get(n, n) for n in model.outputs]
+        io_names = {*input_names, *output_names}
+        failing = _FailingNode()
         try:
-            program = torch.export.export(module, examples, strict=False)
-            try:
-                with quiet():  # coremltools draws a progress bar for every pass
-                    mlmodel = ct.convert(_named(program.run_decompositions({}), io_names), **options)
-            except Exception as exc:
-                if not _MISSING_OP.search(str(exc)):
-                    raise
-                with quiet():
-                    mlmodel = ct.convert(_named(program.run_decompositions(), io_names), **options)
-                rewrites.append(f"default-decomposition-table: {str(exc).strip().splitlines()[0][:120]}")
-        except Exception as exc:
-            raise explain_failure(profile.id, exc, module, examples) from exc
-        mlmodel = _rename_features(mlmodel, model.input_names, model.outputs)
-        mlmodel.save(str(dest))
-        make_reproducible(dest)
+            with failing:
+                program = torch.export.export(module, examples, strict=False)
+                try:
+                    with quiet():  # coremltools draws a progress bar for every pass
+                        mlmodel = ct.convert(_named(program.run_decompositions({}), io_names), **options)
+                except Exception as exc:
+                    if not _MISSING_OP.search(str(exc)):
+                        raise
+                    failing.kind = None
+                    with quiet():
+                        mlmodel = ct.convert(_named(program.run_decompositions(), io_names), **options)
+                    rewrites.append(f"default-decomposition-table: {str(exc).strip().splitlines()[0][:120]}")
+                mlmodel = _rename_features(mlmodel, input_names, output_names, renamed)
+                mlmodel.save(str(dest))
+                make_reproducible(dest)
+        except Exception as exc:  # every toolchain exception leaves as a ConversionError naming op, module, target
+            raise explain_failure(profile.id, exc, module, examples, op=failing.kind) from exc
+        for kind in ("inputs", "outputs"):
+            rewrites.extend(f"coreml-feature-name: {name} -> {core}" for name, core in renamed[kind].items())
+        notes.extend(describe(renamed))
         return Artifact(dest, self.runtime, request.precision, profile.id, self.versions(), rewrites, notes)
 
     @staticmethod
@@ -158,11 +171,39 @@ def _named(program: torch.export.ExportedProgram, io_names: set[str]) -> torch.e
     return program
 
 
-def _rename_features(mlmodel, input_names: list[str], output_names: list[str]):
-    """Give the ML program's inputs and outputs the model's names (torch.export names them args_0, ...)."""
+class _FailingNode(logging.Handler):
+    """Catches the torch op coremltools' frontend was converting when it failed: it logs
+    "ERROR - converting '<op>' op" and re-raises a message that often lacks the op (a ValueError from an op's
+    type inference), so the error can still name the op and, through it, the module."""
+
+    _PATTERN = re.compile(r"converting '([\w.]+)' op")
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.kind: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self._PATTERN.search(record.getMessage())
+        if match:
+            self.kind = match.group(1).split(".")[0]
+
+    def __enter__(self):
+        logging.getLogger("coremltools").addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info):
+        logging.getLogger("coremltools").removeHandler(self)
+        return False
+
+
+def _rename_features(mlmodel, input_names: list[str], output_names: list[str], renamed: dict):
+    """Give the ML program's inputs and outputs the model's names (torch.export names them args_0, ...), in
+    their Core ML spelling, and record the names Core ML could not take (`renamed`) in the artifact."""
     import coremltools as ct
 
     spec = mlmodel.get_spec()
+    if renamed["inputs"] or renamed["outputs"]:
+        spec.description.metadata.userDefined[FEATURE_NAMES_KEY] = json.dumps(renamed, sort_keys=True)
     current_inputs = [i.name for i in spec.description.input]
     current_outputs = [o.name for o in spec.description.output]
     changed = False
@@ -170,7 +211,7 @@ def _rename_features(mlmodel, input_names: list[str], output_names: list[str]):
         if old != new:
             ct.utils.rename_feature(spec, old, new)
             changed = True
-    if not changed:
+    if not changed and not (renamed["inputs"] or renamed["outputs"]):
         return mlmodel
     return ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir)
 

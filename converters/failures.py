@@ -41,7 +41,7 @@ def locate_op(module: torch.nn.Module, example_inputs: tuple, op: str) -> str | 
         if stack:
             path, _kind = list(stack.values())[-1]
             fqn = re.sub(r"^L\['self'\]\.?", "", str(path))
-            return re.sub(r"^inner\.", "", fqn) or None  # edgeq's FlatModel wrapper is not the user's
+            return re.sub(r"^inner(\.|$)", "", fqn) or None  # edgeq's FlatModel wrapper is not the user's
     return None
 
 
@@ -53,10 +53,13 @@ def _root_message(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def explain_failure(target: str, exc: BaseException, module: torch.nn.Module, example_inputs: tuple) -> ConversionError:
-    """A ConversionError with the op, the module FQN and the target, instead of a raw traceback."""
+def explain_failure(
+    target: str, exc: BaseException, module: torch.nn.Module, example_inputs: tuple, op: str | None = None
+) -> ConversionError:
+    """A ConversionError with the op, the module FQN and the target, instead of a raw traceback. `op`: the op
+    the toolchain was converting when it failed, where it said so apart from the message."""
     text = _root_message(exc)
-    op = find_op(text)
+    op = find_op(text) or op
     where = ""
     if op:
         fqn = locate_op(module, example_inputs, op)

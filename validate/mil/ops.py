@@ -17,8 +17,11 @@ import numpy as np
 
 from edgeq.validate.mil import ops_conv as conv
 from edgeq.validate.mil import ops_elementwise as ew
+from edgeq.validate.mil import ops_index as index
 from edgeq.validate.mil import ops_linalg as linalg
 from edgeq.validate.mil import ops_quant as quant
+from edgeq.validate.mil import ops_recurrent as recurrent
+from edgeq.validate.mil import ops_resize as resize
 from edgeq.validate.mil import ops_tensor as tensor
 from edgeq.validate.mil.args import Args, UnsupportedOp
 from edgeq.validate.mil.decompress import DECOMPRESSION_OPS
@@ -54,6 +57,13 @@ OPS = {
     "tile": tensor.tile,
     "conv": conv.conv,
     "max_pool": conv.max_pool,
+    "avg_pool": conv.avg_pool,
+    "l2_pool": conv.l2_pool,
+    "conv_transpose": conv.conv_transpose,
+    "batch_norm": linalg.batch_norm,
+    "instance_norm": linalg.instance_norm,
+    "l2_norm": linalg.l2_norm,
+    "einsum": linalg.einsum,
     "reshape": tensor.reshape,
     "transpose": tensor.transpose,
     "squeeze": tensor.squeeze,
@@ -65,6 +75,12 @@ OPS = {
     "quantize": quant.quantize,
     "dequantize": quant.dequantize,
     "constexpr_affine_dequantize": quant.constexpr_affine_dequantize,
+    **ew.MORE_ELEMENTWISE,
+    **linalg.REDUCTIONS,
+    **tensor.TENSOR_MORE,
+    **index.INDEX_OPS,
+    **resize.RESIZE_OPS,
+    **recurrent.RECURRENT_OPS,
     **DECOMPRESSION_OPS,
 }
 # compile-time ops: evaluated once when the program is loaded, as Core ML materializes them

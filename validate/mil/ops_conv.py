@@ -68,16 +68,102 @@ def conv(a: Args):
     return out
 
 
-def max_pool(a: Args):
-    x = _f(a("x"))
+def conv_transpose(a: Args):
+    """The adjoint of conv: every input pixel scatters weight[c_in, :, k] to out[i * stride + k * dilation],
+    then `pad` is cropped from each side (pad_type custom/valid) and `output_shape`, when given, is the size
+    kept from pad-before on. weight is (C_in, C_out/groups, *K)."""
+    x, weight = _f(a("x")), _f(a("weight"))
+    spatial = x.ndim - 2
+    kernel = weight.shape[2:]
+    strides = [int(s) for s in np.atleast_1d(a("strides", np.ones(spatial, np.int32)))]
+    dilations = [int(d) for d in np.atleast_1d(a("dilations", np.ones(spatial, np.int32)))]
+    groups = int(a.scalar("groups", 1))
+    pad_type = a.scalar("pad_type", "valid")
+    if pad_type == "valid":
+        pads = [(0, 0)] * spatial
+    elif pad_type == "custom":
+        pad = [int(p) for p in np.atleast_1d(a("pad", np.zeros(2 * spatial, np.int32)))]
+        pads = [(pad[2 * i], pad[2 * i + 1]) for i in range(spatial)]
+    else:  # `same` splits the extra size by a rule MIL leaves to the backend
+        raise a.unsupported(f"pad_type {pad_type!r}")
+    n, c_in = x.shape[:2]
+    per_group_in, per_group_out = c_in // groups, weight.shape[1]
+    if weight.shape[0] != c_in or c_in % groups:
+        raise MILError(f"op {a.op.name!r} (conv_transpose): weight {weight.shape} does not fit {c_in} input channels in {groups} groups")
+    full = [(size - 1) * s + (k - 1) * d + 1 for size, k, s, d in zip(x.shape[2:], kernel, strides, dilations)]
+    out = np.zeros((n, groups, per_group_out, *full), np.float32)
+    xg = x.reshape(n, groups, per_group_in, *x.shape[2:])
+    wg = weight.reshape(groups, per_group_in, per_group_out, *kernel)
+    for offset in np.ndindex(*kernel):
+        # (N, G, C_in/G, *D) x (G, C_in/G, C_out/G) -> (N, G, C_out/G, *D), placed on the strided grid
+        contribution = np.einsum("ngi...,gio->ngo...", xg, wg[(slice(None),) * 3 + offset])
+        place = tuple(slice(k * d, k * d + (size - 1) * s + 1, s) for k, d, s, size in zip(offset, dilations, strides, x.shape[2:]))
+        out[(slice(None),) * 3 + place] += contribution
+    out = out.reshape(n, groups * per_group_out, *full)
+    shape = a("output_shape")
+    sizes = [f - lo - hi for f, (lo, hi) in zip(full, pads)] if shape is None else [int(v) for v in np.atleast_1d(shape)[2:]]
+    out = out[(slice(None), slice(None)) + tuple(slice(lo, lo + size) for (lo, _), size in zip(pads, sizes))]
+    bias = a("bias")
+    if bias is not None:
+        out = out + _f(bias).reshape((1, -1) + (1,) * spatial)
+    return out
+
+
+def _pool_geometry(a: Args, x: np.ndarray):
+    """Kernel, strides, (before, after) padding and, with ceil_mode, the extra cells past the padding that the
+    last window may cover. Output sizes follow coremltools' spatial_dimensions_out_shape: with ceil_mode,
+    out = ceil((L + pads - k) / s) + 1, less one where that window would start past the input and the left
+    padding (checked only when there is padding, as coremltools does)."""
     spatial = x.ndim - 2
     kernel = [int(k) for k in np.atleast_1d(a("kernel_sizes"))]
     strides = [int(s) for s in np.atleast_1d(a("strides", np.ones(spatial, np.int32)))]
     pads = _pads(a, x.shape[2:], kernel, strides, [1] * spatial)
-    if a.scalar("ceil_mode", False):
-        raise a.unsupported("ceil_mode=True")
+    ceil = bool(a.scalar("ceil_mode", False))
+    overhang = []
+    for size, k, s, (lo, hi) in zip(x.shape[2:], kernel, strides, pads):
+        padded = size + lo + hi
+        out = (padded - k + (s - 1 if ceil else 0)) // s + 1
+        if ceil and (out - 1) * s >= size + lo and (lo > 0 or hi > 0):
+            out -= 1
+        overhang.append(max((out - 1) * s + k - padded, 0))
+    return kernel, strides, pads, overhang
+
+
+def max_pool(a: Args):
+    x = _f(a("x"))
+    spatial = x.ndim - 2
+    kernel, strides, pads, overhang = _pool_geometry(a, x)
+    pads = [(lo, hi + extra) for (lo, hi), extra in zip(pads, overhang)]  # ceil_mode's cells never win a max
     x = np.pad(x, [(0, 0), (0, 0), *pads], constant_values=-np.inf)
     windows = _windows(x, kernel, strides, [1] * spatial)
     return windows.max(axis=tuple(range(-spatial, 0)))
 
 
+def avg_pool(a: Args):
+    """Mean over each window. The divisor counts the padding unless exclude_padding_from_average; the cells
+    ceil_mode adds past the padding are never counted (PyTorch's rule, which MIL's ceil_mode follows)."""
+    x = _f(a("x"))
+    spatial = x.ndim - 2
+    kernel, strides, pads, overhang = _pool_geometry(a, x)
+    exclude = bool(a.scalar("exclude_padding_from_average", False))
+    full = [(lo, hi + extra) for (lo, hi), extra in zip(pads, overhang)]
+    counted = np.ones((1, 1, *x.shape[2:]), np.float32)  # 1 where a cell counts in the divisor
+    if exclude:
+        counted = np.pad(counted, [(0, 0), (0, 0), *full])
+    else:
+        counted = np.pad(counted, [(0, 0), (0, 0), *pads], constant_values=1.0)
+        counted = np.pad(counted, [(0, 0), (0, 0)] + [(0, extra) for extra in overhang])
+    x = np.pad(x, [(0, 0), (0, 0), *full])
+    axes = tuple(range(-spatial, 0))
+    total = _windows(x, kernel, strides, [1] * spatial).sum(axis=axes)
+    count = _windows(counted, kernel, strides, [1] * spatial).sum(axis=axes)
+    return total / count
+
+
+def l2_pool(a: Args):
+    x = _f(a("x"))
+    spatial = x.ndim - 2
+    kernel, strides, pads, overhang = _pool_geometry(a, x)
+    x = np.pad(x, [(0, 0), (0, 0)] + [(lo, hi + extra) for (lo, hi), extra in zip(pads, overhang)])
+    windows = _windows(x, kernel, strides, [1] * spatial)
+    return np.sqrt(np.sum(np.square(windows, dtype=np.float64), axis=tuple(range(-spatial, 0)))).astype(np.float32)

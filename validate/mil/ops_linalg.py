@@ -44,9 +44,10 @@ def layer_norm(a: Args):
 
 
 def _reduce(fn):
-    """reduce_* ops: `axes` (None: all), `keep_dims` (default False)."""
+    """reduce_* ops: `axes` (None: all), `keep_dims` (default False). Integer tensors stay integer."""
     def run(a: Args):
-        x = _f(a("x"))
+        x = np.asarray(a("x"))
+        x = _f(x) if x.dtype.kind == "f" else x
         axes = a.scalar("axes")
         axes = None if axes is None else tuple(int(i) for i in np.atleast_1d(axes))
         return fn(x, axis=axes, keepdims=bool(a.scalar("keep_dims", False)))
@@ -59,3 +60,86 @@ def _l2_norm(x, axis, keepdims):  # sqrt(sum(x^2)), accumulated in float64 then 
 
 reduce_mean = _reduce(np.mean)
 
+
+
+def _channel(param, x: np.ndarray) -> np.ndarray:
+    """A length-C vector placed on axis 1 of x (batch_norm, instance_norm's gamma/beta/mean/variance)."""
+    return _f(param).reshape([1, -1] + [1] * (x.ndim - 2))
+
+
+def batch_norm(a: Args):
+    x = _f(a("x"))
+    epsilon = np.float32(a.scalar("epsilon", 1e-5))
+    out = (x - _channel(a("mean"), x)) / np.sqrt(_channel(a("variance"), x) + epsilon)
+    gamma, beta = a("gamma"), a("beta")
+    if gamma is not None:
+        out = out * _channel(gamma, x)
+    return out if beta is None else out + _channel(beta, x)
+
+
+def instance_norm(a: Args):
+    """Per sample and channel over the spatial axes, biased variance (PyTorch's InstanceNorm)."""
+    x = _f(a("x"))
+    axes = tuple(range(2, x.ndim))
+    epsilon = np.float32(a.scalar("epsilon", 1e-5))
+    mean = np.mean(x, axis=axes, keepdims=True)
+    out = (x - mean) / np.sqrt(np.mean(np.square(x - mean), axis=axes, keepdims=True) + epsilon)
+    gamma, beta = a("gamma"), a("beta")
+    if gamma is not None:
+        out = out * _channel(gamma, x)
+    return out if beta is None else out + _channel(beta, x)
+
+
+def l2_norm(a: Args):
+    """x / sqrt(sum(x^2) + epsilon) over the last three axes (all of a rank-3 x), per leading index."""
+    x = _f(a("x"))
+    axes = tuple(range(max(x.ndim - 3, 0), x.ndim))
+    total = np.sum(np.square(x, dtype=np.float64), axis=axes, keepdims=True)
+    return (x / np.sqrt(total + float(a.scalar("epsilon", 1e-6)))).astype(np.float32)
+
+
+def _reduce_arg(fn):
+    """reduce_argmax/argmin: one `axis` (default -1), keep_dims; int32 indices of the first extreme."""
+    def run(a: Args):
+        x = np.asarray(a("x"))
+        axis = int(a.scalar("axis", -1))
+        out = fn(x, axis=axis)
+        if a.scalar("keep_dims", False):
+            out = np.expand_dims(out, axis)
+        return out.astype(np.int32)
+    return run
+
+
+def _log_sum_exp(x, axis, keepdims):
+    peak = np.max(x, axis=axis, keepdims=True)
+    out = np.log(np.sum(np.exp(x - peak), axis=axis, keepdims=True)) + peak
+    return out if keepdims else np.squeeze(out, axis=axis) if axis is not None else out.reshape(())
+
+
+REDUCTIONS = {
+    "reduce_max": _reduce(np.max),
+    "reduce_min": _reduce(np.min),
+    "reduce_prod": _reduce(np.prod),
+    "reduce_l1_norm": _reduce(lambda x, axis, keepdims: np.sum(np.abs(x), axis=axis, keepdims=keepdims)),
+    "reduce_sum_square": _reduce(lambda x, axis, keepdims: np.sum(np.square(x), axis=axis, keepdims=keepdims)),
+    "reduce_log_sum": _reduce(lambda x, axis, keepdims: np.log(np.sum(x, axis=axis, keepdims=keepdims))),
+    "reduce_log_sum_exp": _reduce(_log_sum_exp),
+    "reduce_argmax": _reduce_arg(np.argmax),
+    "reduce_argmin": _reduce_arg(np.argmin),
+}
+
+
+def einsum(a: Args):
+    """The two-operand equations MIL allows ("nchw,nwhu->nchu", "chw,whr->chr" and their relabellings);
+    size-1 batch axes broadcast, so each operand is broadcast to the other's size on its shared labels."""
+    x, y = (_f(v) for v in a.many("values"))
+    equation = a.scalar("equation").replace(" ", "")
+    inputs, _, output = equation.partition("->")
+    left, right = inputs.split(",")
+    sizes = {}
+    for labels, array in ((left, x), (right, y)):
+        for label, size in zip(labels, array.shape):
+            sizes[label] = max(sizes.get(label, 1), size)
+    x = np.broadcast_to(x, [sizes[c] for c in left])
+    y = np.broadcast_to(y, [sizes[c] for c in right])
+    return np.einsum(f"{left},{right}->{output}", x, y)

@@ -108,3 +108,48 @@ def _check_indices(a: Args, indices: np.ndarray, size: int) -> None:
         raise MILError(f"op {a.op.name!r} ({a.op.type}): index out of range [{-size}, {size}) for an axis of {size}")
 
 
+
+
+def reverse(a: Args):
+    x = np.asarray(a("x"))
+    axes = a.scalar("axes")
+    return np.flip(x, axis=None if axes is None else tuple(int(i) for i in np.atleast_1d(axes)))
+
+
+def stack(a: Args):
+    return np.stack([np.asarray(v) for v in a.many("values")], axis=int(a.scalar("axis")))
+
+
+def slice_by_size(a: Args):  # size -1: to the end of the axis
+    x = np.asarray(a("x"))
+    begin = [int(b) for b in np.atleast_1d(a("begin"))]
+    size = [int(s) for s in np.atleast_1d(a("size"))]
+    return x[tuple(slice(b, None if s == -1 else b + s) for b, s in zip(begin, size))]
+
+
+def flatten2d(a: Args):
+    x = np.asarray(a("x"))
+    axis = int(a.scalar("axis", 1)) % max(x.ndim, 1)
+    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+def identity(a: Args):
+    return np.asarray(a("x"))
+
+
+def reshape_like(a: Args):  # x reshaped to the concatenation of slices [begin, end) of each reference's shape
+    x = np.asarray(a("x"))
+    shape = []
+    for ref, begin, end in zip(a.many("ref_tensors"), np.atleast_1d(a("begins")), np.atleast_1d(a("ends"))):
+        shape.extend(np.asarray(ref).shape[int(begin): int(end)])
+    return x.reshape(shape)
+
+
+TENSOR_MORE = {
+    "reverse": reverse,
+    "stack": stack,
+    "slice_by_size": slice_by_size,
+    "flatten2d": flatten2d,
+    "identity": identity,
+    "reshape_like": reshape_like,
+}

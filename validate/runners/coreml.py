@@ -15,6 +15,7 @@ and its `executor` string says so.
 
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
 
@@ -23,6 +24,9 @@ import numpy as np
 from edgeq.validate.runners.base import IOSpec, NotExecutable, Runner, RunnerError
 
 _MLMULTIARRAY_TYPES = {65568: "float32", 65552: "float16", 65600: "float64", 131104: "int32"}
+# The artifact's record of features Core ML could not name as the model does (converters/coreml_names.py):
+# {"inputs": {model name: Core ML name}, "outputs": {...}} in its spec's user metadata.
+FEATURE_NAMES_KEY = "edgeq.feature_names"
 COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
 EXECUTORS = ("auto", "coreml", "reference")
 
@@ -42,15 +46,20 @@ class CoreMLRunner(Runner):
             description = ct.utils.load_spec(str(path)).description
         except Exception as exc:
             raise RunnerError(f"coremltools could not read {path}: {exc}") from exc
+        # Features Core ML could not name as the model does (`state`): the artifact records its spelling, and
+        # the runner speaks the model's names to everyone (validation, golden files, device bundles).
+        renamed = read_feature_names(description.metadata.userDefined)
+        self._input_names = {core: name for name, core in renamed["inputs"].items()}
+        self._output_names = {core: name for name, core in renamed["outputs"].items()}
         self.inputs = [
             IOSpec(
-                i.name,
+                self._input_names.get(i.name, i.name),
                 tuple(int(s) for s in i.type.multiArrayType.shape),
                 _MLMULTIARRAY_TYPES.get(i.type.multiArrayType.dataType, "float32"),
             )
             for i in description.input
         ]
-        self.outputs = [o.name for o in description.output]
+        self.outputs = [self._output_names.get(o.name, o.name) for o in description.output]
         self.model = self.reference = None
         self.reason = None  # why nothing can execute the artifact here
         self.failure = None  # why the reference executor cannot execute this artifact
@@ -91,6 +100,8 @@ class CoreMLRunner(Runner):
         if self.failure is not None:
             raise RunnerError(self.failure)
         prepared = self.prepare(feeds)
+        core_ml = {model: core for core, model in self._input_names.items()}
+        prepared = {core_ml.get(name, name): array for name, array in prepared.items()}
         if self.reference is not None:
             from edgeq.validate.mil import MILError
 
@@ -103,4 +114,12 @@ class CoreMLRunner(Runner):
                 result = self.model.predict(prepared)
             except Exception as exc:
                 raise RunnerError(f"Core ML failed to run the artifact: {exc}") from exc
+        result = {self._output_names.get(name, name): value for name, value in result.items()}
         return {name: np.asarray(result[name]) for name in self.outputs}
+
+
+def read_feature_names(metadata) -> dict[str, dict[str, str]]:
+    """The renamed features an artifact records (its spec's userDefined metadata); empty when none."""
+    raw = metadata.get(FEATURE_NAMES_KEY) if metadata is not None else None
+    recorded = json.loads(raw) if raw else {}
+    return {"inputs": dict(recorded.get("inputs", {})), "outputs": dict(recorded.get("outputs", {}))}
