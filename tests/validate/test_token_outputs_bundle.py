@@ -54,6 +54,9 @@ def test_convert_reports_token_drift_on_real_positions(bundle):
     assert 0 < real < SEQ * len(masks)  # padded batches: some positions are padding
     assert (drift["mask_input"], drift["positions"], drift["positions_total"]) == ("attention_mask", real, SEQ * len(masks))
     assert drift["unmasked"]["cosine"] != drift["cosine"]  # two figures, over different positions
+    from tests.test_report_html import SCHEMA, check_schema
+
+    assert check_schema(report, json.loads(SCHEMA.read_text())) == []
     (quant,) = report["validation"]["vs_fp32_artifact"]["outputs"]  # against the FP32 artifact: the same positions
     assert quant["positions"] == real
     notes = report["layers"]["notes"]
