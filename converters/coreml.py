@@ -29,6 +29,7 @@ import torch
 from edgeq.compress.apply import apply_plan
 from edgeq.compress.qdq import WeightForm
 from edgeq.converters.base import Artifact, ConversionRequest, Converter, Refusal
+from edgeq.converters.coreml_graph import fix_graph
 from edgeq.converters.coreml_lowbit import LOWBIT, LOWBIT_MIN_TARGET, WEIGHT_OPS, check_plan, pack_module, register_frontend
 from edgeq.converters.coreml_names import FEATURE_NAMES_KEY, describe, feature_names
 from edgeq.converters.failures import explain_failure
@@ -109,24 +110,27 @@ class CoreMLConverter(Converter):
         output_names = [renamed["outputs"].get(n, n) for n in model.outputs]
         io_names = {*input_names, *output_names}
         failing = _FailingNode()
+        fixes: list[str] = []  # exact graph fixes for the frontend (coreml_graph), of the program converted
         try:
             with failing:
                 program = torch.export.export(module, examples, strict=False)
                 try:
                     with quiet():  # coremltools draws a progress bar for every pass
-                        mlmodel = ct.convert(_named(program.run_decompositions({}), io_names), **options)
+                        mlmodel = ct.convert(_named(_fixed(program.run_decompositions({}), fixes), io_names), **options)
                 except Exception as exc:
                     if not _MISSING_OP.search(str(exc)):
                         raise
                     failing.kind = None
+                    fixes.clear()
                     with quiet():
-                        mlmodel = ct.convert(_named(program.run_decompositions(), io_names), **options)
+                        mlmodel = ct.convert(_named(_fixed(program.run_decompositions(), fixes), io_names), **options)
                     rewrites.append(f"default-decomposition-table: {str(exc).strip().splitlines()[0][:120]}")
                 mlmodel = _rename_features(mlmodel, input_names, output_names, renamed)
                 mlmodel.save(str(dest))
                 make_reproducible(dest)
         except Exception as exc:  # every toolchain exception leaves as a ConversionError naming op, module, target
             raise explain_failure(profile.id, exc, module, examples, op=failing.kind) from exc
+        rewrites.extend(fixes)
         for kind in ("inputs", "outputs"):
             rewrites.extend(f"coreml-feature-name: {name} -> {core}" for name, core in renamed[kind].items())
         notes.extend(describe(renamed))
@@ -137,6 +141,11 @@ class CoreMLConverter(Converter):
         import coremltools as ct
 
         return {"torch": torch.__version__, "coremltools": ct.__version__}
+
+
+def _fixed(program: torch.export.ExportedProgram, applied: list[str]) -> torch.export.ExportedProgram:
+    applied.extend(fix_graph(program))
+    return program
 
 
 def _named(program: torch.export.ExportedProgram, io_names: set[str]) -> torch.export.ExportedProgram:
