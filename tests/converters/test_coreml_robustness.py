@@ -71,6 +71,23 @@ def face_proposals():
     return model, {"image": torch.randn(1, 3, 25, 25)}
 
 
+class ReservedNames(nn.Module):
+    """An input and outputs named with MIL words and a non-identifier: all keep their names outside the artifact."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, tensor):
+        y = self.linear(tensor)
+        return {"state": y * 2, "fp16": torch.relu(y), "out.1": y + 1}
+
+
+def reserved_names():
+    torch.manual_seed(0)
+    return ReservedNames().eval(), {"tensor": torch.randn(1, 4)}
+
+
 class DilatedPool(nn.Module):
     """Max pooling with dilation: coremltools refuses it with a ValueError that does not name the torch op."""
 
@@ -116,6 +133,17 @@ def test_prelu_and_ceil_mode_max_pool_validate(tmp_path, precision):
     assert "MIL reference executor" in outcome.report.executor
     floor = 120.0 if precision == "fp32" else 55.0
     assert all(o.sqnr_db > floor for o in outcome.report.outputs), [(o.name, o.sqnr_db) for o in outcome.report.outputs]
+
+
+def test_reserved_output_names_keep_the_models_names(tmp_path):
+    outcome = convert_source("tests.converters.test_coreml_robustness:reserved_names", "coreml", "fp32", tmp_path)
+    assert outcome.verdict == Verdict.PASSED, outcome.error or outcome.violations
+    assert [o.name for o in outcome.report.outputs] == ["state", "fp16", "out.1"]
+    import coremltools as ct
+
+    description = ct.utils.load_spec(str(outcome.path / "model.mlpackage")).description
+    assert [i.name for i in description.input] == ["tensor_workaround"]
+    assert [o.name for o in description.output] == ["state_workaround", "fp16_workaround", "out_1"]
 
 
 def test_a_coremltools_value_error_names_op_module_and_target(tmp_path):
