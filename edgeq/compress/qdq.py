@@ -50,6 +50,20 @@ class QuantizedWeight(nn.Module):
         else:
             self.register_buffer("dequantized", torch.from_numpy(quant.dequantize(codes)))
 
+    # Model code reads its layers' weights as tensors (HF ViT: `projection.weight.dtype` to cast the pixels):
+    # answer as the float weight this one stands for.
+    @property
+    def shape(self) -> torch.Size:
+        return (self.codes if self.form == WeightForm.CODES else self.dequantized).shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scale.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.scale.device
+
     def forward(self) -> torch.Tensor:
         args = (self.scale, self.zero_point, self.axis, self.qmin, self.qmax, torch.int8)
         if self.form == WeightForm.CODES:
@@ -142,6 +156,7 @@ class QuantizedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, layer: LayerPlan, form: WeightForm, simulate_dynamic: bool = False):
         super().__init__()
         self.weight = QuantizedWeight(layer.weight, layer.weight_codes, form)
+        self.in_features, self.out_features = linear.in_features, linear.out_features  # read by model code
         self.bias = _bias(linear.bias, layer)
         self.smooth = Smooth(layer.smooth) if layer.smooth is not None else nn.Identity()
         self.input_quant = _maybe_quant(layer.activation)
@@ -157,6 +172,7 @@ class QuantizedConv(nn.Module):
     def __init__(self, conv: nn.Conv1d | nn.Conv2d, layer: LayerPlan, form: WeightForm):
         super().__init__()
         self.weight = QuantizedWeight(layer.weight, layer.weight_codes, form)
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.bias = _bias(conv.bias, layer)
         if layer.smooth is not None:
             raise ValueError(f"{layer.fqn}: SmoothQuant is applied to linear layers only")
@@ -179,6 +195,8 @@ class QuantizedEmbedding(nn.Module):
         super().__init__()
         self.weight = QuantizedWeight(layer.weight, layer.weight_codes, form)
         self.padding_idx = embedding.padding_idx
+        # Whisper's encoder sizes its positions by `embed_positions.num_embeddings`
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight(), self.padding_idx)
