@@ -119,7 +119,7 @@ class TFLiteConverter(Converter):
                 edge_model = litert_torch.convert(wrapper, sample_kwargs=sample, quant_config=quant_config)
                 flatbuffer = edge_model.model_content()
         except Exception as exc:
-            raise explain_failure(profile.id, exc, model.module, examples) from exc
+            raise explain_failure(profile.id, exc, model.module, examples, traced=wrapper) from exc
         if request.precision == Precision.FP16:
             flatbuffer = float16_weights(flatbuffer)
         if low_bit:
