@@ -91,10 +91,6 @@ class OnnxConverter(Converter):
                     "(their weights are shared or not a MatMul/Gemm); keep them float with --keep-float"
                 )
             notes.append(f"{len(rewritten)} linear layers run as dynamic int8 (DynamicQuantizeLinear + MatMulInteger)")
-        if request.precision in (Precision.INT8_WEIGHT, Precision.INT8_DYNAMIC, Precision.W8A8, Precision.W8A16):
-            from edgeq.converters.onnx_graph_shape import shape_for_ort
-
-            notes += shape_for_ort(proto, request.plan)  # gather-first tables, shared input quantization
         if request.plan is not None:
             unshare_quantization_parameters(proto.graph)
         if request.precision == Precision.FP16:
