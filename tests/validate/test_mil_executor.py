@@ -191,14 +191,15 @@ def test_unsupported_op_is_named(tmp_path):
     from edgeq.validate.check import run_artifact
     from edgeq.validate.mil import MILExecutor, UnsupportedOp
 
-    path = _mil_model(tmp_path, lambda x: mb.sin(x=mb.relu(x=x), name="the_sine"), ct.target.iOS17)
-    with pytest.raises(UnsupportedOp, match=r"MIL op 'sin' \(named 'the_sine'\) is not supported"):
+    # sliding_windows: an op no torch model edgeq converts has produced, so the executor leaves it out
+    path = _mil_model(tmp_path, lambda x: mb.sliding_windows(x=mb.relu(x=x), axis=1, size=2, name="the_sine"), ct.target.iOS17)
+    with pytest.raises(UnsupportedOp, match=r"MIL op 'sliding_windows' \(named 'the_sine'\) is not supported"):
         MILExecutor(path)
     # through the runner: coremltools reads the spec, the executor refuses the op -> status error, op named
     sample = {"x": np.ones((1, 4), np.float32)}
     run = run_artifact(path, "coreml", {}, [sample], [{"the_sine": np.sin(sample["x"])}], ["the_sine"])
     assert run.report.status == "error"
-    assert "'sin'" in run.report.reason and "the_sine" in run.report.reason
+    assert "'sliding_windows'" in run.report.reason and "the_sine" in run.report.reason
     assert run.signature[0].name == "x"
 
 
