@@ -275,9 +275,12 @@ def lower_plan(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], reque
     planned = {fqn for fqn, layer in plan.layers.items() if layer.weight is not None}
     conv1d = {fqn for fqn, layer in quantizable_layers(request.model.module) if isinstance(layer, torch.nn.Conv1d)}
     subgraph = model.subgraphs[0]  # one signature, one subgraph
-    named, unattributed = {}, []
+    named, unattributed, shared = {}, [], []
     for use in weight_uses(model, subgraph, names):
         tensor = subgraph.tensors[use.tensor]
+        if any(use.tensor == first.tensor for first in named.values()):  # one weight read by several ops (each
+            shared.append(use)  # step of an unrolled recurrence): attributed, and renamed, at its first use
+            continue
         fqn = next((scopes[s] for s in tensor_name(tensor).split(";") if s in scopes), None)
         if fqn not in planned:
             if tensor.type == INT8:
@@ -294,7 +297,8 @@ def lower_plan(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], reque
         )
     if request.precision == Precision.INT8_DYNAMIC:
         dynamic = [fqn for fqn in named if plan.layers[fqn].dynamic_activation is not None]
-        make_hybrid(model, subgraph, names, [named[fqn] for fqn in dynamic], target)
+        hybrid = {named[fqn].tensor for fqn in dynamic}
+        make_hybrid(model, subgraph, names, [named[fqn] for fqn in dynamic] + [u for u in shared if u.tensor in hybrid], target)
         notes.append(f"{len(dynamic)} linear layer(s) run TFLite's hybrid int8 kernels (int8 weights, input rows quantized to int8 per call)")
     if request.precision in _STATIC and request.profile.quantization.integer_io:
         float_ops = {

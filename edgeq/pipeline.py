@@ -225,9 +225,7 @@ def _convert_one(model, profile, precision, validation, references, options, dat
 def _plan_notes(plan) -> list[str]:
     if plan is None:
         return []
-    summary = plan.summary()
-    counted = f"{summary['quantized_layers']} of {summary['layers']} layers quantized"
-    return [counted, *plan.notes]
+    return [*plan.coverage_notes(), *plan.notes]  # 'N of M weights quantized (share)', float ones with reasons
 
 
 def _report_json(manifest: dict, plan=None, layers: LayerReport | None = None) -> dict:

@@ -204,6 +204,10 @@ class QuantPlan:
     # wall-clock seconds of the steps that decided it (calibration, fallback): reported in the manifest as timing
     # fields, never in plan.json or the notes, so two runs on the same inputs write the same plan
     seconds: dict[str, float] = field(default_factory=dict)
+    # every weight tensor (2-D or more) of the model that no layer above holds, with why it stays float, and the
+    # fraction of the model's parameter bytes (FP32) stored quantized: edgeq.coverage.account_weights fills them
+    other_weights: dict[str, str] = field(default_factory=dict)
+    quantized_share: float | None = None
 
     def quantized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers.values() if not layer.is_float]
@@ -216,7 +220,34 @@ class QuantPlan:
             "layers": len(self.layers),
             "quantized_layers": len(quantized),
             "float_layers": sorted(fqn for fqn, layer in self.layers.items() if layer.is_float),
-        } | ({"quantized_tensors": len(self.tensors)} if self.tensors else {})
+        } | ({"quantized_tensors": len(self.tensors)} if self.tensors else {}) | self._coverage()
+
+    def _coverage(self) -> dict:
+        """Every weight tensor counted (plan layers and other weights), when edgeq.coverage accounted them."""
+        if self.quantized_share is None:
+            return {}
+        return {
+            "weights": len(self.layers) + len(self.other_weights),
+            "quantized_weights": len(self.quantized()),
+            "quantized_weight_share": round(self.quantized_share, 4),
+            "other_weights": dict(self.other_weights),
+        }
+
+    def coverage_notes(self) -> list[str]:
+        """'N of M weights quantized (share of the parameter bytes)', then the float ones grouped by reason."""
+        summary = self.summary()
+        if "weights" not in summary:
+            return [f"{summary['quantized_layers']} of {summary['layers']} layers quantized"]
+        notes = [f"{summary['quantized_weights']} of {summary['weights']} weights quantized "
+                 f"({100 * self.quantized_share:.1f}% of the parameter bytes)"]
+        reasons: dict[str, list[str]] = {}
+        for fqn, layer in self.layers.items():
+            if layer.is_float:
+                reasons.setdefault(layer.reason or "float", []).append(fqn)
+        for name, reason in self.other_weights.items():
+            reasons.setdefault(reason, []).append(name)
+        notes += [f"float: {', '.join(names)} ({reason})" for reason, names in reasons.items()]
+        return notes
 
     def save(self, folder: Path) -> tuple[Path, Path]:
         """Write plan.json and scales.npz into `folder`; returns their paths."""
@@ -250,6 +281,8 @@ class QuantPlan:
             arrays[f"{key}/tensor_scale"] = quant.scale
             arrays[f"{key}/tensor_zero_point"] = quant.zero_point
         document = {"summary": self.summary(), "notes": self.notes, "layers": layers}
+        if self.quantized_share is not None:
+            document["quantized_share"] = self.quantized_share
         if tensors:
             document |= {"inputs": self.inputs, "tensors": tensors}
         plan_path, scales_path = Path(folder) / "plan.json", Path(folder) / "scales.npz"
@@ -263,7 +296,8 @@ class QuantPlan:
         data = json.loads((Path(folder) / "plan.json").read_text())
         with np.load(Path(folder) / "scales.npz", allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-        plan = cls(data["summary"]["scheme"], data["summary"]["target"], notes=data.get("notes", []), inputs=data.get("inputs", []))
+        plan = cls(data["summary"]["scheme"], data["summary"]["target"], notes=data.get("notes", []), inputs=data.get("inputs", []),
+                   other_weights=data["summary"].get("other_weights", {}), quantized_share=data.get("quantized_share"))
 
         def quant(described: dict, prefix: str) -> TensorQuant:
             return TensorQuant(

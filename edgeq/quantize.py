@@ -59,18 +59,30 @@ def parse_smoothquant(text: str | float | None) -> dict:
 
 def quantization_plan(model, profile, precision, options: QuantizeOptions, keep_float: list[str], calibration_samples: list, budget):
     """(model to convert, QuantPlan, Fallback or None) for `precision` on `profile`, calibrated on
-    `calibration_samples`. The model to convert has BatchNorm folded into its convolutions, and with AWQ
-    (low-bit `--algo awq`, `awq+gptq`) its input scales folded where exact: the plan's codes are of its weights."""
+    `calibration_samples`. The model to convert has BatchNorm folded into its convolutions, recurrent layers and
+    nn.MultiheadAttention rebuilt from nn.Linear layers (edgeq.linearize), and with AWQ (low-bit `--algo awq`,
+    `awq+gptq`) its input scales folded where exact: the plan's codes are of its weights. The plan counts every
+    weight tensor of that model (edgeq.coverage): what stays float is listed with its reason."""
     import dataclasses
 
-    from edgeq.calibration.sensitivity import sensitivity_fallback
-    from edgeq.compress.apply import user_fqn
     from edgeq.compress.fold import fold_batchnorm
-    from edgeq.targets.resolve import Calibration, matches, resolve_plan
+    from edgeq.coverage import account_weights
+    from edgeq.linearize import linearize
 
     module, folded = fold_batchnorm(model.module)
-    model = dataclasses.replace(model, module=module)
+    rebuilt = linearize(module, model.example_inputs, model.inputs, profile.dynamic_shapes, keep_float)
+    model, keep_float = dataclasses.replace(model, module=rebuilt.module), rebuilt.keep_float
+    model, plan, fallback = _plan(model, profile, precision, options, keep_float, calibration_samples, budget, folded)
+    plan.notes[:0] = rebuilt.notes
+    account_weights(model.module, plan, rebuilt.floats)
+    return model, plan, fallback
+
+
+def _plan(model, profile, precision, options: QuantizeOptions, keep_float, calibration_samples, budget, folded):
+    from edgeq.calibration.sensitivity import sensitivity_fallback
+    from edgeq.compress.apply import user_fqn
     from edgeq.scheme import LOW_BIT
+    from edgeq.targets.resolve import Calibration, matches, resolve_plan
 
     if precision in LOW_BIT:
         check_calibration_device(options.device)
