@@ -12,7 +12,8 @@ found by name, and its layout comes from the op that uses it:
   DEPTHWISE_CONV_2D                            [1, kh, kw, C]              quantized_dimension 3
 Codes come back in PyTorch's layout (Linear [out, in], Conv [O, I/groups, kh, kw]). A Conv1d runs as CONV_2D
 over [O, 1, k, I]; the op cannot tell it from a Conv2d with a (1, k) kernel, so the converter names it
-`<fqn>.weight.conv1d` and the reader drops the kernel-height axis ([O, I, k], as PyTorch stores it).
+`<fqn>.weight.conv1d` and the reader drops the kernel-height axis ([O, I, k], as PyTorch stores it); a depthwise
+Conv1d runs as DEPTHWISE_CONV_2D over [1, 1, k, C], read back the same way.
 
 Low-bit weights (converters/tflite_lowbit.py) are INT4 / INT2 tensors packed row-major, lowest bits first
 (two int4 or four int2 codes per byte, sign-extended), as LiteRT and ai-edge-quantizer pack them. Per channel
@@ -201,7 +202,7 @@ def tflite_weights(path: Path) -> StoredWeights:
             if quant.zeroPoint is not None and np.any(np.asarray(quant.zeroPoint) != 0):
                 continue  # TFLite int8 weights are symmetric; a non-zero zero point is not the plan's
             codes = codes.transpose(to_torch)
-            if suffix == CONV1D_SUFFIX and use.op_name == "CONV_2D" and codes.shape[2] == 1:
+            if suffix == CONV1D_SUFFIX and use.op_name in ("CONV_2D", "DEPTHWISE_CONV_2D") and codes.shape[2] == 1:
                 codes = codes[:, :, 0, :]
             found[name.removesuffix(suffix)] = (np.ascontiguousarray(codes), scale)
     return StoredWeights(found, stored_names)

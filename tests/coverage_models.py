@@ -71,3 +71,31 @@ def keyword_lstm():
 
 def tiny_encoder():
     return _build(TinyEncoder(), (1, STEPS, FEATURES))
+
+
+class LayerKinds(nn.Module):
+    """Grouped and depthwise convolutions (1-D and 2-D), an embedding tied to the output head, and a transposed
+    convolution (which edgeq keeps float, with its reason in the plan)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        self.grouped = nn.Conv1d(32, 32, 3, padding=1, groups=4)
+        self.depthwise = nn.Conv1d(32, 32, 3, padding=1, groups=32)
+        self.grouped2d = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.depthwise2d = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.up = nn.ConvTranspose1d(32, 32, 2, stride=2)
+        self.head = nn.Linear(32, 64, bias=False)
+        self.head.weight = self.embed.weight  # tied: one tensor, two uses
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens).transpose(1, 2)
+        x = self.up(self.depthwise(torch.relu(self.grouped(x)))).mean(-1)
+        y = self.depthwise2d(self.grouped2d(image)).mean((2, 3))
+        return self.head(x) + y.sum(-1, keepdim=True)
+
+
+def layer_kinds():
+    module, _ = _build(LayerKinds(), (1,))
+    tokens = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+    return module, (tokens, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)))

@@ -177,3 +177,18 @@ def test_recurrent_and_attention_models_quantize_every_weight_matrix(tmp_path, n
     module, _ = getattr(coverage_models, name)()
     fp32_bytes = 4 * sum(p.numel() for p in module.parameters())
     assert outcome.size_bytes <= 0.3 * fp32_bytes, f"{outcome.size_bytes / fp32_bytes:.3f}x the FP32 weights"
+
+
+@pytest.mark.parametrize("target", [pytest.param("onnx", marks=ONNX), pytest.param("tflite", marks=TFLITE), pytest.param("coreml", marks=COREML)])
+def test_grouped_depthwise_embedding_and_tied_weights_quantize_and_transposed_conv_says_why(tmp_path, target):
+    outcome = convert_source("tests.coverage_models:layer_kinds", target, "int8-weight", tmp_path)
+    assert outcome.verdict == Verdict.PASSED, outcome.error or outcome.violations
+    plan = QuantPlan.load(outcome.path)
+    assert {layer.fqn for layer in plan.quantized()} == {"embed", "grouped", "depthwise", "grouped2d", "depthwise2d", "head"}
+    assert list(plan.other_weights) == ["up.weight"] and "transposed convolutions" in plan.other_weights["up.weight"]
+    assert (plan.layers["embed"].weight_codes == plan.layers["head"].weight_codes).all()  # tied: the same numbers
+    assert outcome.plan_notes[0].startswith("6 of 7 weights quantized")
+    parity = json.loads((outcome.path / "manifest.json").read_text())["weight_parity"]
+    assert parity["mismatches"] == [] and parity["missing"] == []
+    # TFLite and Core ML store the tied tensor once (parity reads it as the embedding's); ONNX keeps both uses
+    assert parity["checked_layers"] + len(parity["removed_as_unused"]) == 6
