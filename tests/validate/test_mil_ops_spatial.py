@@ -93,6 +93,9 @@ def _norm_cases() -> list[Case]:
     # l2_norm: the last three axes, per leading index (rank 4: per sample)
     add(Case("l2_norm", "l2_norm", {"x": x, "epsilon": np.float32(1e-6)},
              _np(tx / torch.sqrt(tx.square().sum((1, 2, 3), keepdim=True) + 1e-6)), ulps=8))
+    lrn = _randn(1, 7, 3, 3, scale=3.0)  # alpha large enough that a shifted window changes the answer
+    add(Case("local_response_norm", "local_response_norm", {"x": lrn, "size": I32(3), "alpha": np.float32(0.5), "beta": np.float32(0.75),
+             "k": np.float32(2.0)}, _np(F.local_response_norm(_t(lrn), 3, alpha=0.5, beta=0.75, k=2.0)), ulps=16, tags=["mode"]))
     a, bm = _randn(2, 3, 4, 5), _randn(2, 5, 1, 6)  # H broadcast from 1
     add(Case("einsum_nchw_nwhu", "einsum", {"values": [a, bm], "equation": "nchw,nwhu->nchu"},
              _np(torch.einsum("nchw,nwhu->nchu", _t(a), _t(bm).expand(2, 5, 4, 6))), ulps=16))

@@ -63,6 +63,7 @@ OPS = {
     "batch_norm": linalg.batch_norm,
     "instance_norm": linalg.instance_norm,
     "l2_norm": linalg.l2_norm,
+    "local_response_norm": linalg.local_response_norm,
     "einsum": linalg.einsum,
     "reshape": tensor.reshape,
     "transpose": tensor.transpose,

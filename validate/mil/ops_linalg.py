@@ -143,3 +143,16 @@ def einsum(a: Args):
     x = np.broadcast_to(x, [sizes[c] for c in left])
     y = np.broadcast_to(y, [sizes[c] for c in right])
     return np.einsum(f"{left},{right}->{output}", x, y)
+
+
+def local_response_norm(a: Args):
+    """x / (k + alpha / size * sum of x^2 over `size` neighbouring channels) ^ beta, the window centred on the
+    channel (zeros past the edges). MIL does not say where an even window leans, so only odd sizes run."""
+    x = _f(a("x"))
+    size = int(a.scalar("size"))
+    if size % 2 == 0:
+        raise a.unsupported(f"an even size ({size})")
+    squares = np.pad(np.square(x), [(0, 0), (size // 2, size // 2)] + [(0, 0)] * (x.ndim - 2))
+    window = sum(squares[:, i : i + x.shape[1]] for i in range(size))
+    alpha, beta, k = (np.float32(a.scalar(name, default)) for name, default in (("alpha", 1e-4), ("beta", 0.75), ("k", 1.0)))
+    return x / np.power(k + alpha / np.float32(size) * window, beta)
