@@ -124,6 +124,10 @@ def test_an_input_named_state_converts_and_validates(tmp_path, precision):
 
     spec = ct.utils.load_spec(str(outcome.path / "model.mlpackage"))
     assert [i.name for i in spec.description.input] == ["input", "state_workaround"]
+    if precision == "fp32":  # the bundle checks again as a device would, golden inputs keyed by the model's names
+        from edgeq.validate.bundle_check import check_bundle
+
+        assert check_bundle(outcome.path).verdict == Verdict.PASSED
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
