@@ -91,6 +91,11 @@ class OnnxConverter(Converter):
                     "(their weights are shared or not a MatMul/Gemm); keep them float with --keep-float"
                 )
             notes.append(f"{len(rewritten)} linear layers run as dynamic int8 (DynamicQuantizeLinear + MatMulInteger)")
+        from edgeq.converters.onnx_graph_shape import shape_for_ort
+
+        int8 = request.precision in (Precision.INT8_WEIGHT, Precision.INT8_DYNAMIC, Precision.W8A8, Precision.W8A16)
+        cpu = list(profile.runtime_options.get("providers", ["CPUExecutionProvider"])) == ["CPUExecutionProvider"]
+        notes += shape_for_ort(proto, request.plan if int8 else None, static=request.precision in (Precision.W8A8, Precision.W8A16), cpu=cpu)
         if request.plan is not None:
             unshare_quantization_parameters(proto.graph)
         if request.precision == Precision.FP16:

@@ -49,11 +49,13 @@ def onnx_weights(path: Path) -> StoredWeights:
     tensors = onnx_tensors(graph)
     found = {}
     for node in graph.node:
-        if node.op_type != "DequantizeLinear" or not node.input[0].endswith(".weight.codes"):
+        if node.op_type != "DequantizeLinear" or not node.input[0].endswith((".weight.codes", ".weight.codes.T")):
             continue
         codes = numpy_helper.to_array(tensors[node.input[0]])
+        if node.input[0].endswith(".T"):  # stored [in, out] for ORT's fusions (converters/onnx_graph_shape.py)
+            codes = codes.T
         scale = numpy_helper.to_array(tensors[node.input[1]])
-        fqn = node.input[0].removesuffix(".weight.codes").removeprefix("inner.")
+        fqn = node.input[0].removesuffix(".T").removesuffix(".weight.codes").removeprefix("inner.")
         found[fqn] = (codes, scale)
     for node in graph.node:  # dynamic int8: MatMulInteger over transposed codes (converters/onnx_dynamic.py)
         if node.op_type == "MatMulInteger" and node.input[1].endswith(".weight.codes.T"):

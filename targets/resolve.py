@@ -13,7 +13,7 @@ from torch import nn
 
 from edgeq.calibration.bias import correct_biases
 from edgeq.calibration.collect import called_modules, input_channel_absmax
-from edgeq.calibration.smoothquant import smooth_factors, smoothed_weight
+from edgeq.calibration.smoothquant import shared_factors, shared_input_groups, smoothed_weight
 from edgeq.calibration.static import calibrate_activations, tensor_points
 from edgeq.calibration.weights import quantize_weight_per_channel
 from edgeq.compress.apply import QUANTIZABLE, quantizable_layers
@@ -91,8 +91,8 @@ class Calibration:
 # int8-dynamic per-tensor uint8 activations 0.9934 mean cosine without SmoothQuant, 0.8902 at alpha 0.3,
 # 0.9910 at 0.5, 0.9978 at 0.7.
 DEFAULT_SMOOTH_ALPHA = {Precision.INT8_DYNAMIC: 0.7, Precision.W8A8: 0.7, Precision.W8A16: 0.5}
-# Static activation dtypes by preference: int8 where the target runs it (TFLite's only 8-bit type, S8S8
-# kernels in ORT), else uint8 (ORT x86 U8S8, QNN); 16-bit likewise.
+# Static activation dtypes each scheme takes; the profile lists the ones it runs by preference (ORT on x86 fuses
+# QDQ MatMuls into integer kernels only with uint8 activations: QDQIsInt8Allowed is false there).
 _STATIC_DTYPES = {Precision.W8A8: ("int8", "uint8"), Precision.W8A16: ("int16", "uint16")}
 
 
@@ -174,8 +174,8 @@ def resolve_plan(
 
 def _static_dtype(profile: TargetProfile, precision: Precision) -> QDtype:
     supported = profile.quantization.activation_dtypes
-    for name in _STATIC_DTYPES[precision]:
-        if name in supported:
+    for name in supported:  # the profile lists its types by preference (onnx: uint8, the only type ORT fuses on x86)
+        if name in _STATIC_DTYPES[precision]:
             return QDtype(name)
     raise ConversionError(
         f"target {profile.id} runs no {precision} activation type (it lists {', '.join(supported) or 'none'})"
@@ -185,9 +185,13 @@ def _static_dtype(profile: TargetProfile, precision: Precision) -> QDtype:
 def _smooth(module, plan: QuantPlan, modules: dict, linears: set[str], calibration: Calibration, alpha: float, scale_dtype: str) -> None:
     """SmoothQuant: per-input-channel factors from calibration maxima; the weight codes become those of W * s."""
     maxima = input_channel_absmax(module, linears, calibration.samples, calibration.input_names)
-    for fqn in sorted(linears & set(maxima)):
-        factors = smooth_factors(maxima[fqn], modules[fqn].weight, alpha)
-        quant, codes = quantize_weight_per_channel(smoothed_weight(modules[fqn].weight, factors), QDtype.INT8, 0, scale_dtype)
-        layer = plan.layers[fqn]
-        layer.weight, layer.weight_codes, layer.smooth = quant, codes, factors
-    plan.notes.append(f"SmoothQuant alpha {alpha} on {len(maxima)} linear layers")
+    # Layers reading the same tensor (q, k, v) share one set of factors, so the artifact quantizes it once.
+    groups = shared_input_groups(module, linears & set(maxima), calibration.samples[0], calibration.input_names)
+    for group in groups:
+        factors = shared_factors(maxima[group[0]], [modules[fqn].weight for fqn in group], alpha)
+        for fqn in group:
+            quant, codes = quantize_weight_per_channel(smoothed_weight(modules[fqn].weight, factors), QDtype.INT8, 0, scale_dtype)
+            layer = plan.layers[fqn]
+            layer.weight, layer.weight_codes, layer.smooth = quant, codes, factors
+    shared = sum(len(group) for group in groups if len(group) > 1)
+    plan.notes.append(f"SmoothQuant alpha {alpha} on {len(maxima)} linear layers" + (f" ({shared} share factors with the layers reading the same input)" if shared else ""))
