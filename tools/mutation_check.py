@@ -206,8 +206,26 @@ MUTATIONS = [
         'if False:  # MUTATION',
         (OPS + "test_op_matches_pytorch[matmul_tx0_ty1]",),
     ),
+    Mutation(
+        "mil-pool-ceil-as-floor", "MIL pooling honours ceil_mode (PyTorch's output sizes)", "validate/mil/ops_conv.py",
+        "out = (padded - k + (s - 1 if ceil else 0)) // s + 1",
+        "out = (padded - k) // s + 1  # MUTATION: ceil_mode ignored",
+        ("tests/validate/test_mil_ops_spatial.py::test_op_matches_pytorch[max_pool_ceil_valid]",
+         "tests/validate/test_mil_ops_spatial.py::test_ceil_mode_output_sizes_follow_pytorch"),
+    ),
+    Mutation(
+        "mil-avg-pool-counts-overhang", "MIL avg_pool never counts ceil_mode's overhang in the divisor", "validate/mil/ops_conv.py",
+        "counted = np.pad(counted, [(0, 0), (0, 0)] + [(0, extra) for extra in overhang])",
+        "counted = np.pad(counted, [(0, 0), (0, 0)] + [(0, extra) for extra in overhang], constant_values=1.0)  # MUTATION",
+        ("tests/validate/test_mil_ops_spatial.py::test_op_matches_pytorch[avg_pool_ceil_counts_padding]",),
+    ),
+    Mutation(
+        "mil-reflect-pad-repeats-edge", "MIL pad reflect mirrors without repeating the edge", "validate/mil/ops_resize.py",
+        '"reflect": "reflect"',
+        '"reflect": "symmetric"',
+        ("tests/validate/test_mil_ops_spatial.py::test_op_matches_pytorch[pad_reflect]",),
+    ),
 ]
-
 
 class CopyError(RuntimeError):
     pass

@@ -144,9 +144,9 @@ def _resize_cases() -> list[Case]:
     add(Case("resize_nearest_neighbor", "resize_nearest_neighbor", {"x": x, "target_size_height": I32(7), "target_size_width": I32(4)},
              _np(F.interpolate(tx, size=(7, 4), mode="nearest")), exact=True))
     add(Case("crop", "crop", {"x": x, "crop_height": _ints(1, 2), "crop_width": _ints(0, 3)}, x[..., 1:3, 0:3], exact=True))
-    for mode, torch_mode in (("reflect", "reflect"), ("replicate", "replicate")):
-        add(Case(f"pad_{mode}", "pad", {"x": x, "pad": _ints(2, 1, 1, 3), "mode": mode},
-                 _np(F.pad(tx, (1, 3, 2, 1), mode=torch_mode)), exact=True, tags=["mode"]))
+    for case_id, mode in (("pad_reflect", "reflect"), ("pad_replicate", "replicate")):
+        add(Case(case_id, "pad", {"x": x, "pad": _ints(2, 1, 1, 3), "mode": mode},
+                 _np(F.pad(tx, (1, 3, 2, 1), mode=mode)), exact=True, tags=["mode"]))
     add(Case("pad_constant_last_axis", "pad", {"x": x, "pad": _ints(0, 2), "mode": "constant", "constant_val": np.float32(-1.5)},
              _np(F.pad(tx, (0, 2), value=-1.5)), exact=True))
     add(Case("pad_constant_all_axes", "pad", {"x": x, "pad": _ints(0, 0, 1, 0, 0, 1, 2, 0)},
