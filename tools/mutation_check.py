@@ -227,6 +227,7 @@ MUTATIONS = [
     ),
 ]
 
+
 class CopyError(RuntimeError):
     pass
 
