@@ -183,3 +183,13 @@ def test_ceil_mode_output_sizes_follow_pytorch():
             assert got.shape == tuple(expected.shape), (size, kernel, stride, pad)
             np.testing.assert_array_equal(got, _np(expected))
     assert math.isfinite(float(got.max()))
+
+
+def test_a_ceil_mode_window_past_the_input_is_refused():
+    """Kernel 1, stride 3 over 5: coremltools' size rule keeps a window that starts past the input (PyTorch drops
+    it); it would hold no value, so the executor refuses it rather than invent one."""
+    from edgeq.validate.mil import UnsupportedOp
+
+    with pytest.raises(UnsupportedOp, match="ceil_mode with kernel 1 < stride 3"):
+        run_op("max_pool", {"x": _randn(1, 1, 5), "kernel_sizes": _ints(1), "strides": _ints(3), "pad_type": "valid",
+                            "ceil_mode": np.bool_(True)})

@@ -123,8 +123,11 @@ def _pool_geometry(a: Args, x: np.ndarray):
     for size, k, s, (lo, hi) in zip(x.shape[2:], kernel, strides, pads):
         padded = size + lo + hi
         out = (padded - k + (s - 1 if ceil else 0)) // s + 1
-        if ceil and (out - 1) * s >= size + lo and (lo > 0 or hi > 0):
-            out -= 1
+        if ceil and (out - 1) * s >= size + lo:
+            if lo > 0 or hi > 0:
+                out -= 1
+            else:  # a window wholly past the input (kernel < stride): PyTorch drops it, coremltools keeps it
+                raise a.unsupported(f"ceil_mode with kernel {k} < stride {s} on an axis of {size}")
         overhang.append(max((out - 1) * s + k - padded, 0))
     return kernel, strides, pads, overhang
 
