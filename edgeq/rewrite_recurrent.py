@@ -48,10 +48,14 @@ def _mode(module: nn.Module) -> str:
     return "rnn_relu" if module.nonlinearity == "relu" else "rnn_tanh"
 
 
-def _step(mode: str, gates_x: torch.Tensor, hh: nn.Linear, h: torch.Tensor, c: torch.Tensor | None):
+def _step(mode: str, gates_x: torch.Tensor, hh: nn.Linear, h: torch.Tensor, c: torch.Tensor | None, zero_state: bool = False):
     """One time step: (h', c') from the input projection `gates_x` of this step and the previous state. Written
-    with few ops: an unrolled graph repeats them per step, and each op carries its converter's metadata."""
-    gates_h = hh(h)
+    with few ops: an unrolled graph repeats them per step, and each op carries its converter's metadata.
+    `zero_state`: h is the default zero state, so hh(h) is hh's bias (exactly), and no matmul is emitted for it."""
+    if zero_state:
+        gates_h = hh.bias.expand_as(gates_x) if hh.bias is not None else torch.zeros_like(gates_x)
+    else:
+        gates_h = hh(h)
     if mode == "gru":
         size = h.shape[-1]
         x_rz, x_n = gates_x.split([2 * size, size], -1)
@@ -80,13 +84,15 @@ class LinearDirection(nn.Module):
         projection = getattr(module, f"weight_hr_{suffix}", None)
         self.proj = _linear(projection, None) if projection is not None else None
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None):
-        """x (batch, time, features) -> (outputs (batch, time, state), h_n, c_n), unrolled over `time`."""
+    def forward(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, zero_state: bool = False):
+        """x (batch, time, features) -> (outputs (batch, time, state), h_n, c_n), unrolled over `time`;
+        `zero_state`: h and c are the default zeros."""
         gates_x = self.ih(x)  # the whole sequence in one matmul
         steps = range(x.shape[1] - 1, -1, -1) if self.reverse else range(x.shape[1])
         sequence = [None] * x.shape[1]
         for t in steps:
-            h, c = _step(self.mode, gates_x[:, t], self.hh, h, c)
+            h, c = _step(self.mode, gates_x[:, t], self.hh, h, c, zero_state)
+            zero_state = False
             if self.proj is not None:
                 h = self.proj(h)
             sequence[t] = h
@@ -129,7 +135,7 @@ class LinearRecurrent(nn.Module):
                 c = None
                 if self.mode == "lstm":
                     c = c0[index] if c0 is not None else x.new_zeros(batch, self.hidden_size)
-                sequence, h, c = getattr(self, f"l{k}{'_reverse' if d else ''}")(x, h, c)
+                sequence, h, c = getattr(self, f"l{k}{'_reverse' if d else ''}")(x, h, c, zero_state=h0 is None)
                 outputs.append(sequence)
                 finals_h.append(h)
                 finals_c.append(c)
@@ -157,13 +163,14 @@ class LinearCell(nn.Module):
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         h, c = (hx if isinstance(hx, tuple) else (hx, None)) if hx is not None else (None, None)
+        zero_state = h is None
         if h is None:
             h = x.new_zeros(x.shape[0], self.hidden_size)
         elif not batched:
             h = h.unsqueeze(0)
         if self.mode == "lstm":
             c = x.new_zeros(x.shape[0], self.hidden_size) if c is None else (c if batched else c.unsqueeze(0))
-        h, c = _step(self.mode, self.ih(x), self.hh, h, c)
+        h, c = _step(self.mode, self.ih(x), self.hh, h, c, zero_state)
         if not batched:
             h, c = h.squeeze(0), (c.squeeze(0) if c is not None else None)
         return (h, c) if self.mode == "lstm" else h
