@@ -94,7 +94,7 @@ class OnnxConverter(Converter):
         from edgeq.converters.onnx_graph_shape import shape_for_ort
 
         int8 = request.precision in (Precision.INT8_WEIGHT, Precision.INT8_DYNAMIC, Precision.W8A8, Precision.W8A16)
-        cpu = list(profile.runtime_options.get("providers", ["CPUExecutionProvider"])) == ["CPUExecutionProvider"]
+        cpu = list(profile.runtime_options.get("providers", ["CPUExecutionProvider"])) == ["CPUExecutionProvider"] and request.precision != Precision.FP16
         notes += shape_for_ort(proto, request.plan if int8 else None, static=request.precision in (Precision.W8A8, Precision.W8A16), cpu=cpu)
         if request.plan is not None:
             unshare_quantization_parameters(proto.graph)

@@ -255,6 +255,9 @@ def shape_for_ort(proto, plan=None, static: bool = False, cpu: bool = True) -> l
     unfused = unfuse_skip_layer_norm(proto.graph) if cpu else 0
     if unfused:
         notes.append(f"{unfused} residual Add(s) before LayerNormalization written as Sum (ORT's fused SkipLayerNormalization is slower on CPU)")
+    gelus = fuse_gelu(proto) if cpu else 0
+    if gelus:
+        notes.append(f"{gelus} erf GELU subgraph(s) as com.microsoft.Gelu (ORT's GeluFusion misses the exporter's form)")
     if plan is None:
         return notes
     if static:
@@ -288,3 +291,67 @@ def unfuse_skip_layer_norm(graph) -> int:
             add.op_type = "Sum"
             rewritten += 1
     return rewritten
+
+
+_SQRT2 = float(np.float32(np.sqrt(2.0)))
+
+
+def fuse_gelu(proto) -> int:
+    """Replace the exporter's erf GELU, x * ((erf(x / sqrt 2) + 1) * 0.5), by one com.microsoft.Gelu(x), the same
+    formula in one kernel. ORT's GeluFusion matches other operand orders only and left it as five ops: with the
+    fusion here MiniLM int8-dynamic ran 17% faster and FP32 8% (one thread, interleaved rounds). Returns the
+    number of subgraphs replaced."""
+    from onnx import helper, numpy_helper
+
+    from edgeq.converters.parity import onnx_tensors
+
+    graph = proto.graph
+    tensors = onnx_tensors(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers = consumers_of(graph)
+
+    def constant(name):
+        return float(numpy_helper.to_array(tensors[name])) if name in tensors and numpy_helper.to_array(tensors[name]).size == 1 else None
+
+    def only_reader(node):
+        readers = consumers[node.output[0]]
+        return readers[0] if len(readers) == 1 else None
+
+    def other(node, name):
+        rest = [i for i in node.input if i != name]
+        return rest[0] if len(rest) == 1 else None
+
+    replaced, dropped = {}, set()
+    for erf in graph.node:
+        if erf.op_type != "Erf" or erf.input[0] not in producer:
+            continue
+        scale = producer[erf.input[0]]
+        x = scale.input[0]
+        if not ((scale.op_type == "Div" and _close(constant(scale.input[1]), _SQRT2)) or
+                (scale.op_type == "Mul" and _close(constant(scale.input[1]), 1 / _SQRT2))):
+            continue
+        add = only_reader(erf)
+        if add is None or add.op_type != "Add" or not _close(constant(other(add, erf.output[0])), 1.0):
+            continue
+        first = only_reader(add)
+        second = only_reader(first) if first is not None and first.op_type == "Mul" else None
+        if second is None or second.op_type != "Mul":
+            continue
+        operands = {other(first, add.output[0]), other(second, first.output[0])}
+        half = [name for name in operands if _close(constant(name), 0.5)]
+        if len(half) != 1 or operands - set(half) != {x} or len(consumers[scale.output[0]]) != 1:
+            continue
+        gelu = helper.make_node("Gelu", [x], list(second.output), name=f"{second.name or second.output[0]}/Gelu", domain=DOMAIN)
+        replaced[id(second)] = gelu
+        dropped.update({id(scale), id(erf), id(add), id(first)})
+    if replaced:
+        nodes = [replaced.get(id(node), node) for node in graph.node if id(node) not in dropped]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _ensure_domain(proto, DOMAIN)
+        remove_unused_initializers(graph)
+    return len(replaced)
+
+
+def _close(value, expected: float) -> bool:
+    return value is not None and abs(value - expected) <= 1e-6 * abs(expected)

