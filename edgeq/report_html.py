@@ -592,11 +592,19 @@ def _plans(reports: list[dict]) -> str:
         plan = r.get("plan")
         if not isinstance(plan, dict):
             continue
-        quantized, layers = plan.get("quantized_layers"), plan.get("layers")
         floats = plan.get("float_layers") or []
-        items = [("scheme", plan.get("scheme")), ("layers quantized", f"{fmt(quantized)} of {fmt(layers)}")]
+        if plan.get("weights") is not None:  # every weight tensor of the model counted (edgeq.coverage)
+            share = plan.get("quantized_weight_share")
+            counted = f"{fmt(plan.get('quantized_weights'))} of {fmt(plan.get('weights'))}"
+            if isinstance(share, (int, float)):
+                counted += f" ({100 * share:.1f}% of the parameter bytes)"
+            items = [("scheme", plan.get("scheme")), ("weights quantized", counted)]
+            others = plan.get("other_weights") or {}
+            floats = [*floats, *(f"{name} ({reason})" for name, reason in others.items())]
+        else:
+            items = [("scheme", plan.get("scheme")), ("layers quantized", f"{fmt(plan.get('quantized_layers'))} of {fmt(plan.get('layers'))}")]
         if floats:
-            items.append(("kept float", ", ".join(map(str, floats))))
+            items.append(("stays float", ", ".join(map(str, floats))))
         if plan.get("quantized_tensors") is not None:
             items.append(("quantized tensors", plan.get("quantized_tensors")))
         parity = r.get("weight_parity")

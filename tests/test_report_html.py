@@ -335,3 +335,12 @@ def test_a_missing_chromium_skips_locally_and_fails_on_ci(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="no Chromium"):
         _chromium()
+
+
+def test_plan_counts_every_weight_and_names_the_float_ones():
+    report = layered_report()
+    report["plan"].update(weights=7, quantized_weights=5, quantized_weight_share=0.9512,
+                          other_weights={"deconv.weight": "transposed convolution: float"}, float_layers=["head"])
+    page = render_html([report])
+    assert "5 of 7 (95.1% of the parameter bytes)" in page
+    assert "deconv.weight (transposed convolution: float)" in page and "head" in page
