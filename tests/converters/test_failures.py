@@ -51,3 +51,26 @@ def test_python_errors_in_model_code_name_the_module_and_line(tmp_path, target):
     message = str(raised.value)
     assert message.startswith(f"target {target}: conversion failed in module 'block'"), message
     assert "ReadsWhileExported.forward (test_failures.py:" in message and "AttributeError: 'QuantizedWeight'" in message
+
+
+def tiny():
+    return nn.Sequential(nn.Linear(4, 4)).eval(), (torch.randn(1, 4),)
+
+
+@pytest.mark.parametrize(("target", "step"), [
+    pytest.param("onnx", "portable_metadata", marks=ONNX), pytest.param("tflite", "float16_weights", marks=TFLITE),
+])
+def test_an_exception_after_the_export_is_a_conversion_error_naming_the_target(tmp_path, monkeypatch, target, step):
+    """A step after the toolchain (graph rewrites, packing) that raises gives a ConversionError, not a traceback."""
+    from edgeq.converters import ConversionRequest, get_converter
+    from edgeq.load import load_model
+    from edgeq.targets import Precision, load_profile
+
+    def broken(*args, **kwargs):
+        raise ValueError("a rewrite met a graph it did not expect")
+
+    monkeypatch.setattr(f"edgeq.converters.{target}.{step}", broken)
+    profile = load_profile(target)
+    converter = get_converter(profile.runtime)
+    with pytest.raises(ConversionError, match=f"^target {target}: conversion failed.*a rewrite met a graph"):
+        converter.convert(ConversionRequest(load_model("tests.converters.test_failures:tiny"), profile, Precision.FP16), tmp_path / "m")
