@@ -29,7 +29,7 @@ import torch
 from edgeq.compress.apply import apply_plan
 from edgeq.compress.qdq import WeightForm
 from edgeq.converters.base import Artifact, ConversionRequest, Converter, Refusal
-from edgeq.converters.coreml_graph import fix_graph
+from edgeq.converters.coreml_graph import decomposed, decompositions, fix_graph
 from edgeq.converters.coreml_lowbit import LOWBIT, LOWBIT_MIN_TARGET, WEIGHT_OPS, check_plan, pack_module, register_frontend
 from edgeq.converters.coreml_names import FEATURE_NAMES_KEY, describe, feature_names
 from edgeq.converters.failures import explain_failure
@@ -116,7 +116,8 @@ class CoreMLConverter(Converter):
                 program = torch.export.export(module, examples, strict=False)
                 try:
                     with quiet():  # coremltools draws a progress bar for every pass
-                        mlmodel = ct.convert(_named(_fixed(program.run_decompositions({}), fixes), io_names), **options)
+                        fixes.extend(decomposed(program))
+                        mlmodel = ct.convert(_named(_fixed(program.run_decompositions(decompositions()), fixes), io_names), **options)
                 except Exception as exc:
                     if not _MISSING_OP.search(str(exc)):
                         raise

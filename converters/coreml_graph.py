@@ -6,6 +6,9 @@ itself in the artifact's rewrites; validation proves the artifact afterwards. Fo
   masks): the frontend has no converter; an alias has its input's values, so its uses read the input.
 - `max_pool*d` called without a stride (F.max_pool2d(x, 2)): torch's default stride is the kernel size, but
   the frontend requires the argument ("got 2 input(s), expected minimum 3 inputs").
+- `affine_grid_generator` (F.affine_grid, spatial transformers): the frontend fuses it with the grid_sample
+  that reads it into MIL `affine` through a TorchScript-only path that fails on an exported program ("Torch
+  var 0 not found in context"); decomposed first (torch's own decomposition), grid_sample becomes `resample`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,23 @@ import torch
 _POOLS = {"max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices"}
 
 
-def _op_name(node) -> str:
-    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+def decompositions() -> dict:
+    """The decomposition table for the first conversion attempt: torch's own decompositions of the ops the
+    frontend mis-converts, nothing else (the rest stays high-level for Core ML's fused ops)."""
+    table = torch.export.default_decompositions()
+    return {op: table[op] for op in (torch.ops.aten.affine_grid_generator.default,) if op in table}
+
+
+def decomposed(program: torch.export.ExportedProgram) -> list[str]:
+    """The rewrite lines for the ops of `decompositions()` that `program` (before decomposing) calls."""
+    names = {_op_name(node) for node in program.graph.nodes if node.op == "call_function"}
+    return [f"coreml-decomposed: {_op_name(op)}" for op in decompositions() if _op_name(op) in names]
+
+
+def _op_name(node_or_op) -> str:
+    """`affine_grid_generator` for an fx node calling aten.affine_grid_generator.default, or for that op itself."""
+    target = getattr(node_or_op, "target", node_or_op)
+    return getattr(target, "__name__", str(target)).split(".")[0]
 
 
 def fix_graph(program: torch.export.ExportedProgram) -> list[str]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tests.validate.test_mil_ops import Case, _check, _np, _randn, _t, run_op
 
 I32 = np.int32
+RNG = np.random.default_rng(4)
 
 
 def _ints(*values) -> np.ndarray:
@@ -151,6 +152,19 @@ def _resize_cases() -> list[Case]:
              _np(F.pad(tx, (0, 2), value=-1.5)), exact=True))
     add(Case("pad_constant_all_axes", "pad", {"x": x, "pad": _ints(0, 0, 1, 0, 0, 1, 2, 0)},
              _np(F.pad(tx, (2, 0, 0, 1, 1, 0))), exact=True))
+    # resample is grid_sample; coordinates reach past [-1, 1] so every padding mode shows
+    grid = RNG.uniform(-1.4, 1.4, (1, 4, 3, 2)).astype(np.float32)
+    for case_id, params, torch_args in (
+        ("resample_bilinear_zeros", {"padding_mode": "constant", "align_corners": np.bool_(False)}, ("bilinear", "zeros", False)),
+        ("resample_bilinear_border_aligned", {"padding_mode": "border", "align_corners": np.bool_(True)}, ("bilinear", "border", True)),
+        ("resample_bilinear_reflection", {"padding_mode": "reflection", "align_corners": np.bool_(True)}, ("bilinear", "reflection", True)),
+        ("resample_bilinear_symmetric", {"padding_mode": "symmetric", "align_corners": np.bool_(False)}, ("bilinear", "reflection", False)),
+        ("resample_nearest_zeros", {"sampling_mode": "nearest", "padding_mode": "constant", "align_corners": np.bool_(False)}, ("nearest", "zeros", False)),
+    ):
+        mode, pad_mode, align = torch_args
+        add(Case(case_id, "resample", {"x": x, "coordinates": grid, "sampling_mode": "bilinear", "coordinates_mode": "normalized_minus_one_to_one",
+                 "padding_value": np.float32(0.0), **params},
+                 _np(F.grid_sample(tx, _t(grid), mode=mode, padding_mode=pad_mode, align_corners=align)), ulps=16, tags=["mode"]))
     c = _randn(1, 8, 2, 3)
     add(Case("pixel_shuffle", "pixel_shuffle", {"x": c, "upscale_factor": I32(2)}, _np(F.pixel_shuffle(_t(c), 2)), exact=True))
     add(Case("pixel_unshuffle", "pixel_unshuffle", {"x": x[:, :, :4, :], "downscale_factor": I32(2)},

@@ -146,12 +146,69 @@ def space_to_depth(a: Args):  # the inverse of depth_to_space
     return x.reshape(n, c, h // b, b, w // b, b).transpose(0, 3, 5, 1, 2, 4).reshape(n, c * b * b, h // b, w // b)
 
 
+def _source_coordinate(c: np.ndarray, size: int, mode: str, align: bool, a: Args) -> np.ndarray:
+    """A coordinate in resample's `coordinates_mode` as a pixel position (0 .. size - 1 inside the image)."""
+    if mode == "unnormalized":
+        return c
+    if mode == "normalized_minus_one_to_one":
+        return (c + 1) / 2 * (size - 1) if align else ((c + 1) * size - 1) / 2
+    if mode == "normalized_zero_to_one":
+        return c * (size - 1) if align else c * size - 0.5
+    raise a.unsupported(f"coordinates_mode {mode!r}")
+
+
+def _reflect(c: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Mirror c into [low, high] (repeatedly, as PyTorch's grid_sample reflects)."""
+    span = high - low
+    if span <= 0:
+        return np.zeros_like(c)
+    folded = np.abs(c - low) % (2 * span)
+    return low + np.where(folded > span, 2 * span - folded, folded)
+
+
+def resample(a: Args):
+    """Sample x (B, C, H, W) at coordinates (B, H2, W2, 2) given as (x, y): PyTorch's grid_sample, which the
+    frontend maps here. Padding: constant (padding_value), border (clamped), reflection (mirrored about the
+    edge pixels' centres), symmetric (about their outer edges). Nearest rounds half to even, as PyTorch."""
+    x = _f(a("x"))
+    coords = _f(a("coordinates")).astype(np.float64)
+    sampling, padding = a.scalar("sampling_mode", "bilinear"), a.scalar("padding_mode", "constant")
+    align, mode = bool(a.scalar("align_corners", False)), a.scalar("coordinates_mode", "normalized_minus_one_to_one")
+    if sampling not in ("bilinear", "nearest") or padding not in ("constant", "border", "reflection", "symmetric"):
+        raise a.unsupported(f"sampling_mode {sampling!r} with padding_mode {padding!r}")
+    height, width = x.shape[-2:]
+    ix = _source_coordinate(coords[..., 0], width, mode, align, a)
+    iy = _source_coordinate(coords[..., 1], height, mode, align, a)
+    if padding == "reflection":
+        ix, iy = _reflect(ix, 0, width - 1), _reflect(iy, 0, height - 1)
+    elif padding == "symmetric":
+        ix, iy = _reflect(ix, -0.5, width - 0.5), _reflect(iy, -0.5, height - 0.5)
+    if padding != "constant":
+        ix, iy = np.clip(ix, 0, width - 1), np.clip(iy, 0, height - 1)
+    fill = np.float32(a.scalar("padding_value", 0.0))
+    batch = np.arange(x.shape[0]).reshape(-1, 1, 1)
+
+    def pixel(yy, xx):  # (B, C, H2, W2); positions outside the image read the padding value
+        inside = (yy >= 0) & (yy < height) & (xx >= 0) & (xx < width)
+        values = x[batch, :, np.clip(yy, 0, height - 1), np.clip(xx, 0, width - 1)]  # (B, H2, W2, C)
+        return np.moveaxis(np.where(inside[..., None], values, fill), -1, 1)
+
+    if sampling == "nearest":
+        return pixel(np.rint(iy).astype(np.int64), np.rint(ix).astype(np.int64))
+    x0, y0 = np.floor(ix).astype(np.int64), np.floor(iy).astype(np.int64)
+    wx, wy = (ix - x0).astype(np.float32)[:, None], (iy - y0).astype(np.float32)[:, None]
+    top = pixel(y0, x0) * (1 - wx) + pixel(y0, x0 + 1) * wx
+    bottom = pixel(y0 + 1, x0) * (1 - wx) + pixel(y0 + 1, x0 + 1) * wx
+    return top * (1 - wy) + bottom * wy
+
+
 RESIZE_OPS = {
     "upsample_bilinear": upsample_bilinear,
     "resize_bilinear": resize_bilinear,
     "upsample_nearest_neighbor": upsample_nearest_neighbor,
     "resize_nearest_neighbor": resize_nearest_neighbor,
     "crop": crop,
+    "resample": resample,
     "pad": pad,
     "pixel_shuffle": pixel_shuffle,
     "pixel_unshuffle": pixel_unshuffle,
