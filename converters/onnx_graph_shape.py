@@ -213,6 +213,7 @@ def untranspose_weights(graph) -> list[str]:
         name = f"{dequant.input[0]}.T"
         added.append(numpy_helper.from_array(np.ascontiguousarray(codes.T), name))
         weight = helper.make_node("DequantizeLinear", [name, *dequant.input[1:]], [f"{name}/dequantized"], name=f"{dequant.name or name}/T", axis=1)
+        weight.metadata_props.extend(dequant.metadata_props)
         replaced[id(transpose)] = None
         replaced[id(dequant)] = weight
         node.input[1] = weight.output[0]
@@ -342,6 +343,7 @@ def fuse_gelu(proto) -> int:
         if len(half) != 1 or operands - set(half) != {x} or len(consumers[scale.output[0]]) != 1:
             continue
         gelu = helper.make_node("Gelu", [x], list(second.output), name=f"{second.name or second.output[0]}/Gelu", domain=DOMAIN)
+        gelu.metadata_props.extend(second.metadata_props)  # the module scope per-layer taps read
         replaced[id(second)] = gelu
         dropped.update({id(scale), id(erf), id(add), id(first)})
     if replaced:
