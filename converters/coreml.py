@@ -29,6 +29,7 @@ import torch
 from edgeq.compress.apply import apply_plan
 from edgeq.compress.qdq import WeightForm
 from edgeq.converters.base import Artifact, ConversionRequest, Converter, Refusal
+from edgeq.converters.coreml_frontend import register_corrections
 from edgeq.converters.coreml_graph import decomposed, decompositions, fix_graph
 from edgeq.converters.coreml_lowbit import LOWBIT, LOWBIT_MIN_TARGET, WEIGHT_OPS, check_plan, pack_module, register_frontend
 from edgeq.converters.coreml_names import FEATURE_NAMES_KEY, describe, feature_names
@@ -109,6 +110,7 @@ class CoreMLConverter(Converter):
         input_names = [renamed["inputs"].get(n, n) for n in model.input_names]
         output_names = [renamed["outputs"].get(n, n) for n in model.outputs]
         io_names = {*input_names, *output_names}
+        register_corrections()
         failing = _FailingNode()
         fixes: list[str] = []  # exact graph fixes for the frontend (coreml_graph), of the program converted
         try:
