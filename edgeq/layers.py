@@ -203,7 +203,7 @@ def localize(model: LoadedModel, artifact: Path, runtime: str, settings: dict, s
     if quantized:
         from edgeq.compress.fold import fold_batchnorm
 
-        module, folded = fold_batchnorm(model.module)
+        module, folded = fold_batchnorm(model.module, model.example_inputs)
         if folded:
             model = replace(model, module=module)
             notes.append(f"reference with BatchNorm folded into {', '.join(user_fqn(f) for f in folded)}, as in the plan")

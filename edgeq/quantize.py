@@ -69,7 +69,7 @@ def quantization_plan(model, profile, precision, options: QuantizeOptions, keep_
     from edgeq.coverage import account_weights
     from edgeq.linearize import linearize
 
-    module, folded = fold_batchnorm(model.module)
+    module, folded = fold_batchnorm(model.module, model.example_inputs)
     rebuilt = linearize(module, model.example_inputs, model.inputs, profile.dynamic_shapes, keep_float)
     model, keep_float = dataclasses.replace(model, module=rebuilt.module), rebuilt.keep_float
     model, plan, fallback = _plan(model, profile, precision, options, keep_float, calibration_samples, budget, folded)
