@@ -41,7 +41,8 @@ from edgeq.hashing import sha256_path
 from edgeq.rewrites import apply_rewrites
 from edgeq.targets import Precision, Runtime
 
-_MISSING_OP = re.compile(r"Unsupported fx node|convert function for op .* not implemented")
+_MISSING_OP = re.compile(r"Unsupported fx node \S+, kind ([\w.]+)|convert function for op '([\w.]+)' not implemented")
+_MAX_DECOMPOSED = 8  # ops decomposed one by one before falling back to the whole default table
 QUANTIZED = frozenset({Precision.INT8_WEIGHT, Precision.W8A8})
 # The frontend casts a per-channel zero point to int8 with mb.cast, which the iOS16 opset lacks, and MIL's
 # activation quantize/dequantize ops start at iOS17.
@@ -116,18 +117,7 @@ class CoreMLConverter(Converter):
         try:
             with failing:
                 program = torch.export.export(module, examples, strict=False)
-                try:
-                    with quiet():  # coremltools draws a progress bar for every pass
-                        fixes.extend(decomposed(program))
-                        mlmodel = ct.convert(_named(_fixed(program.run_decompositions(decompositions()), fixes), io_names), **options)
-                except Exception as exc:
-                    if not _MISSING_OP.search(str(exc)):
-                        raise
-                    failing.kind = None
-                    fixes.clear()
-                    with quiet():
-                        mlmodel = ct.convert(_named(_fixed(program.run_decompositions(), fixes), io_names), **options)
-                    rewrites.append(f"default-decomposition-table: {str(exc).strip().splitlines()[0][:120]}")
+                mlmodel = _convert_program(ct, program, options, io_names, failing, fixes, rewrites)
                 mlmodel = _rename_features(mlmodel, input_names, output_names, renamed)
                 mlmodel.save(str(dest))
                 make_reproducible(dest)
@@ -144,6 +134,66 @@ class CoreMLConverter(Converter):
         import coremltools as ct
 
         return {"torch": torch.__version__, "coremltools": ct.__version__}
+
+
+def _convert_program(ct, program, options: dict, io_names: set[str], failing, fixes: list[str], rewrites: list[str]):
+    """ct.convert on `program` with the fewest decompositions: high-level ops stay whole for Core ML's fused
+    ops, and each op the frontend lacks (`new_ones`, `lstm`, `celu`) is replaced by its entry of torch's default
+    decomposition table, one at a time. Decomposing everything (the whole default table) is the last resort: it
+    turns some ops the frontend takes into ones it lacks (torch.roll into fmod)."""
+    table = decompositions()
+    default = torch.export.default_decompositions()
+    steps = []  # one rewrite line per op decomposed
+    for _ in range(_MAX_DECOMPOSED):
+        fixes.clear()
+        fixes.extend(decomposed(program))
+        failing.kind = None
+        try:
+            mlmodel = _ct_convert(ct, _named(_fixed(program.run_decompositions(table), fixes), io_names), options, steps)
+            rewrites.extend(steps)
+            return mlmodel
+        except Exception as exc:
+            missing = _MISSING_OP.search(str(exc))
+            if not missing:
+                raise
+            kind = (missing.group(1) or missing.group(2)).split(".")[0]
+            entries = {op: fn for op, fn in default.items() if getattr(op, "__name__", "").split(".")[0] == kind}
+            if not entries or all(op in table for op in entries):
+                break
+            table.update(entries)
+            steps.append(f"default-decomposition-table: {kind} decomposed ({str(exc).strip().splitlines()[0][:120]})")
+    fixes.clear()
+    failing.kind = None
+    steps = ["default-decomposition-table: the whole table (an op the frontend lacks has no decomposition of its own)"]
+    mlmodel = _ct_convert(ct, _named(_fixed(program.run_decompositions(), fixes), io_names), options, steps)
+    rewrites.extend(steps)
+    return mlmodel
+
+
+# Optimization passes of coremltools' default pipeline that crash on some valid programs (measured, coremltools
+# 9.0): reduce_transposes reads `axes` from every reduce op, and a reduce over all axes (x.max()) has none
+# (KeyError 'axes'). Skipping an optimization pass changes no value; the artifact keeps those transposes.
+_FRAGILE_PASSES = {"_reduce_transposes_block": "common::reduce_transposes"}
+
+
+def _ct_convert(ct, program, options: dict, steps: list[str]):
+    """ct.convert, retried without a fragile optimization pass where that pass is what failed."""
+    try:
+        with quiet():  # coremltools draws a progress bar for every pass
+            return ct.convert(program, **options)
+    except Exception as exc:
+        import traceback
+
+        frames = {frame.name for frame in traceback.extract_tb(exc.__traceback__)}
+        skipped = [name for function, name in _FRAGILE_PASSES.items() if function in frames]
+        if not skipped:
+            raise
+        pipeline = ct.PassPipeline.DEFAULT
+        pipeline.remove_passes(skipped)
+        with quiet():
+            mlmodel = ct.convert(program, **options, pass_pipeline=pipeline)
+        steps.extend(f"coreml-pass-skipped: {name} (coremltools failed in it: {type(exc).__name__} {exc})" for name in skipped)
+        return mlmodel
 
 
 def _fixed(program: torch.export.ExportedProgram, applied: list[str]) -> torch.export.ExportedProgram:
