@@ -18,7 +18,7 @@ from edgeq.converters.parity import artifact_weights, compare_weights
 from edgeq.errors import ConversionError, SourceError, UsageError
 from edgeq.load import LoadedModel
 from edgeq.manifest import build_manifest
-from edgeq.reference_artifact import Fp32Baselines, QuantizationDrift, compare_with_fp32, fp32_first
+from edgeq.reference_artifact import Fp32Baselines, QuantizationDrift, TimingInput, compare_with_fp32, fp32_first
 from edgeq.targets import Precision, TargetProfile, expand_targets, load_profile
 from edgeq.quantize import QuantizeOptions, quantization_plan
 from edgeq.targets.resolve import QUANTIZED
@@ -94,15 +94,15 @@ def _convert_plans(model: LoadedModel, plans: list, options: ConvertOptions, on_
     data_source = describe_data(loaded, options, validation=len(validation), calibration=len(calibration))
 
     outcomes = []
-    baselines = Fp32Baselines(model, validation, references, on_step)
-    for profile, precision in plans:
-        on_step(f"{profile.id} {precision}: converting")
-        outcome = _convert_one(
-            model, profile, precision, validation, references, options, data_source, fp32_artifact=baselines.getter(profile),
-            calibration=calibration, on_step=on_step,
-        )
-        baselines.record(profile, outcome)
-        outcomes.append(outcome)
+    with Fp32Baselines(model, validation, references, on_step) as baselines:  # temporary FP32 artifacts live until the end
+        for profile, precision in plans:
+            on_step(f"{profile.id} {precision}: converting")
+            outcome = _convert_one(
+                model, profile, precision, validation, references, options, data_source, fp32_artifact=baselines.getter(profile),
+                calibration=calibration, on_step=on_step,
+            )
+            baselines.record(profile, outcome)
+            outcomes.append(outcome)
     return outcomes
 
 
@@ -182,13 +182,16 @@ def _convert_one(model, profile, precision, validation, references, options, dat
                 if parity.mismatches or parity.missing:
                     problems = parity.mismatches + [f"{fqn}: not quantized in the artifact" for fqn in parity.missing]
                     raise ConversionError(f"target {profile.id}: weight parity failed: " + "; ".join(problems[:10]))
-            run = run_artifact(artifact.path, profile.runtime.value, settings, validation, references, model.outputs)
+            # A quantized artifact is timed below, interleaved with its FP32 artifact (validate/latency.py)
+            paired = precision != Precision.FP32 and fp32_artifact is not None
+            run = run_artifact(artifact.path, profile.runtime.value, settings, validation, references, model.outputs, timed=not paired)
             report, signature = run.report, run.signature
             levels = run_accuracy_levels(artifact.path, profile.runtime.value, settings, validation, references, model.outputs, run)
             storage = weight_storage(request.model.module, request.plan, profile.runtime.value, float_bits_of(profile.runtime.value, precision.value))
             quantization = None
-            if precision != Precision.FP32 and fp32_artifact is not None:
-                quantization = compare_with_fp32(fp32_artifact, run, model.outputs)
+            if paired:
+                timing = TimingInput(artifact.path, profile.runtime.value, settings, validation[0]) if validation else None
+                quantization = compare_with_fp32(fp32_artifact, run, model.outputs, timing)
             violations = budget.violations(report) if report.status == Status.VALIDATED else []
             verdict = verdict_of(report, violations)
             layers = None

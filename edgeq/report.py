@@ -134,7 +134,8 @@ def print_outcomes(outcomes) -> None:
         drift_rows(table, [outcome.target, outcome.precision], outcome.report, tail, _against_fp32_artifact(outcome.quantization))
     console.print(table)
     console.print(
-        "  art. cos / art. SQNR: against the FP32 artifact of the same runtime; ms: median latency of one run here; "
+        "  art. cos / art. SQNR: against the FP32 artifact of the same runtime; ms: median latency of one run here "
+        "(1 thread unless the profile states its threads, warm; quantized artifacts interleaved with their FP32 artifact); "
         "bits/w: weights as stored"
     )
     for outcome in outcomes:
@@ -175,7 +176,7 @@ def _fp32_lines(outcome) -> list[str]:
         return [f"not compared with an FP32 artifact: {quantization.report.reason}"]
     lines = []
     if outcome.latency is not None and fp32.latency is not None:
-        lines.append(f"{outcome.latency.median_ms:.3g} ms vs {fp32.latency.median_ms:.3g} ms for FP32 (medians): {quantization.speed}")
+        lines.append(f"{outcome.latency.median_ms:.3g} ms vs {fp32.latency.median_ms:.3g} ms for FP32 (medians; {outcome.latency.method}): {quantization.speed}")
     if fp32.report is not None and fp32.report.outputs:
         drift = ", ".join(f"{d.name} cosine {_fmt(d.cosine, 7)}, SQNR {_fmt(d.sqnr_db, 4)} dB" for d in fp32.report.outputs)
         lines.append(f"conversion drift (its {fp32.source} FP32 artifact vs PyTorch): {drift}")

@@ -406,7 +406,7 @@ def _summary(reports: list[dict]) -> str:
         if ratio is not None:
             size += f' <span class="dim">({ratio:.2f}x FP32)</span>'
         speed = get(r, "validation", "latency_vs_fp32")
-        vs = "-" if speed is None else f"{e(fmt(speed, 3))}x FP32's median<br><span class=dim>{e(speed_text(speed))}</span>"
+        vs = "-" if speed is None else f"{e(speed_text(speed))}<br><span class=dim>{e(fmt(speed, 3))}x FP32's median</span>"
         if not latency and get(r, "validation", "latency_reason"):
             vs = f'<span class="dim">{e(get(r, "validation", "latency_reason"))}</span>'
         violations = get(r, "budget", "violations", default=[]) or []
@@ -433,8 +433,10 @@ def _summary(reports: list[dict]) -> str:
     note = (
         "<p class=note>Latency: wall time of one run of the artifact in its runtime on "
         + (e("; ".join(hosts)) if hosts else "this machine")
-        + " (median p50, p90, p99 in ms), not the device's. “vs FP32”: the median over the FP32 artifact's median "
-        "of the same target (below 1 is faster). Bits/weight: every weight of the model as the artifact stores it "
+        + " (median p50, p90, p99 in ms), not the device's: 1 thread unless the profile states its threads, warm, and a "
+        "quantized artifact timed in interleaved rounds with the FP32 artifact of its target, so machine load hits both "
+        "alike. “vs FP32”: how much faster (or slower) than that FP32 artifact, and its median over the FP32 median "
+        "(below 1 is faster). Bits/weight: every weight of the model as the artifact stores it "
         "(codes in their containers, scales, zero points, look-up tables, float weights), over the weight count.</p>"
     )
     head = ["target", "precision", "verdict", "size", "bits/weight", "p50 ms", "p90 ms", "p99 ms", "vs FP32", "budget", "violations and errors"]

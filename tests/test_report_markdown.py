@@ -39,7 +39,7 @@ def test_one_table_row_per_artifact_with_the_columns_ci_reads():
     assert head == ["target", "precision", "verdict", "worst cosine", "worst SQNR dB", "size", "p50 ms", "vs FP32"]
     assert all(len(row) == len(head) for row in table)
     assert [row[:3] for row in rows] == [["coreml", "fp32", "✅ passed"], ["coreml", "w8a8", "❌ over_budget"]]  # fp32 first
-    assert rows[1][3:] == ["0.9981", "21.4", "18.2 kB", "4", "0.50x speed (slower), 0.25x size"]
+    assert rows[1][3:] == ["0.9981", "21.4", "18.2 kB", "4", "0.5x: slower than FP32 on this machine, 0.25x size"]
     assert rows[0][7] == "-"
 
 

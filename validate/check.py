@@ -10,7 +10,7 @@ import numpy as np
 
 from edgeq.errors import ValidationError
 from edgeq.validate.drift import DriftReport, Status, compare
-from edgeq.validate.latency import Latency, measure_runner
+from edgeq.validate.latency import Latency, measure_runner, timing_settings
 from edgeq.validate.runners import IOSpec, NotExecutable, RunnerError, open_runner
 from edgeq.validate.token_mask import TokenMask, token_masks
 
@@ -26,6 +26,7 @@ class ArtifactRun:
     latency_reason: str | None = None  # why latency is None
     seconds: float = 0.0  # wall time of running and comparing the inputs (not of the timing runs)
     masks: dict[str, TokenMask] | None = None  # the token outputs' real positions the comparison used
+    untimed: str | None = None  # why timing this artifact's runner would mean nothing (the MIL reference executor)
 
 
 def run_artifact(
@@ -40,7 +41,8 @@ def run_artifact(
     **limits,
 ) -> ArtifactRun:
     """Execute `path` on every input and compare with `references`; then, if `timed`, time it on the first input
-    in the same session (`limits`: warm-up and run counts, as for `latency.measure`).
+    (`limits`: warm-up and run counts, as for `latency.measure`), in the same session when it already runs on the
+    timing threads (latency.timing_settings), else in a second one opened with them.
 
     Token outputs are compared on the positions their attention mask marks real (validate.token_mask):
     `token_outputs` (output -> mask input, as a golden file records them) names them; None decides from shapes.
@@ -68,10 +70,13 @@ def run_artifact(
     except (RunnerError, ValueError) as exc:
         return _failed(DriftReport(Status.ERROR, executor=runner.executor, reason=str(exc)), runner.inputs)
     seconds = time.perf_counter() - start
-    run = ArtifactRun(report, runner.inputs, candidates, latency_reason=runner.untimed or "not timed", seconds=seconds, masks=masks)
+    run = ArtifactRun(report, runner.inputs, candidates, latency_reason=runner.untimed or "not timed", seconds=seconds, masks=masks,
+                      untimed=runner.untimed)
     if timed and inputs and runner.untimed is None:
+        timing = timing_settings(runtime, settings)  # one thread unless the profile states its threads (latency.py)
         try:
-            run.latency, run.latency_reason = measure_runner(runner, inputs[0], **limits), None
+            timer = runner if timing == settings else open_runner(path, runtime, **timing)
+            run.latency, run.latency_reason = measure_runner(timer, inputs[0], threads=timing.get("threads"), **limits), None
         except (NotExecutable, RunnerError) as exc:
             run.latency_reason = f"timing failed: {exc}"
     return run

@@ -1,7 +1,13 @@
-"""Latency of one artifact in its runtime: warm-up runs, then timed runs of `runner.run` on one sample.
+"""Latency of an artifact in its runtime: warm-up runs, then timed runs of `runner.run` on one sample.
 
-numpy and the standard library only: a device bundle times its artifact with this same code.
-The figures belong to the machine that measured them (`host`), and reruns never repeat them exactly.
+One method everywhere (`edgeq convert`, device bundles, benchmarks/bench_speed.py): the runtime on the profile's
+stated threads, else ONE intra-op thread (figures comparable across machines and undisturbed by a second busy
+core); warm (untimed runs first); and, where a quantized artifact has an FP32 artifact beside it, the two timed
+in interleaved rounds, so that load from other work on the machine hits both alike and the ratio means
+something even when the milliseconds do not.
+
+numpy and the standard library only (runners are opened lazily): a device bundle times its artifact with this
+same code. The figures belong to the machine that measured them (`host`); reruns never repeat them exactly.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import numpy as np
 WARMUP_RUNS = 3  # first runs pay for allocation, kernel selection and cold caches; they are not timed
 MIN_RUNS = 10  # at least this many timed runs, however slow the artifact
 MAX_RUNS = 200  # enough for a stable p99 on fast artifacts without spending seconds on them
-TARGET_S = 1.0  # keep timing until this much time was spent (and MIN_RUNS reached)
+TARGET_S = 1.0  # keep timing until this much time was spent per artifact (and MIN_RUNS reached)
+TIMING_THREADS = 1  # intra-op threads when the profile states none (see the module docstring)
+TIMED_RUNTIMES = ("onnx", "tflite")  # runtimes whose runners take a thread count
 
 
 @dataclass(frozen=True)
@@ -30,17 +38,25 @@ class Latency:
     runs: int  # timed runs
     warmup: int  # untimed runs before them
     host: str = ""  # the machine that measured: latency means nothing without it
+    threads: int | None = None  # intra-op threads the runtime was given (None: its own default, e.g. Core ML)
+    interleaved_with: str | None = None  # the artifact timed round by round with this one (the FP32 artifact)
 
     def to_json(self) -> dict:
         return asdict(self)
 
+    @property
+    def method(self) -> str:
+        """How it was measured, for reports: "1 thread, warm, interleaved with the FP32 artifact"."""
+        threads = "runtime's default threads" if self.threads is None else f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+        return ", ".join([threads, "warm", *([f"interleaved with {self.interleaved_with}"] if self.interleaved_with else [])])
 
-def summarize(seconds: list[float], warmup: int, host: str = "") -> Latency:
+
+def summarize(seconds: list[float], warmup: int, host: str = "", threads: int | None = None, interleaved_with: str | None = None) -> Latency:
     """Median, p90 and p99 (linear interpolation) of timed runs given in seconds."""
     if not seconds:
         raise ValueError("no timed runs to summarize")
     median, p90, p99 = (round(float(x), 4) for x in np.percentile(np.asarray(seconds, dtype=np.float64) * 1e3, [50, 90, 99]))
-    return Latency(median, p90, p99, len(seconds), warmup, host)  # 0.1 us steps: finer is clock noise
+    return Latency(median, p90, p99, len(seconds), warmup, host, threads, interleaved_with)  # 0.1 us steps: finer is clock noise
 
 
 def measure(
@@ -51,24 +67,78 @@ def measure(
     max_runs: int = MAX_RUNS,
     target_s: float = TARGET_S,
     clock: Callable[[], float] = time.perf_counter,
+    threads: int | None = None,
 ) -> Latency:
     """Time `call`: `warmup` untimed calls, then timed ones until `target_s` is spent and `min_runs` are
-    done, stopping at `max_runs`. Exceptions from `call` propagate (the caller knows the runtime's)."""
-    for _ in range(warmup):
-        call()
-    seconds: list[float] = []
+    done, stopping at `max_runs`. Exceptions from `call` propagate (the caller knows the runtime's).
+    `threads` is recorded, not applied: the runner was opened with it."""
+    (latency,) = measure_interleaved([call], warmup=warmup, min_runs=min_runs, max_runs=max_runs, target_s=target_s,
+                                     clock=clock, threads=threads)
+    return latency
+
+
+def measure_interleaved(
+    calls: list[Callable[[], object]],
+    *,
+    labels: list[str | None] | None = None,
+    warmup: int = WARMUP_RUNS,
+    min_runs: int = MIN_RUNS,
+    max_runs: int = MAX_RUNS,
+    target_s: float = TARGET_S,
+    clock: Callable[[], float] = time.perf_counter,
+    threads: int | None = None,
+) -> list[Latency]:
+    """Time several calls round by round (each call once per round, the order reversed every other round so
+    neither always runs first): load from other work lands on all of them alike. Rounds go on until every
+    call had `min_runs` and the rounds took `target_s` per call, at most `max_runs`. `labels[i]` names what
+    call i was interleaved with (recorded in its Latency); by default the other calls are unnamed."""
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    seconds: list[list[float]] = [[] for _ in calls]
     spent = 0.0
-    while len(seconds) < max_runs and (len(seconds) < min_runs or spent < target_s):
-        start = clock()
-        call()
-        seconds.append(clock() - start)
-        spent += seconds[-1]
-    return summarize(seconds, warmup, host_description())
+    order = list(range(len(calls)))
+    while len(seconds[0]) < max_runs and (len(seconds[0]) < min_runs or spent < target_s * len(calls)):
+        for index in order:
+            start = clock()
+            calls[index]()
+            seconds[index].append(clock() - start)
+            spent += seconds[index][-1]
+        order.reverse()
+    host = host_description()
+    labels = labels or [None] * len(calls)
+    return [summarize(times, warmup, host, threads, label) for times, label in zip(seconds, labels)]
 
 
 def measure_runner(runner, sample: dict[str, np.ndarray], **limits) -> Latency:
     """Latency of `runner.run(sample)`; `limits` as for `measure`."""
     return measure(lambda: runner.run(sample), **limits)
+
+
+def timing_settings(runtime: str, settings: dict) -> dict:
+    """The runner settings latency is measured with: the validation settings on the profile's stated threads
+    (`threads` in its runtime options), else TIMING_THREADS. Runtimes without a thread setting keep theirs."""
+    if runtime not in TIMED_RUNTIMES:
+        return dict(settings)
+    return {**settings, "threads": settings.get("threads") or TIMING_THREADS}
+
+
+def time_artifacts(paths: list, runtime: str, settings: dict, sample: dict[str, np.ndarray], labels: list[str | None] | None = None,
+                   **limits) -> tuple[list[Latency] | None, str | None]:
+    """(latencies, None) of the artifacts at `paths`, each opened with `timing_settings` and timed interleaved
+    on `sample`; (None, why) when a runner cannot be opened, runs untimed (the MIL reference executor) or fails."""
+    from edgeq.validate.runners import NotExecutable, RunnerError, open_runner
+
+    timing = timing_settings(runtime, settings)
+    try:
+        runners = [open_runner(path, runtime, **timing) for path in paths]
+        untimed = next((runner.untimed for runner in runners if runner.untimed), None)
+        if untimed:
+            return None, untimed
+        calls = [lambda runner=runner: runner.run(sample) for runner in runners]
+        return measure_interleaved(calls, labels=labels, threads=timing.get("threads"), **limits), None
+    except (NotExecutable, RunnerError) as exc:
+        return None, f"timing failed: {exc}"
 
 
 def host_description() -> str:

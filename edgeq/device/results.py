@@ -77,7 +77,8 @@ def latency_json(check: BundleCheck | None) -> dict | None:
     if check is None or check.latency is None:
         return None
     latency = check.latency
-    return {"p50_ms": latency.median_ms, "p90_ms": latency.p90_ms, "p99_ms": latency.p99_ms, "runs": latency.runs, "warmup": latency.warmup}
+    return {"p50_ms": latency.median_ms, "p90_ms": latency.p90_ms, "p99_ms": latency.p99_ms, "runs": latency.runs, "warmup": latency.warmup,
+            "threads": latency.threads}
 
 
 def bundle_json(run: BundleRun) -> dict:
@@ -146,7 +147,8 @@ def _suite(run: BundleRun) -> Suite:
     if check is not None:
         properties["budget"] = check.budget or "none"
     for key, value in (latency_json(check) or {}).items():
-        properties[f"latency_{key}"] = value
+        if value is not None:  # threads: None where the runtime takes no thread count (Core ML)
+            properties[f"latency_{key}"] = value
     if run.memory is not None:
         for key in ("peak_rss_bytes", "rss_increase_bytes"):
             if getattr(run.memory, key) is not None:

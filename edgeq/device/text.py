@@ -46,7 +46,7 @@ def bundle_lines(run: BundleRun) -> list[str]:
     if latency is not None:
         lines.append(
             f"  latency: p50 {latency.median_ms:.4g} ms, p90 {latency.p90_ms:.4g} ms, p99 {latency.p99_ms:.4g} ms "
-            f"({latency.runs} timed runs after {latency.warmup} warm-up runs)"
+            f"({latency.runs} timed runs after {latency.warmup} warm-up runs; {latency.method})"
         )
     else:
         lines.append(f"  latency: {check.latency_reason}")

@@ -17,7 +17,7 @@ def test_percentiles_of_a_known_timing_sequence():
     latency = summarize(seconds, warmup=3)
     assert (latency.median_ms, latency.p90_ms, latency.p99_ms) == pytest.approx((50.5, 90.1, 99.01))
     assert latency.runs == 100 and latency.warmup == 3
-    assert set(latency.to_json()) == {"median_ms", "p90_ms", "p99_ms", "runs", "warmup", "host"}
+    assert set(latency.to_json()) == {"median_ms", "p90_ms", "p99_ms", "runs", "warmup", "host", "threads", "interleaved_with"}
     with pytest.raises(ValueError):
         summarize([], warmup=0)
 
@@ -41,6 +41,17 @@ def test_timed_runs_adapt_to_the_artifact_speed():
     assert medium.runs == 50
     fast = measure(lambda: None, clock=_fake_clock(1e-5))  # the 200-run ceiling
     assert fast.runs == 200
+
+
+def test_interleaved_rounds_alternate_and_stop_together():
+    from edgeq.validate.latency import measure_interleaved
+
+    order = []
+    first, second = measure_interleaved([lambda: order.append("a"), lambda: order.append("b")], labels=["b", "a"],
+                                        warmup=1, clock=_fake_clock(0.1), threads=1)
+    assert order[:2] == ["a", "b"] and order[2:6] == ["a", "b", "b", "a"]  # warm-up each, then rounds, order flipped
+    assert first.runs == second.runs == 10 and first.interleaved_with == "b" and second.threads == 1
+    assert first.method == "1 thread, warm, interleaved with b"
 
 
 def test_speed_is_said_in_words():
@@ -79,7 +90,11 @@ def test_fp16_alone_is_held_against_a_temporary_fp32_artifact(tmp_path):
     assert validation["latency_vs_fp32"] > 0
     report = json.loads((tmp_path / "tiny_mlp" / "onnx" / "fp16" / "report.json").read_text())
     assert report["validation"]["vs_fp32_artifact"] == quantization
-    assert "art. cos" in result.output and "for FP32 (medians)" in result.output.replace("\n", "")
+    assert validation["latency"]["threads"] == 1 and validation["latency"]["interleaved_with"] == "the FP32 artifact"
+    assert fp32["latency"]["interleaved_with"] == "the quantized artifact" and fp32["latency"]["runs"] == validation["latency"]["runs"]
+    assert validation["speed_vs_fp32"].startswith(f"{1 / validation['latency_vs_fp32']:.1f}x")
+    text = " ".join(result.output.split())
+    assert "art. cos" in text and "for FP32 (medians; 1 thread, warm, interleaved with the FP32 artifact)" in text
 
 
 @ONNX
@@ -92,7 +107,9 @@ def test_requested_fp32_is_converted_first_and_reused(tmp_path):
     manifest = json.loads((tmp_path / "tiny_mlp" / "onnx" / "fp32" / "manifest.json").read_text())
     assert reference["sha256"] == manifest["artifact"]["sha256"]
     assert reference["conversion_drift"] == {k: fp32[k] for k in reference["conversion_drift"]}
-    assert reference["latency"] == fp32["latency"]
+    # timed again beside fp16, round by round (the fp32 bundle's own figure was measured alone, earlier)
+    assert reference["latency"]["interleaved_with"] == "the quantized artifact" and fp32["latency"]["interleaved_with"] is None
+    assert fp32["latency"]["threads"] == reference["latency"]["threads"] == 1
     assert fp16["vs_fp32_artifact"]["outputs"][0]["cosine"] > 0.9999
 
 
