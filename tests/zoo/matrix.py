@@ -86,4 +86,13 @@ def record_cells(architecture: str, runtime: str, cells: dict) -> None:
     matrix = load_matrix()
     matrix.setdefault(architecture, {})[runtime] = cells
     ordered = {a: {r: matrix[a][r] for r in RUNTIMES if r in matrix[a]} for a in ZOO if a in matrix}
-    MATRIX.write_text(json.dumps(ordered, indent=1) + "\n")
+    MATRIX.write_text(dump_matrix(ordered))
+
+
+def dump_matrix(matrix: dict) -> str:
+    """JSON with one line per (architecture, runtime): a re-recorded cell shows as a one-line diff."""
+    blocks = []
+    for architecture, runtimes in matrix.items():
+        rows = ",\n".join(f"  {json.dumps(runtime)}: {json.dumps(cells)}" for runtime, cells in runtimes.items())
+        blocks.append(f"{json.dumps(architecture)}: {{\n{rows}\n }}")
+    return "{\n" + ",\n".join(blocks) + "\n}\n"
