@@ -22,6 +22,7 @@ from edgeq.reference_artifact import Fp32Baselines, QuantizationDrift, TimingInp
 from edgeq.targets import Precision, TargetProfile, expand_targets, load_profile
 from edgeq.quantize import QuantizeOptions, quantization_plan
 from edgeq.targets.resolve import QUANTIZED
+from edgeq.threads import limited_threads
 from edgeq.validate.budget import BudgetSyntaxError, parse_budget
 from edgeq.footprint import WeightStorage, float_bits_of, weight_storage
 from edgeq.validate.check import AccuracyLevels, per_compute_unit, run_accuracy_levels, run_artifact, runner_settings
@@ -73,7 +74,9 @@ def convert(model: LoadedModel, options: ConvertOptions, on_step: Callable[[str]
     plans = [(p, x) for p in profiles for x in fp32_first([Precision(x) for x in _precisions(p, options.precisions)])]
     _check_budget(options.budget)
     # Held for the whole run: a second run into OUT/<model> is refused now, not after loading data.
-    with claimed(Path(options.out) / model.name):
+    # edgeq's own computing on one thread unless EDGEQ_THREADS says otherwise (edgeq/threads.py: same bytes on
+    # any machine, and no spinning workers on shared cores).
+    with claimed(Path(options.out) / model.name), limited_threads():
         return _convert_plans(model, plans, options, on_step)
 
 
