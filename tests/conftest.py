@@ -87,3 +87,16 @@ def pytest_runtest_setup(item):
     )
     if missing:
         pytest.fail(f"CI=true, but the data this test module reads is missing: {', '.join(missing)}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist (`-n 2 --dist loadgroup`, the README's test command), the tests that share a module-
+    or session-scoped fixture of this suite run on one worker, so an expensive fixture (a MiniLM conversion, a
+    bundle built once per module) is still built once; every other test goes to whichever worker is free."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        for name, definitions in (info.name2fixturedefs.items() if info is not None else ()):
+            definition = definitions[-1]
+            if definition.scope in ("module", "package", "session") and definition.baseid:  # plugins' have none
+                item.add_marker(pytest.mark.xdist_group(f"{definition.baseid}::{name}"))
+                break
