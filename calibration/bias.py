@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from edgeq.calibration.collect import Sample, watch
-from edgeq.compress.qdq import WeightForm, quantized_module
+from edgeq.compress.qdq import WeightForm, keep_dequantized, quantized_module
 from edgeq.plan import LayerPlan
 
 MIN_GAIN = 0.05
@@ -21,7 +21,7 @@ MIN_GAIN = 0.05
 
 def correct_biases(module: nn.Module, layers: dict[str, LayerPlan], modules: dict[str, nn.Module], samples: list[Sample], input_names: list[str]) -> list[str]:
     """Set `bias_correction` on the layers where it helps; returns their FQNs."""
-    quantized = {fqn: quantized_module(modules[fqn], layer, WeightForm.CODES).eval() for fqn, layer in layers.items()}
+    quantized = {fqn: keep_dequantized(quantized_module(modules[fqn], layer, WeightForm.CODES).eval()) for fqn, layer in layers.items()}
     sums: dict[str, torch.Tensor] = {}
     squares: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}

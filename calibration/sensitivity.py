@@ -19,7 +19,7 @@ from torch import nn
 from edgeq.calibration.collect import Sample, run_module
 from edgeq.calibration.weights import quantize_weight_per_channel
 from edgeq.compress.apply import apply_plan, quantizable_layers
-from edgeq.compress.qdq import WeightForm
+from edgeq.compress.qdq import WeightForm, keep_dequantized
 from edgeq.plan import LayerPlan, QDtype, QuantPlan
 from edgeq.validate.budget import Budget
 from edgeq.validate.drift import DriftReport, compare
@@ -74,7 +74,7 @@ def relax(layer: LayerPlan, module: nn.Module, scale_dtype: str) -> LayerPlan:
 
 def simulate(module: nn.Module, plan: QuantPlan, samples: list[Sample], input_names: list[str], output_names: list[str]) -> list[dict]:
     """Outputs of `plan` applied to `module` in PyTorch, run-time activation quantization included."""
-    quantized = apply_plan(module, plan, WeightForm.CODES, simulate_dynamic=True)
+    quantized = keep_dequantized(apply_plan(module, plan, WeightForm.CODES, simulate_dynamic=True))
     return run_module(quantized, samples, input_names, output_names, "sensitivity: simulating")
 
 

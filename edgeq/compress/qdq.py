@@ -49,6 +49,7 @@ class QuantizedWeight(nn.Module):
             self.register_buffer("codes", codes_t)
         else:
             self.register_buffer("dequantized", torch.from_numpy(quant.dequantize(codes)))
+        self.evaluated: torch.Tensor | None = None  # never set on a module that is exported
 
     # Model code reads its layers' weights as tensors (HF ViT: `projection.weight.dtype` to cast the pixels):
     # answer as the float weight this one stands for.
@@ -65,12 +66,27 @@ class QuantizedWeight(nn.Module):
         return self.scale.device
 
     def forward(self) -> torch.Tensor:
+        if self.evaluated is not None:  # PyTorch-only evaluation (keep_dequantized): the same numbers, computed once
+            return self.evaluated
         args = (self.scale, self.zero_point, self.axis, self.qmin, self.qmax, torch.int8)
         if self.form == WeightForm.CODES:
             codes = self.codes
         else:
             codes = QD.quantize_per_channel(self.dequantized, *args)
         return QD.dequantize_per_channel(codes, *args)
+
+
+def keep_dequantized(module: nn.Module) -> nn.Module:
+    """For PyTorch-only evaluation (bias correction, the sensitivity sweep): every QuantizedWeight in `module`
+    dequantizes its codes once and returns that tensor on each call, instead of dequantizing on every forward
+    (MiniLM: 22M weights per forward). The numbers are the same. Never call it on a module to be exported: the
+    converters read the codes from the dequantize op, which this skips."""
+    with torch.no_grad():
+        for child in module.modules():
+            if isinstance(child, QuantizedWeight):
+                child.evaluated = None
+                child.evaluated = child()
+    return module
 
 
 class ActivationQuant(nn.Module):
