@@ -324,6 +324,14 @@ def lower_plan(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], reque
                 "result does not go straight into a quantized layer; make it a module, or use a target that "
                 "runs float ops too (tflite-xnnpack)"
             )
+    if request.precision in _STATIC and not request.profile.quantization.integer_io:
+        simulated = [fqn for fqn, use in named.items() if use.dequantize is not None and plan.layers[fqn].activation is not None]
+        if simulated:  # docs/research/tflite-w8a8-speed.md: an int8 FULLY_CONNECTED needs a quantized output too
+            plan.notes.append(  # a plan note: the CLI summary and the reports show it
+                f"{len(simulated)} of {len(named)} layers with int8 activations in the plan compute in float in this "
+                "artifact (QUANTIZE/DEQUANTIZE around a float op, weights dequantized at load): the numbers are the "
+                "plan's, the speed is about FP32's; int8-dynamic runs integer kernels on this target"
+            )
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 

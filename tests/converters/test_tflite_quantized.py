@@ -294,3 +294,15 @@ def test_static_schemes_without_activation_scales_are_refused(tmp_path):
 
     with pytest.raises(ConversionError, match="w8a8 needs activation scales from calibration, and the request's plan has none"):
         convert_with_plan("edgeq.examples:tiny_mlp", "tflite", "w8a8", None, tmp_path)
+
+
+def test_w8a8_artifact_whose_layers_compute_in_float_says_so(tmp_path):
+    """On `tflite` (not integer-only) the pipeline's w8a8 leaves each linear as QUANTIZE/DEQUANTIZE around a
+    float FULLY_CONNECTED (docs/research/tflite-w8a8-speed.md): the plan says so instead of passing it off as
+    int8 kernels; when the layers do run int8 kernels (planned outputs, the test above) nothing is said."""
+    outcome = convert_source("edgeq.examples:tiny_mlp", "tflite", "w8a8", tmp_path)
+    assert outcome.verdict == Verdict.PASSED, outcome.error or outcome.violations
+    kernels = [i for op, i, _ in op_types(outcome.path / "model.tflite") if op == "FULLY_CONNECTED"]
+    in_float = sum(inputs[0] == "float32" for inputs in kernels)
+    assert in_float == 2
+    assert any(note.startswith("2 of 2 layers with int8 activations in the plan compute in float") for note in outcome.plan_notes)
