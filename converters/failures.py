@@ -103,3 +103,16 @@ def explain_failure(
         f"target {target}: conversion failed{where}: {first_line[:400]}. "
         "Replace or wrap that module with supported ops, or convert to another target."
     )
+
+
+def explained(convert, request, dest):
+    """`convert(request, dest)`, where any failure that is not already edgeq's (the export, rewrites, packing)
+    becomes a ConversionError naming the target, the op and the module: never a raw traceback."""
+    from edgeq.errors import EdgeqError
+
+    try:
+        return convert(request, dest)
+    except (EdgeqError, ImportError):
+        raise
+    except Exception as exc:
+        raise explain_failure(request.profile.id, exc, request.model.module, request.model.example_inputs) from exc

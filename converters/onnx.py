@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from edgeq.converters.base import Artifact, ConversionRequest, Converter, Refusal
-from edgeq.converters.failures import explain_failure
+from edgeq.converters.failures import explain_failure, explained
 from edgeq.compress.apply import apply_plan
 from edgeq.compress.qdq import WeightForm
-from edgeq.errors import ConversionError, EdgeqError
+from edgeq.errors import ConversionError
 from edgeq.converters.tracing import dynamic_examples, quiet, shape_notes
 from edgeq.targets import Precision, Runtime
 
@@ -34,12 +34,7 @@ class OnnxConverter(Converter):
         return refusals
 
     def convert(self, request: ConversionRequest, dest: Path) -> Artifact:
-        try:
-            return self._convert(request, dest)
-        except (EdgeqError, ImportError):
-            raise
-        except Exception as exc:  # any step after the export too (rewrites, packing): never a raw traceback
-            raise explain_failure(request.profile.id, exc, request.model.module, request.model.example_inputs) from exc
+        return explained(self._convert, request, dest)
 
     def _convert(self, request: ConversionRequest, dest: Path) -> Artifact:
         import onnx

@@ -46,9 +46,9 @@ import torch
 from edgeq.compress.apply import apply_plan, quantizable_layers, user_fqn
 from edgeq.compress.qdq import QuantizedConv, QuantizedEmbedding, QuantizedLinear, WeightForm
 from edgeq.converters.base import Artifact, ConversionRequest, Converter, Refusal
-from edgeq.converters.failures import explain_failure
+from edgeq.converters.failures import explain_failure, explained
 from edgeq.converters.tracing import quiet, shape_notes
-from edgeq.errors import ConversionError, EdgeqError
+from edgeq.errors import ConversionError
 from edgeq.plan import QDtype, QuantPlan
 from edgeq.targets import Precision, Runtime
 
@@ -91,12 +91,7 @@ class TFLiteConverter(Converter):
         return refusals
 
     def convert(self, request: ConversionRequest, dest: Path) -> Artifact:
-        try:
-            return self._convert(request, dest)
-        except (EdgeqError, ImportError):
-            raise
-        except Exception as exc:  # any step after the export too (rewrites, packing): never a raw traceback
-            raise explain_failure(request.profile.id, exc, request.model.module, request.model.example_inputs) from exc
+        return explained(self._convert, request, dest)
 
     def _convert(self, request: ConversionRequest, dest: Path) -> Artifact:
         import litert_torch
