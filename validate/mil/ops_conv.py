@@ -39,13 +39,17 @@ def _windows(x: np.ndarray, kernel, strides, dilations) -> np.ndarray:
     return view[index]
 
 
-def conv(a: Args):
+def _conv_operands(a: Args):
+    """conv's and conv_transpose's shared operands: x, weight, spatial rank, kernel, strides, dilations, groups."""
     x, weight = _f(a("x")), _f(a("weight"))
     spatial = x.ndim - 2
-    kernel = weight.shape[2:]
     strides = [int(s) for s in np.atleast_1d(a("strides", np.ones(spatial, np.int32)))]
     dilations = [int(d) for d in np.atleast_1d(a("dilations", np.ones(spatial, np.int32)))]
-    groups = int(a.scalar("groups", 1))
+    return x, weight, spatial, weight.shape[2:], strides, dilations, int(a.scalar("groups", 1))
+
+
+def conv(a: Args):
+    x, weight, spatial, kernel, strides, dilations, groups = _conv_operands(a)
     pads = _pads(a, x.shape[2:], kernel, strides, dilations)
     x = np.pad(x, [(0, 0), (0, 0), *pads])
     windows = _windows(x, kernel, strides, dilations)  # (N, C_in, *out, *k)
@@ -72,12 +76,7 @@ def conv_transpose(a: Args):
     """The adjoint of conv: every input pixel scatters weight[c_in, :, k] to out[i * stride + k * dilation],
     then `pad` is cropped from each side (pad_type custom/valid) and `output_shape`, when given, is the size
     kept from pad-before on. weight is (C_in, C_out/groups, *K)."""
-    x, weight = _f(a("x")), _f(a("weight"))
-    spatial = x.ndim - 2
-    kernel = weight.shape[2:]
-    strides = [int(s) for s in np.atleast_1d(a("strides", np.ones(spatial, np.int32)))]
-    dilations = [int(d) for d in np.atleast_1d(a("dilations", np.ones(spatial, np.int32)))]
-    groups = int(a.scalar("groups", 1))
+    x, weight, spatial, kernel, strides, dilations, groups = _conv_operands(a)
     pad_type = a.scalar("pad_type", "valid")
     if pad_type == "valid":
         pads = [(0, 0)] * spatial
