@@ -19,7 +19,7 @@ from collections import defaultdict
 import numpy as np
 
 from edgeq.converters.onnx_lowbit import DTYPE_KEY, PACKED, SCALE, ZERO
-from edgeq.converters.onnx_lowbit_gather import packed_table, table_refusal
+from edgeq.converters.onnx_lowbit_gather import gather_block_quantized, table_refusal
 from edgeq.plan import LayerPlan, OpKind
 
 DOMAIN = "com.microsoft"
@@ -32,8 +32,6 @@ def gather_first_tables(proto, layers: dict[str, LayerPlan]) -> list[str]:
 
     A table the op cannot hold (table_refusal) keeps its DequantizeLinear: correct, only slower.
     """
-    from onnx import helper
-
     graph = proto.graph
     producer = {out: node for node in graph.node for out in node.output}
     tables = {fqn: layer for fqn, layer in layers.items() if layer.op == OpKind.EMBEDDING and layer.weight is not None and table_refusal(layer) is None}
@@ -45,17 +43,10 @@ def gather_first_tables(proto, layers: dict[str, LayerPlan]) -> list[str]:
         fqn = dequant.input[0].removesuffix(CODES_SUFFIX).removeprefix("inner.") if dequant.op_type == "DequantizeLinear" else None
         if fqn not in tables or not dequant.input[0].endswith(CODES_SUFFIX):
             continue
-        names = tuple(f"{fqn}{suffix}" for suffix in (PACKED, SCALE, ZERO))
-        initializers, attributes = packed_table(tables[fqn], names)
+        gather, initializers = gather_block_quantized(node, fqn, tables[fqn], (PACKED, SCALE, ZERO), DTYPE_KEY, DOMAIN)
         if fqn not in rewritten:  # a table gathered twice shares its initializers
             added += initializers
             rewritten.append(fqn)
-        inputs = [names[0], node.input[1], names[1]] + ([names[2]] if len(initializers) > 2 else [])
-        gather = helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=f"{node.name or fqn}/GatherBlockQuantized",
-                                  domain=DOMAIN, **attributes)
-        gather.metadata_props.extend(node.metadata_props)
-        tag = gather.metadata_props.add()
-        tag.key, tag.value = DTYPE_KEY, tables[fqn].weight.dtype.value
         replaced[id(node)] = gather
     if replaced:
         nodes = [replaced.get(id(node), node) for node in graph.node]

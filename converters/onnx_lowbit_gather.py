@@ -94,6 +94,22 @@ def packed_table(layer: LayerPlan, names: tuple[str, str, str]) -> tuple[list, d
     return initializers, {"bits": bits, "block_size": block_of(layer), "gather_axis": 0, "quantize_axis": 1}
 
 
+def gather_block_quantized(node, fqn: str, layer: LayerPlan, suffixes: tuple[str, str, str], dtype_key: str, domain: str):
+    """(GatherBlockQuantized node, its initializers): `node` (a Gather over table `fqn`) over the plan's packed
+    codes `<fqn><suffix>`, keeping the node's metadata (the scopes layer taps read) and tagging the codes' dtype."""
+    from onnx import helper
+
+    names = tuple(f"{fqn}{suffix}" for suffix in suffixes)
+    packed, attributes = packed_table(layer, names)
+    inputs = [names[0], node.input[1], names[1]] + ([names[2]] if len(packed) > 2 else [])
+    replacement = helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=f"{node.name or fqn}/GatherBlockQuantized",
+                                   domain=domain, **attributes)
+    replacement.metadata_props.extend(node.metadata_props)
+    tag = replacement.metadata_props.add()
+    tag.key, tag.value = dtype_key, layer.weight.dtype.value
+    return replacement, packed
+
+
 def rewrite_gathers(proto, tables: dict[str, LayerPlan], suffixes: tuple[str, str, str], dtype_key: str, domain: str) -> list[str]:
     """Replace each Gather (axis 0) over a planned table with GatherBlockQuantized over its packed codes.
 
@@ -121,16 +137,9 @@ def rewrite_gathers(proto, tables: dict[str, LayerPlan], suffixes: tuple[str, st
         if fqn is None:
             nodes.append(node)
             continue
-        names = tuple(f"{fqn}{suffix}" for suffix in suffixes)
-        packed, attributes = packed_table(tables[fqn], names)
+        replacement, packed = gather_block_quantized(node, fqn, tables[fqn], suffixes, dtype_key, domain)
         if fqn not in rewritten:  # a table gathered twice shares its initializers
             initializers += packed
-        inputs = [names[0], node.input[1], names[1]] + ([names[2]] if len(packed) > 2 else [])
-        replacement = helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=f"{node.name or fqn}/GatherBlockQuantized",
-                                       domain=domain, **attributes)
-        replacement.metadata_props.extend(node.metadata_props)
-        tag = replacement.metadata_props.add()
-        tag.key, tag.value = dtype_key, tables[fqn].weight.dtype.value
         nodes.append(replacement)
         rewritten.append(fqn)
     if rewritten:

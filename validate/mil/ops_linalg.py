@@ -67,14 +67,19 @@ def _channel(param, x: np.ndarray) -> np.ndarray:
     return _f(param).reshape([1, -1] + [1] * (x.ndim - 2))
 
 
-def batch_norm(a: Args):
-    x = _f(a("x"))
-    epsilon = np.float32(a.scalar("epsilon", 1e-5))
-    out = (x - _channel(a("mean"), x)) / np.sqrt(_channel(a("variance"), x) + epsilon)
+def _channel_affine(out: np.ndarray, a: Args, x: np.ndarray) -> np.ndarray:
+    """out * gamma + beta per channel, each optional (batch_norm's and instance_norm's affine)."""
     gamma, beta = a("gamma"), a("beta")
     if gamma is not None:
         out = out * _channel(gamma, x)
     return out if beta is None else out + _channel(beta, x)
+
+
+def batch_norm(a: Args):
+    x = _f(a("x"))
+    epsilon = np.float32(a.scalar("epsilon", 1e-5))
+    out = (x - _channel(a("mean"), x)) / np.sqrt(_channel(a("variance"), x) + epsilon)
+    return _channel_affine(out, a, x)
 
 
 def instance_norm(a: Args):
@@ -84,10 +89,7 @@ def instance_norm(a: Args):
     epsilon = np.float32(a.scalar("epsilon", 1e-5))
     mean = np.mean(x, axis=axes, keepdims=True)
     out = (x - mean) / np.sqrt(np.mean(np.square(x - mean), axis=axes, keepdims=True) + epsilon)
-    gamma, beta = a("gamma"), a("beta")
-    if gamma is not None:
-        out = out * _channel(gamma, x)
-    return out if beta is None else out + _channel(beta, x)
+    return _channel_affine(out, a, x)
 
 
 def l2_norm(a: Args):
