@@ -41,6 +41,16 @@ EXPECTED = (
 _GLOB = re.compile(r"[*?\[]")
 
 
+def pattern_matches(pattern: str, fqn: str) -> bool:
+    """Whether `pattern` names the layer `fqn`: an exact FQN, a glob (`*` also crosses dots) or `re:REGEX` in
+    full (raises re.error for a malformed REGEX). Shared with --lowrank-layers (edgeq/compress/lowrank.py)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], fqn) is not None
+    if _GLOB.search(pattern):
+        return fnmatch.fnmatchcase(fqn, pattern)
+    return fqn == pattern
+
+
 @dataclass(frozen=True)
 class LayerOverride:
     """One entry: which layers (`pattern`), what they get (`value` as typed, parsed into the fields below),
@@ -56,11 +66,7 @@ class LayerOverride:
     algorithm: str | None = None  # None: the model's scheme's
 
     def matches(self, fqn: str) -> bool:
-        if self.pattern.startswith("re:"):
-            return re.fullmatch(self.pattern[3:], fqn) is not None
-        if _GLOB.search(self.pattern):
-            return fnmatch.fnmatchcase(fqn, self.pattern)
-        return fqn == self.pattern
+        return pattern_matches(self.pattern, fqn)
 
     def describe(self) -> str:
         """How the plan's reasons name this entry, e.g. "per_layer 'classifier' = 'float' (edgeq.toml: defaults.per_layer)"."""
