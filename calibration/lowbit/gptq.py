@@ -19,6 +19,11 @@ Options, as in the authors' code:
       TFLite blockwise int4, Core ML blockwise) need contiguous groups in the original order, so converters
       must use `static_groups=True` with act-order: the result then has groups contiguous in the original
       order and `perm` None (the permutation only changed the solving order).
+Pruned weights stay zero: a weight that is exactly 0 when the layer comes (sparsity, edgeq/compress/sparsity.py)
+is coded at its group's zero point (real value exactly 0) whatever the updates spread onto it, and its own error
+(its updated value) is spread over the columns still to solve like any rounding error, so the compensation
+lands on the weights that remain (as SparseGPT's joint prune-and-quantize does); group ranges are fitted with
+those weights at 0.
 One difference from the authors' code: a group's scale is fitted on its columns' CURRENT values (every earlier
 column's error already spread), also when the group reaches past the current block; their code reads the
 columns past the block before the block's pending update. This keeps the blocked solve equal to the plain
@@ -68,6 +73,7 @@ class GPTQ:
         self.loss: float | None = None  # after solve: sum of (W_j - Q_j)^2 / Hinv_jj^2 / 2, the paper's Losses
         self.errors: dict[str, float] = {}  # after a guarded solve: tr(E H E^T) of "gptq" and "rtn", tr(W H W^T)
         self.fell_back = False  # after a guarded solve: whether round-to-nearest was kept
+        self.zeros = self.W == 0  # pruned weights: they stay exactly 0 (the module docstring)
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Accumulate H = 2/n sum x x^T over the rows of `inputs` [..., K] (tokens, or a conv's unfolded
@@ -145,10 +151,12 @@ class GPTQ:
             static = fit_scales(W, grid, clip, torch.diag(H))
 
         perm = None
+        zeros = self.zeros.to(W.device)
         if actorder:
             perm = torch.argsort(torch.diag(H), descending=True)
             W = W[:, perm]
             H = H[perm][:, perm]
+            zeros = zeros[:, perm]
         # the group each solved column belongs to when groups are static (fitted in the original order)
         group_of = ((perm.cpu() if perm is not None else torch.arange(columns)) // group_size).tolist()
 
@@ -165,7 +173,7 @@ class GPTQ:
             W1 = W[:, i1:i2].clone()
             Q1 = torch.zeros_like(W1)
             Err1 = torch.zeros_like(W1)
-            self._solve_block(W, W1, Q1, Err1, Losses, Hinv, i1, i2, grid, clip, static, group_of, energy, scale, zero)
+            self._solve_block(W, W1, Q1, Err1, Losses, Hinv, i1, i2, grid, clip, static, group_of, energy, scale, zero, zeros)
             Q[:, i1:i2] = Q1
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         self.loss = Losses.sum().item()
@@ -178,8 +186,9 @@ class GPTQ:
             perm = None
         return LowBitWeight(codes, scale.float(), zero.float(), grid, perm)
 
-    def _solve_block(self, W, W1, Q1, Err1, Losses, Hinv, i1, i2, grid, clip, static, group_of, energy, scale, zero):
-        """Columns i1..i2 one by one (the paper's inner loop): codes into Q1, scaled errors into Err1."""
+    def _solve_block(self, W, W1, Q1, Err1, Losses, Hinv, i1, i2, grid, clip, static, group_of, energy, scale, zero, zeros):
+        """Columns i1..i2 one by one (the paper's inner loop): codes into Q1, scaled errors into Err1; weights
+        marked in `zeros` (pruned) take their group's zero point."""
         group_size = grid.group_size or self.columns
         Hinv1 = Hinv[i1:i2, i1:i2]
         group_scale = group_zero = None
@@ -193,11 +202,13 @@ class GPTQ:
                 group_scale, group_zero = static[0][:, g : g + 1], static[1][:, g : g + 1]
             elif j % group_size == 0:  # a new group starts: fit it on its columns' current values
                 current = self._current_columns(W, W1, Err1, Hinv, i1, i2, j, j + group_size)
+                current = current.masked_fill(zeros[:, j : j + current.shape[1]], 0)  # pruned weights will be 0
                 group_scale, group_zero = fit_scales(current, grid, clip, energy[j : j + group_size])
                 scale[:, j // group_size] = group_scale[:, 0]
                 zero[:, j // group_size] = group_zero[:, 0]
             w = W1[:, i : i + 1]
             q = grid.quantize(w, group_scale, group_zero)  # codes, one column
+            q = torch.where(zeros[:, j : j + 1], group_zero.to(q.dtype), q)  # a pruned weight: code = zero point, value 0
             Q1[:, i : i + 1] = q
             d = Hinv1[i, i]
             err = (w - grid.dequantize(q, group_scale, group_zero)) / d
