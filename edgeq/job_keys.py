@@ -100,6 +100,11 @@ KEYS: dict[str, Key] = {
     "group_size": Key(lambda v: v == "channel" or _integer(1)(v) or (isinstance(v, str) and v.isdigit() and int(v) >= 1),
                       "a number of input channels per scale (32, 64, 128) or 'channel'", "--group-size"),
     "device": Key(lambda v: v in DEVICE_NAMES, f"one of {', '.join(DEVICE_NAMES)} (where low-bit calibration runs)", "--device"),
+    # Specs are parsed by edgeq.compress.spec (make_job), which says what would work; here only the shape.
+    "prune": Key(_string, "a pruning spec, e.g. 'structured:0.5', 'unstructured:0.5', '2:4', 'heads:0.33'", "--prune"),
+    "lowrank": Key(_string, "a low-rank spec, e.g. 'energy:0.95', 'rank:0.5', 'params:0.5'", "--lowrank"),
+    "lowrank_layers": Key(_strings, "a list of layer FQNs, globs or 're:REGEX' patterns", "--lowrank-layers"),
+    "recover": Key(_string, "a recovery spec, e.g. 'distill', 'distill:steps=300,lr=5e-5', 'qat', 'lora:rank=8'", "--recover"),
     # Values and patterns are checked by edgeq.layer_overrides (make_job); here only the shape.
     "per_layer": Key(lambda v: isinstance(v, dict) or _strings(v),
                      'a table of layer patterns and schemes, e.g. { "classifier" = "float", "*.intermediate.dense" = "int3" }',

@@ -22,16 +22,19 @@ TIMING_FIELDS = (
     ("validation", "fp32_artifact", "latency"),
     ("validation", "per_compute_unit"),  # macOS only: latencies per Core ML compute unit
     ("plan", "seconds"),  # calibration and fallback wall-clock time
+    ("compression", "latency"),  # PyTorch latency before/after each compression stage
+    ("compression", "seconds"),  # each compression stage's wall-clock time
 )
 
 
-def build_manifest(*, model, profile, artifact, report, budget, violations, verdict, signature, settings, golden, data_source, plan=None, parity=None, latency=None, latency_reason=None, quantization=None, storage=None, accuracy_levels=None) -> dict:
+def build_manifest(*, model, profile, artifact, report, budget, violations, verdict, signature, settings, golden, data_source, plan=None, parity=None, latency=None, latency_reason=None, quantization=None, storage=None, accuracy_levels=None, compression=None) -> dict:
     """Everything a build step or a device lab needs to trust the artifact, with no timestamps: reruns
     match except the TIMING_FIELDS, also from another folder (paths inside the working directory are
     recorded relative to it: edgeq.reproducible). `quantization` (a QuantizationDrift) holds a quantized
     artifact against its target's FP32 artifact; None for FP32 artifacts. `storage` (edgeq.footprint.WeightStorage)
     is the weights as the runtime stores them, in bits per weight; `accuracy_levels` (validate.check.AccuracyLevels)
-    the ONNX MatMulNBits artifact's deployed run beside its run at accuracy_level 1."""
+    the ONNX MatMulNBits artifact's deployed run beside its run at accuracy_level 1. `compression`
+    (edgeq.compress.run.compression_section) the prune / low-rank / recover stages with figures before and after."""
     return {
         "schema": MANIFEST_SCHEMA,
         "model": {
@@ -77,6 +80,7 @@ def build_manifest(*, model, profile, artifact, report, budget, violations, verd
             **_against_fp32_artifact(quantization),
         },
         "budget": {"terms": str(budget), "verdict": verdict, "violations": violations},
+        "compression": compression,
         "golden": {"file": golden.name, "sha256": sha256_path(golden), "samples": report.samples},
     }
 

@@ -13,6 +13,7 @@ from edgeq.bundle import REJECTED_SUFFIX, bundle_path, claimed, publish, staging
 from edgeq.calibration.collect import run_module
 from edgeq.calibration.data import SampleSet, load_samples, split
 from edgeq.calibration.memory import check_request
+from edgeq.compress.spec import CompressionSpecs
 from edgeq.converters import ConversionRequest, get_converter
 from edgeq.converters.parity import artifact_weights, compare_weights
 from edgeq.errors import ConversionError, SourceError, UsageError
@@ -47,6 +48,7 @@ class ConvertOptions:
     keep_float: list[str] = field(default_factory=list)  # torch FQNs or re:REGEX kept float in quantized schemes
     quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
     layers: bool = False  # per-layer drift of every ONNX and TFLite artifact (edgeq.layers)
+    compression: CompressionSpecs = field(default_factory=CompressionSpecs)  # prune, lowrank, recover (edgeq/compress/run.py)
 
 
 @dataclass
@@ -73,6 +75,7 @@ def convert(model: LoadedModel, options: ConvertOptions, on_step: Callable[[str]
     profiles = [load_profile(t) for t in expand_targets(options.targets)]
     plans = [(p, x) for p in profiles for x in fp32_first([Precision(x) for x in _precisions(p, options.precisions)])]
     _check_budget(options.budget)
+    _check_compression(options.compression, plans)
     # Held for the whole run: a second run into OUT/<model> is refused now, not after loading data.
     # edgeq's own computing on one thread unless EDGEQ_THREADS says otherwise (edgeq/threads.py: same bytes on
     # any machine, and no spinning workers on shared cores).
@@ -93,8 +96,14 @@ def _convert_plans(model: LoadedModel, plans: list, options: ConvertOptions, on_
     # A short source never starves validation (at most half goes to calibration); a long one gives both their count.
     calibration_count = min(wanted, max(len(samples) - options.samples, len(samples) // 2))
     calibration, validation = split(samples, calibration_count=calibration_count, seed=options.seed)
-    references = reference_outputs(model, validation)
+    references = reference_outputs(model, validation)  # of the ORIGINAL model, also when compression follows
     data_source = describe_data(loaded, options, validation=len(validation), calibration=len(calibration))
+    compression, teacher = None, model.module  # QAT and LoRA distill from the original model too
+    if options.compression.asked:  # once per run, before any artifact: every target converts the compressed model
+        from edgeq.compress.run import compress_model
+
+        compression = compress_model(model, options.compression, calibration, validation, references, on_step)
+        model = compression.model
 
     outcomes = []
     with Fp32Baselines(model, validation, references, on_step) as baselines:  # temporary FP32 artifacts live until the end
@@ -102,7 +111,7 @@ def _convert_plans(model: LoadedModel, plans: list, options: ConvertOptions, on_
             on_step(f"{profile.id} {precision}: converting")
             outcome = _convert_one(
                 model, profile, precision, validation, references, options, data_source, fp32_artifact=baselines.getter(profile),
-                calibration=calibration, on_step=on_step,
+                calibration=calibration, on_step=on_step, compression=compression, teacher=teacher,
             )
             baselines.record(profile, outcome)
             outcomes.append(outcome)
@@ -110,7 +119,23 @@ def _convert_plans(model: LoadedModel, plans: list, options: ConvertOptions, on_
 
 
 def _calibration_count(plans: list, options: ConvertOptions) -> int:
-    return options.quantize.calibration_samples if any(precision in QUANTIZED for _, precision in plans) else 0
+    """Calibration samples are drawn for quantized schemes and, also in FP32-only runs, for compression."""
+    wanted = any(precision in QUANTIZED for _, precision in plans) or options.compression.needs_calibration
+    return options.quantize.calibration_samples if wanted else 0
+
+
+def _check_compression(specs: CompressionSpecs, plans: list) -> None:
+    """Requests that cannot mean anything for these plans, refused before any data or model work (exit 2)."""
+    recover = specs.recover
+    if recover is None:
+        return
+    quantized = sorted({precision.value for _, precision in plans if precision in QUANTIZED})
+    if recover.mode in ("qat", "lora") and not quantized:
+        asked = ", ".join(sorted({precision.value for _, precision in plans}))
+        raise UsageError(
+            f"--recover {recover.text or recover.mode}: recovers quantized plans, and this run makes none ({asked}); "
+            "add a quantized precision (e.g. -p int8-dynamic, -p int4-weight) or use --recover distill after --prune/--lowrank"
+        )
 
 
 def _precisions(profile: TargetProfile, requested: list[str] | None) -> list[str]:
@@ -155,7 +180,8 @@ def describe_data(loaded: SampleSet, options: ConvertOptions, *, validation: int
 LAYER_RUNTIMES = ("onnx", "tflite")  # runtimes whose intermediate tensors edgeq reads
 
 
-def _convert_one(model, profile, precision, validation, references, options, data_source, fp32_artifact=None, calibration=(), on_step=lambda _: None) -> Outcome:
+def _convert_one(model, profile, precision, validation, references, options, data_source, fp32_artifact=None, calibration=(), on_step=lambda _: None,
+                 compression=None, teacher=None) -> Outcome:
     converter = get_converter(profile.runtime)
     request = ConversionRequest(model, profile, precision)
     refusals = converter.check(request)
@@ -167,8 +193,13 @@ def _convert_one(model, profile, precision, validation, references, options, dat
     if precision in QUANTIZED:
         try:
             request.model, request.plan, fallback = quantization_plan(
-                model, profile, precision, options.quantize, options.keep_float, list(calibration), budget
+                model, profile, precision, options.quantize, options.keep_float, list(calibration), budget,
+                recover=options.compression.recover, teacher=teacher if teacher is not None else model.module,
             )
+            if compression is not None:  # the run's stages first, then what recovered this plan (qat, lora)
+                from edgeq.compress.run import plan_records
+
+                request.plan.compression[:0] = plan_records(compression.stages)
         except ConversionError as exc:
             return Outcome(profile.id, precision.value, Verdict.CONVERSION_FAILED, error=str(exc))
     settings = runner_settings(profile.runtime.value, profile.runtime_options)
@@ -210,7 +241,7 @@ def _convert_one(model, profile, precision, validation, references, options, dat
                 violations=violations, verdict=verdict.value, signature=signature, settings=settings, golden=golden,
                 data_source=data_source, plan=request.plan, parity=parity,
                 latency=run.latency, latency_reason=run.latency_reason, quantization=quantization,
-                storage=storage, accuracy_levels=levels,
+                storage=storage, accuracy_levels=levels, compression=_compression_section(compression, request.plan),
             )
             if profile.runtime.value == "coreml":
                 manifest["validation"]["per_compute_unit"] = per_compute_unit(artifact.path, settings, validation, references, model.outputs)
@@ -228,6 +259,16 @@ def _convert_one(model, profile, precision, validation, references, options, dat
                    storage, levels)
 
 
+def _compression_section(compression, plan) -> dict | None:
+    """The run's compression figures, plus the records of stages that ran for this plan alone (qat, lora)."""
+    section = dict(compression.figures) if compression is not None else None
+    own = plan.compression[len(compression.stages) if compression is not None else 0:] if plan is not None else []
+    if own:
+        section = section or {"stages": [], "drift_samples": None, "latency": None, "seconds": []}
+        section["stages"] = [*section["stages"], *own]
+    return section
+
+
 def _plan_notes(plan) -> list[str]:
     if plan is None:
         return []
@@ -243,6 +284,7 @@ def _report_json(manifest: dict, plan=None, layers: LayerReport | None = None) -
     report["plan"] = None if manifest["plan"] is None else {**manifest["plan"], "notes": list(plan.notes) if plan is not None else []}
     report["weight_parity"] = manifest["weight_parity"]
     report["layers"] = None if layers is None else layers.to_json()  # edgeq convert/validate --layers
+    report["compression"] = manifest.get("compression")  # prune / low-rank / recover: before and after each stage
     return report
 
 

@@ -208,6 +208,9 @@ class QuantPlan:
     # fraction of the model's parameter bytes (FP32) stored quantized: edgeq.coverage.account_weights fills them
     other_weights: dict[str, str] = field(default_factory=dict)
     quantized_share: float | None = None
+    # the compression stages the quantized model went through (edgeq.compress.stage.StageResult.to_json(): stage,
+    # spec, per-layer changes, notes, skipped), in order: prune, lowrank, recover, then this plan's own qat / lora
+    compression: list[dict] = field(default_factory=list)
 
     def quantized(self) -> list[LayerPlan]:
         return [layer for layer in self.layers.values() if not layer.is_float]
@@ -283,6 +286,8 @@ class QuantPlan:
         document = {"summary": self.summary(), "notes": self.notes, "layers": layers}
         if self.quantized_share is not None:
             document["quantized_share"] = self.quantized_share
+        if self.compression:
+            document["compression"] = self.compression
         if tensors:
             document |= {"inputs": self.inputs, "tensors": tensors}
         plan_path, scales_path = Path(folder) / "plan.json", Path(folder) / "scales.npz"
@@ -297,7 +302,8 @@ class QuantPlan:
         with np.load(Path(folder) / "scales.npz", allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
         plan = cls(data["summary"]["scheme"], data["summary"]["target"], notes=data.get("notes", []), inputs=data.get("inputs", []),
-                   other_weights=data["summary"].get("other_weights", {}), quantized_share=data.get("quantized_share"))
+                   other_weights=data["summary"].get("other_weights", {}), quantized_share=data.get("quantized_share"),
+                   compression=data.get("compression", []))
 
         def quant(described: dict, prefix: str) -> TensorQuant:
             return TensorQuant(

@@ -130,6 +130,31 @@ def check_keep_float(patterns: list[str], label: str) -> None:
                 raise UsageError(f"{label} {pattern!r}: not a valid regular expression: {exc}") from exc
 
 
+def check_compression(values: dict, label):
+    """The job's --prune / --lowrank (+ --lowrank-layers) / --recover as edgeq.compress.spec.CompressionSpecs,
+    and the combinations that cannot mean anything, refused before torch loads. `label(key)` names a key."""
+    from edgeq.compress.spec import CompressionSpecs, parse_lowrank, parse_prune, parse_recover
+
+    prune = parse_prune(values["prune"], label("prune")) if "prune" in values else None
+    layers = list(values.get("lowrank_layers", []))
+    if layers and "lowrank" not in values:
+        raise UsageError(f"{label('lowrank_layers')}: chooses the layers --lowrank factorizes; add --lowrank, e.g. --lowrank rank:0.5")
+    lowrank = parse_lowrank(values["lowrank"], layers, label("lowrank"), label("lowrank_layers")) if "lowrank" in values else None
+    recover = parse_recover(values["recover"], label("recover")) if "recover" in values else None
+    if recover is not None and recover.mode == "distill" and prune is None and lowrank is None:
+        raise UsageError(
+            f"{label('recover')} {recover.text}: distillation recovers what --prune or --lowrank cost, and neither is asked; "
+            "add one (e.g. --prune structured:0.5), or use --recover qat with a quantized precision"
+        )
+    specs = CompressionSpecs(prune, lowrank, recover)
+    needing = specs.needing_data()
+    if needing and values.get("calibration_samples", 32) == 0:
+        raise UsageError(
+            f"{label('calibration_samples')} 0: {', '.join(needing)} needs calibration samples; give a number, e.g. 32"
+        )
+    return specs
+
+
 def check_device(device: str, label: str) -> None:
     """`cuda` needs a torch built with CUDA (or ROCm, which torch.cuda also drives). Read from torch/version.py
     as text, without importing torch (a second or more); whether a GPU is present is checked when calibration

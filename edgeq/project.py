@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeq.compress.spec import CompressionSpecs
 from edgeq.errors import UsageError
 from edgeq.job_keys import KEYS, check_value, check_values
 from edgeq.layer_overrides import parse_per_layer
@@ -52,6 +53,7 @@ class Job:
     keep_float: list[str] = field(default_factory=list)
     quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
     layers: bool = False  # per-layer drift of every ONNX and TFLite artifact
+    compression: CompressionSpecs = field(default_factory=CompressionSpecs)  # --prune, --lowrank, --recover
 
 
 def load_project(path: Path, overrides: dict | None = None) -> list[Job]:
@@ -114,7 +116,7 @@ def make_job(values: dict, base: Path | None, label: Callable[[str], str]) -> Jo
     `base`: the folder relative paths start from (the project file's), None for the command line.
     `label(key)` names the option or file key in messages."""
     from edgeq.preflight import (
-        check_budget, check_data, check_device, check_keep_float, check_name, check_out, check_precisions,
+        check_budget, check_compression, check_data, check_device, check_keep_float, check_name, check_out, check_precisions,
         check_source, check_targets, check_task,
     )
 
@@ -148,6 +150,7 @@ def make_job(values: dict, base: Path | None, label: Callable[[str], str]) -> Jo
         _parsed(label("preprocess"), _parse_preprocess, values["preprocess"])
     per_layer = parse_per_layer(values["per_layer"], label("per_layer")) if "per_layer" in values else ()
     inputs = [_parsed(label("inputs"), _parse_input, text) for text in values.get("inputs", [])]
+    compression = check_compression(values, label)
     repeated = sorted({spec.name for spec in inputs if [s.name for s in inputs].count(spec.name) > 1})
     if repeated:
         raise UsageError(f"{label('inputs')}: input {', '.join(repeated)} declared more than once; declare each input once")
@@ -171,6 +174,7 @@ def make_job(values: dict, base: Path | None, label: Callable[[str], str]) -> Jo
         keep_float=keep_float,
         quantize=_parsed(label("smoothquant"), lambda v: _quantize_options(v, per_layer), values),
         layers=values.get("layers", False),
+        compression=compression,
     )
 
 
@@ -228,7 +232,7 @@ def run_job(job: Job, on_step: Callable[[str], None] = lambda _: None):
         targets=job.targets, out=job.out, precisions=job.precisions or None, budget=job.budget,
         data=job.data, text_column=job.text_column, preprocess=job.preprocess,
         sample_rate=job.sample_rate, samples=job.samples, seed=job.seed, keep_float=job.keep_float,
-        quantize=job.quantize, layers=job.layers,
+        quantize=job.quantize, layers=job.layers, compression=job.compression,
     )
     return convert(model, options, on_step)
 

@@ -57,12 +57,15 @@ def parse_smoothquant(text: str | float | None) -> dict:
         raise UsageError(f"smoothquant {text!r}: expected an alpha in [0, 1] or 'off'") from None
 
 
-def quantization_plan(model, profile, precision, options: QuantizeOptions, keep_float: list[str], calibration_samples: list, budget):
+def quantization_plan(model, profile, precision, options: QuantizeOptions, keep_float: list[str], calibration_samples: list, budget,
+                      recover=None, teacher=None):
     """(model to convert, QuantPlan, Fallback or None) for `precision` on `profile`, calibrated on
     `calibration_samples`. The model to convert has BatchNorm folded into its convolutions, recurrent layers and
     nn.MultiheadAttention rebuilt from nn.Linear layers (edgeq.linearize), and with AWQ (low-bit `--algo awq`,
     `awq+gptq`) its input scales folded where exact: the plan's codes are of its weights. The plan counts every
-    weight tensor of that model (edgeq.coverage): what stays float is listed with its reason."""
+    weight tensor of that model (edgeq.coverage): what stays float is listed with its reason.
+    `recover` (edgeq.compress.spec.RecoverSpec) in mode qat or lora trains the model on the plan's grid,
+    distilling from `teacher` (the original FP32 module), and records its stage in plan.compression."""
     import dataclasses
 
     from edgeq.compress.fold import fold_batchnorm
@@ -73,6 +76,8 @@ def quantization_plan(model, profile, precision, options: QuantizeOptions, keep_
     rebuilt = linearize(module, model.example_inputs, model.inputs, profile.dynamic_shapes, keep_float)
     model, keep_float = dataclasses.replace(model, module=rebuilt.module), rebuilt.keep_float
     model, plan, fallback = _plan(model, profile, precision, options, keep_float, calibration_samples, budget, folded)
+    if recover is not None and recover.mode in ("qat", "lora"):
+        model, plan = _recover_plan(model, plan, recover, teacher if teacher is not None else model.module, calibration_samples)
     plan.notes[:0] = rebuilt.notes
     account_weights(model.module, plan, rebuilt.floats)
     return model, plan, fallback
@@ -118,6 +123,28 @@ def _plan(model, profile, precision, options: QuantizeOptions, keep_float, calib
         options.fallback_max, profile.quantization.scale_dtype,
     )
     return model, fallback.plan, fallback
+
+
+def _recover_plan(model, plan, spec, teacher, calibration_samples: list):
+    """QAT (fake quantization on the plan's grid, learnable scales) or LoRA over the frozen quantized base, for
+    this target and precision: (model whose quantized layers hold the plan's new values, plan with new codes)."""
+    import dataclasses
+
+    from edgeq.errors import UsageError
+
+    if not calibration_samples:
+        raise UsageError(
+            f"--recover {spec.text or spec.mode}: needs calibration samples and none are available; give "
+            "--calibration-samples N (e.g. 32) and --data with more samples than --samples"
+        )
+    if spec.mode == "qat":
+        from edgeq.recover.qat import qat as recover
+    else:
+        from edgeq.recover.lora import lora as recover
+    module, plan, result = recover(model.module, teacher, plan, spec, list(calibration_samples), model.input_names, model.outputs)
+    plan.compression.append(result.to_json())
+    plan.seconds[f"recover_{spec.mode}"] = round(result.seconds, 3)
+    return dataclasses.replace(model, module=module), plan
 
 
 def check_calibration_device(device: str) -> None:

@@ -138,6 +138,38 @@ class RecoverSpec:
         return "lora" if self.lora_rank else "qat" if self.qat else "distill"
 
 
+@dataclass(frozen=True)
+class CompressionSpecs:
+    """What a job asks of compression: each stage's spec, None where not asked. Stages run in this order,
+    once per run, before any artifact: prune -> lowrank -> recover (distill); qat and lora recover per
+    quantized target and precision instead (edgeq/quantize.py)."""
+
+    prune: PruneSpec | None = None
+    lowrank: LowRankSpec | None = None
+    recover: RecoverSpec | None = None
+
+    @property
+    def asked(self) -> bool:
+        return any(spec is not None for spec in (self.prune, self.lowrank, self.recover))
+
+    @property
+    def distills(self) -> bool:
+        return self.recover is not None and self.recover.mode == "distill"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Calibration samples are drawn whenever any stage is asked: distillation, QAT, LoRA, SparseGPT,
+        activation/Taylor importance and activation-aware SVD cannot run without them, and the others use them
+        (structured pruning re-checks shapes on them)."""
+        return self.asked
+
+    def needing_data(self) -> list[str]:
+        """The specs that cannot run at all without calibration samples, as the user typed them."""
+        specs = [self.prune, self.lowrank]
+        needing = [spec.text or type(spec).__name__ for spec in specs if spec is not None and spec.needs_calibration]
+        return needing + ([self.recover.text or self.recover.mode] if self.recover is not None else [])
+
+
 def parse_prune(text: str, label: str = "--prune") -> PruneSpec:
     """`structured:0.5[:IMPORTANCE]`, `heads:RATIO[:IMPORTANCE]`, `unstructured:RATIO[:global][:sparsegpt]`,
     `N:M[:sparsegpt]`."""
@@ -301,4 +333,4 @@ def _example(kind: str) -> str:
     return {"channels": "structured:0.5", "heads": "heads:0.33", "unstructured": "unstructured:0.5"}.get(kind, "2:4")
 
 
-__all__ = ["LowRankSpec", "PruneSpec", "RecoverSpec", "check_layer_pattern", "parse_lowrank", "parse_prune", "parse_recover"]
+__all__ = ["CompressionSpecs", "LowRankSpec", "PruneSpec", "RecoverSpec", "check_layer_pattern", "parse_lowrank", "parse_prune", "parse_recover"]
