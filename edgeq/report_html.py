@@ -767,6 +767,7 @@ footer{margin-top:40px;font-size:12.5px;color:var(--dim);border-top:1px solid va
 
 def render_html(reports: list[dict]) -> str:
     """One self-contained HTML page for the reports of a run (report.json dicts, see the module doc)."""
+    from edgeq.report_compression import compression_section
     from edgeq.report_storage import accuracy_levels_section
 
     reports = sort_reports(r for r in reports if isinstance(r, dict))
@@ -785,14 +786,14 @@ def render_html(reports: list[dict]) -> str:
     ]))
     sections = [
         _summary(reports), _drift(reports), _conversion_vs_quantization(reports), accuracy_levels_section(reports), _layers(reports),
-        _plans(reports), _data(reports), _executors(reports), _bundles(reports),
+        compression_section(reports), _plans(reports), _data(reports), _executors(reports), _bundles(reports),
     ]
     sections = [s for s in sections if s]
     nav = "".join(
         f'<li><a href="#{ident}">{e(label)}</a></li>'
         for ident, label in (
             ("summary", "Summary"), ("drift", "Drift per output"), ("conversion-vs-quantization", "Conversion vs quantization"),
-            ("accuracy-levels", "Weight vs kernel error"), ("layers", "Per-layer drift"), ("plans", "Quantization plans"), ("data", "Validation data"),
+            ("accuracy-levels", "Weight vs kernel error"), ("layers", "Per-layer drift"), ("compression", "Compression"), ("plans", "Quantization plans"), ("data", "Validation data"),
             ("executors", "Who ran each artifact"), ("bundles", "Bundles"),
         )
         if any(f'id="{ident}"' in s for s in sections)

@@ -113,6 +113,11 @@ def render_markdown(reports: list[dict]) -> str:
             details.append(f"- top {len(top)} offending layers:")
             details.extend(f"  {i}. {line}" for i, line in enumerate(top, 1))
         details.append("")
+    from edgeq.report_compression import compression_markdown
+
+    compression = compression_markdown(reports, cell)
+    if compression:
+        details = [*compression, "", *details]
     if details:
         lines += ["", *details]
     else:
