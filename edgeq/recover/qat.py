@@ -89,9 +89,10 @@ def qat(student, teacher, plan, spec, calibration: list[dict], input_names: list
 class QatSimulation:
     """Puts `plan` on `module` (in place) as trainable fake quantization: parametrized weights for the quantized
     layers, hooks for activations, bias corrections and tensor points, palette layers frozen at their values.
-    `layers`: plan FQN -> (module, LayerPlan) of the parametrized layers; `frozen`: parameter names not trained."""
+    `layers`: plan FQN -> (module, LayerPlan) of the parametrized layers; `frozen`: parameter names not trained.
+    `train_weights` False (LoRA's frozen base): every quantized layer holds its dequantized plan values, frozen."""
 
-    def __init__(self, module, plan):
+    def __init__(self, module, plan, train_weights: bool = True):
         import torch
         from torch.nn.utils import parametrize
 
@@ -111,11 +112,15 @@ class QatSimulation:
             raise ConversionError(f"qat: the plan names layers the model does not have: {', '.join(missing[:5])}")
         for fqn, entry in plan.layers.items():
             name, child = by_fqn[fqn]
-            if entry.palette is not None:
+            if entry.palette is not None or (not train_weights and entry.weight_codes is not None):
+                real = dequantized(entry, child.weight.shape)
+                if entry.smooth is not None:
+                    real = real / _torch(entry.smooth)
                 with torch.no_grad():
-                    child.weight.copy_(dequantized(entry, child.weight.shape))
+                    child.weight.copy_(real)
                 self.frozen.add(f"{name}.weight")
-                self.skipped[fqn] = "k-means palette: its entries are not learned by QAT; the layer holds them, frozen"
+                if train_weights:
+                    self.skipped[fqn] = "k-means palette: its entries are not learned by QAT; the layer holds them, frozen"
             elif entry.weight is not None and entry.weight_codes is not None:
                 weight = child.weight.detach().cpu().numpy().astype(np.float32)
                 domain = weight if entry.smooth is None else weight * entry.smooth.astype(np.float32)

@@ -93,3 +93,9 @@ def simulated(model: nn.Module, plan) -> nn.Module:
             if entry is not None and entry.weight_codes is not None:
                 child.weight.copy_(dequantized(entry, child.weight.shape))
     return result
+
+
+def blocks_source():
+    """`edgeq.load.load_model("tests.recover.models:blocks_source")`: the teacher's network and an example input."""
+    torch.manual_seed(0)
+    return Blocks().eval(), (torch.randn(1, 12),)
