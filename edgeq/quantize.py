@@ -137,11 +137,14 @@ def _recover_plan(model, plan, spec, teacher, calibration_samples: list):
             f"--recover {spec.text or spec.mode}: needs calibration samples and none are available; give "
             "--calibration-samples N (e.g. 32) and --data with more samples than --samples"
         )
-    if spec.mode == "qat":
-        from edgeq.recover.qat import qat as recover
+    if spec.mode == "qat":  # new scales rounded, per layer, to the narrowest dtype that held the plan's exactly
+        from edgeq.recover.qat import qat
+
+        module, plan, result = qat(model.module, teacher, plan, spec, list(calibration_samples), model.input_names, model.outputs)
     else:
-        from edgeq.recover.lora import lora as recover
-    module, plan, result = recover(model.module, teacher, plan, spec, list(calibration_samples), model.input_names, model.outputs)
+        from edgeq.recover.lora import lora
+
+        module, plan, result = lora(model.module, teacher, plan, spec, list(calibration_samples), model.input_names, model.outputs)
     plan.compression.append(result.to_json())
     plan.seconds[f"recover_{spec.mode}"] = round(result.seconds, 3)
     return dataclasses.replace(model, module=module), plan
