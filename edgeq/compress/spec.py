@@ -2,7 +2,8 @@
 the same spellings in edgeq.toml. Parsed torch-free, so a typo fails in milliseconds with exit 2.
 
     --prune structured:0.5            remove half of the channels/filters of each prunable layer (L2 norm)
-    --prune structured:0.5:taylor     ... ranked by importance l1 | l2 | activation | taylor
+    --prune structured:0.5:taylor     ... ranked by importance l1 | l2 | activation | taylor (:global: one ranking
+                                      across the model instead of the same share of every group)
     --prune heads:0.33                remove a third of the attention heads (Hugging Face encoders)
     --prune unstructured:0.5          zero half of each layer's weights by magnitude (:global: one threshold
                                       for all layers; :sparsegpt: one-shot Hessian-based, on calibration data)
@@ -35,7 +36,7 @@ PRUNE_METHODS = ("magnitude", "sparsegpt")
 LOWRANK_MODES = ("energy", "rank", "params")
 RECOVER_DEVICES = ("cpu", "cuda")
 
-PRUNE_FORMS = "structured:0.5, structured:0.5:taylor, heads:0.33, unstructured:0.5[:global][:sparsegpt], 2:4[:sparsegpt]"
+PRUNE_FORMS = "structured:0.5, structured:0.5:taylor[:global], heads:0.33, unstructured:0.5[:global][:sparsegpt], 2:4[:sparsegpt]"
 LOWRANK_FORMS = "energy:0.95, rank:0.5, params:0.5, rank:0.5:activation"
 RECOVER_FORMS = "distill, distill:steps=300,lr=5e-5, qat, qat:steps=300, lora:rank=8"
 
@@ -65,8 +66,8 @@ class PruneSpec:
             raise UsageError(f"ratio must be in (0, 1), e.g. {_example(self.kind)}; got {self.ratio}")
         if self.method == "sparsegpt" and self.kind not in ("unstructured", "nm"):
             raise UsageError(f"sparsegpt prunes weights (unstructured or N:M), not {self.kind}; e.g. 2:4:sparsegpt")
-        if self.scope == "global" and self.kind != "unstructured":
-            raise UsageError("a global threshold applies to unstructured pruning, e.g. unstructured:0.5:global")
+        if self.scope == "global" and self.kind not in ("unstructured", "channels"):
+            raise UsageError("one global ranking applies to unstructured or structured pruning, e.g. unstructured:0.5:global")
         if self.importance != "l2" and self.kind not in ("channels", "heads"):
             raise UsageError(f"importance ({self.importance}) ranks channels or heads (structured, heads), not {self.kind}")
 
@@ -197,6 +198,8 @@ def parse_prune(text: str, label: str = "--prune") -> PruneSpec:
                        "sparsegpt": ("method", "sparsegpt"), "magnitude": ("method", "magnitude")}
         else:
             choices = {name: ("importance", name) for name in IMPORTANCES}
+            if kind == "channels":  # one ranking across the model instead of the same share of every group
+                choices |= {"global": ("scope", "global"), "layer": ("scope", "layer")}
         return PruneSpec(kind, ratio, text=text.strip(), **_options(parts[2:], choices))
 
 

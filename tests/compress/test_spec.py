@@ -21,6 +21,7 @@ from edgeq.project import load_project
 @pytest.mark.parametrize(("text", "expected"), [
     ("structured:0.5", PruneSpec("channels", 0.5, text="structured:0.5")),
     ("structured:0.5:taylor", PruneSpec("channels", 0.5, importance="taylor", text="structured:0.5:taylor")),
+    ("structured:0.5:taylor:global", PruneSpec("channels", 0.5, importance="taylor", scope="global", text="structured:0.5:taylor:global")),
     ("heads:0.33", PruneSpec("heads", 0.33, text="heads:0.33")),
     ("unstructured:0.5", PruneSpec("unstructured", 0.5, text="unstructured:0.5")),
     ("unstructured:0.5:global", PruneSpec("unstructured", 0.5, scope="global", text="unstructured:0.5:global")),
@@ -72,7 +73,8 @@ def test_recover_forms(text, expected):
     (parse_prune, "sparse:0.5", "unknown kind 'sparse'; expected structured, heads, unstructured or N:M"),
     (parse_prune, "4:2", "N:M needs whole numbers 0 < N < M"),
     (parse_prune, "2:4:global", "unknown option 'global'"),
-    (parse_prune, "structured:0.5:sparsegpt", "unknown option 'sparsegpt'; expected l1 or l2 or activation or taylor"),
+    (parse_prune, "structured:0.5:sparsegpt", "unknown option 'sparsegpt'; expected l1 or l2 or activation or taylor or global or layer"),
+    (parse_prune, "heads:0.3:global", "unknown option 'global'"),
     (parse_prune, "unstructured:0.5:global:layer", "contradict"),
     (parse_prune, "", "--prune: empty"),
     (parse_lowrank, "svd:0.5", "--lowrank svd:0.5: unknown mode 'svd'; expected energy, rank or params"),
