@@ -60,8 +60,8 @@ def relative_error(student, reference, data) -> float:
 
 
 def rtn_plan(model: nn.Module, bits=4, group_size=16, symmetric=True, scale_dtype="float32"):
-    """A low-bit round-to-nearest plan (MSE clipping, as edgeq's RTN) of every linear layer whose input width the
-    group divides; the others stay float with a reason."""
+    """A round-to-nearest plan (MSE clipping, as edgeq's RTN) of every linear layer whose input width the group
+    divides (`group_size` None: per output channel, every linear layer); the others stay float with a reason."""
     from edgeq.calibration.lowbit.grid import Grid
     from edgeq.calibration.lowbit.rtn import rtn
     from edgeq.calibration.lowbit.to_plan import layer_plan
@@ -73,7 +73,7 @@ def rtn_plan(model: nn.Module, bits=4, group_size=16, symmetric=True, scale_dtyp
     for name, child in model.named_modules():
         if isinstance(child, nn.Linear):
             fqn = user_fqn(name)
-            if child.in_features % group_size:
+            if group_size and child.in_features % group_size:
                 plan.layers[fqn] = LayerPlan(fqn, OpKind.LINEAR, reason="input width not a multiple of the group")
             else:
                 plan.layers[fqn] = layer_plan(fqn, OpKind.LINEAR, rtn(child.weight, grid, "mse"))
