@@ -53,6 +53,11 @@ REFUSAL_HINT = (
     "or x.shape[...], or prune weights instead (--prune unstructured:0.5)"
 )
 
+EDIT_HINT = (
+    "The group's layers cannot shrink consistently (e.g. a grouped conv reading a concatenation); "
+    "prune weights instead (--prune unstructured:0.5)"
+)
+
 
 @dataclass
 class _Choice:
@@ -102,7 +107,11 @@ def prune_structured(module: nn.Module, spec, calibration, input_names, example_
         if not graph.check_pruning_group(group):
             skipped[choice.name] = "Torch-Pruning's check refused the group (it would empty a layer)"
             continue
-        group.prune()
+        try:
+            group.prune()
+        except Exception as exc:  # Torch-Pruning could not edit a layer of the group (e.g. a grouped conv behind a concat)
+            problem = f"Torch-Pruning cannot edit the group ({type(exc).__name__}: {exc})"
+            raise ConversionError(_refusal(choice, group, problem, names, EDIT_HINT)) from exc
         pruned.append(choice)
         problem = forward_problem(model, examples, expected)
         if problem is not None:
@@ -344,13 +353,13 @@ def _changes(before, after) -> dict[str, dict]:
     return layers
 
 
-def _refusal(choice: _Choice, group, problem: str, names) -> str:
+def _refusal(choice: _Choice, group, problem: str, names, hint: str = REFUSAL_HINT) -> str:
     kept = choice.channels - len(choice.idxs)
     others = sorted({names.get(dep.target.module) for dep, _ in group if names.get(dep.target.module) not in (None, choice.name)})
     coupled = f" (with {', '.join(others[:6])}{', ...' if len(others) > 6 else ''})" if others else ""
     return (
         f"structured pruning refused at layer '{choice.name}'{coupled}: removing {len(choice.idxs)} of its "
-        f"{choice.channels} output channels ({choice.channels} -> {kept}) breaks the model: {problem}. {REFUSAL_HINT}. "
+        f"{choice.channels} output channels ({choice.channels} -> {kept}) breaks the model: {problem}. {hint}. "
         "Nothing was exported"
     )
 
