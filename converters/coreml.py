@@ -32,6 +32,8 @@ from edgeq.converters.base import Artifact, ConversionRequest, Converter, Refusa
 from edgeq.converters.coreml_frontend import register_corrections
 from edgeq.converters.coreml_graph import decomposed, decompositions, fix_graph
 from edgeq.converters.coreml_lowbit import LOWBIT, LOWBIT_MIN_TARGET, WEIGHT_OPS, check_plan, pack_module, register_frontend
+from edgeq.converters.coreml_sparse import SPARSE_MIN_TARGET, SPARSE_WEIGHT_OPS, store_sparse
+from edgeq.converters.coreml_sparse import register_frontend as register_sparse_frontend
 from edgeq.converters.coreml_names import FEATURE_NAMES_KEY, describe, feature_names
 from edgeq.converters.failures import explain_failure
 from edgeq.converters.parity_coreml import mil_name
@@ -85,6 +87,11 @@ class CoreMLConverter(Converter):
             # CODES, not QDQ: the frontend has no converter for quantize_per_channel (QDQ's weight form), while
             # dequantize_per_channel over a constant int8 tensor becomes constexpr_affine_dequantize as is.
             module = apply_plan(module, plan, WeightForm.CODES)
+        fp16 = quantized or request.precision == Precision.FP16  # quantized: the deployed path (ANE, GPU)
+        module, sparse = store_sparse(module, fp16)  # mostly-zero weights as mask + non-zeros (coreml_sparse.py)
+        if sparse:
+            register_sparse_frontend()
+            notes.extend(sparse)
         module, rewrites = apply_rewrites(module, "coreml")
         examples = model.example_inputs
         target = profile.runtime_options.get("minimum_deployment_target", "iOS16")
@@ -92,10 +99,11 @@ class CoreMLConverter(Converter):
             (LOWBIT_MIN_TARGET, "4-bit blockwise weights and per-grouped-channel palettes are iOS18 ops")
             if lowbit else (QUANTIZED_MIN_TARGET, "coremltools lowers int8 weights and activation quantize ops from iOS17")
         )
-        if quantized and getattr(ct.target, target) < getattr(ct.target, minimum):
+        if sparse:
+            minimum, why = SPARSE_MIN_TARGET, "sparse weights (1-bit masks, sparse quantized codes) are iOS18 ops"
+        if (quantized or sparse) and getattr(ct.target, target) < getattr(ct.target, minimum):
             notes.append(f"minimum deployment target raised from {target} to {minimum}: {why}")
             target = minimum
-        fp16 = quantized or request.precision == Precision.FP16  # quantized: the deployed path (ANE, GPU)
         # The default pass pipeline keeps every constexpr_affine_dequantize (measured: DEFAULT and EMPTY store
         # the same codes). Its `common::nullify_redundant_quantization_zero_point` rewrites an int8 activation
         # quantize with zero point -128 to uint8 with none (and drops a zero point of 0): the same values, so
@@ -215,7 +223,7 @@ def _named(program: torch.export.ExportedProgram, io_names: set[str]) -> torch.e
     buffers = program.graph_signature.inputs_to_buffers
     taken = {node.name for node in program.graph.nodes} | io_names
     for node in program.graph.nodes:
-        if (node.target == dequantize or node.target in WEIGHT_OPS) and getattr(node.args[0], "name", None) in buffers:
+        if (node.target == dequantize or node.target in WEIGHT_OPS or node.target in SPARSE_WEIGHT_OPS) and getattr(node.args[0], "name", None) in buffers:
             base = mil_name(buffers[node.args[0].name].rpartition(".")[0])  # the weight module's FQN (<layer>.weight)
         elif node.op == "call_function" and node.name in io_names:
             base = f"{node.name}_value"

@@ -21,7 +21,8 @@ import numpy as np
 from edgeq.converters.parity import StoredWeights
 
 PREFIX = "edgeq_"
-_WEIGHT_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale", "constexpr_lut_to_dense")
+_WEIGHT_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale", "constexpr_lut_to_dense",
+               "constexpr_sparse_blockwise_shift_scale")
 
 
 def mil_name(fqn: str, suffix: str = "") -> str:
@@ -102,6 +103,9 @@ def coreml_weights(path: Path) -> StoredWeights:
     - constexpr_blockwise_shift_scale (iOS18; int8, or int4/uint4 for low-bit codes, 2- and 3-bit codes in
       that container): data, scale (rank of data: [N, K/group], [N, 1] per channel), optional offset (zero
       points; none stored means 0);
+    - constexpr_sparse_blockwise_shift_scale (iOS18, sparse int8/int4 codes, converters/coreml_sparse.py, named
+      `<layer>.weight` + "_sparse"): data_mask, nonzero_data, scale, offset; the codes come back dense, each
+      masked-out weight at its block's zero point (what the plan holds for a pruned weight);
     - constexpr_lut_to_dense (iOS18 palettes): (indices [N, K], lut [groups, 2^bits]) as the plan's
       (weight_codes, palette); a LUT with a vector dimension is returned as stored, so it shows as a mismatch.
     Codes come back in PyTorch layout (the converter keeps them so; a transposed store would show as a
@@ -130,10 +134,26 @@ def coreml_weights(path: Path) -> StoredWeights:
             found[fqn] = (np.asarray(op.constant("indices")), lut)
             continue
         affine = op.type == "constexpr_affine_dequantize"
-        codes = np.asarray(op.constant("quantized_data" if affine else "data"))
         scale = np.asarray(op.constant("scale"), dtype=np.float32)
         zero = op.constant("zero_point" if affine else "offset")
+        if op.type == "constexpr_sparse_blockwise_shift_scale":
+            codes = _dense_codes(np.asarray(op.constant("data_mask")), np.asarray(op.constant("nonzero_data")), zero)
+        else:
+            codes = np.asarray(op.constant("quantized_data" if affine else "data"))
         found[fqn] = (codes, scale)
         zero = np.zeros(scale.shape, np.int32) if zero is None else np.asarray(zero).astype(np.int32)
         zero_points[fqn] = np.broadcast_to(zero, scale.shape) if zero.size == 1 else zero  # one zero point for all
     return StoredWeights(found, names, zero_points)
+
+
+def _dense_codes(mask: np.ndarray, nonzero: np.ndarray, offset) -> np.ndarray:
+    """The dense codes of a sparse quantized weight: the stored non-zero codes where the mask is set, the zero
+    point of each weight's block (offset repeated over blocks; none stored: 0) elsewhere."""
+    codes = np.zeros(mask.shape, dtype=nonzero.dtype)
+    if offset is not None:
+        offset = np.asarray(offset).astype(nonzero.dtype)
+        for axis, (size, blocks) in enumerate(zip(mask.shape, offset.shape)):
+            offset = np.repeat(offset, size // blocks, axis=axis)
+        codes[...] = offset
+    codes[mask != 0] = nonzero
+    return codes
