@@ -4,8 +4,10 @@ The sweep simulates the plan in PyTorch (run-time activation quantization includ
 never on the validation samples the artifact is judged on. For every layer with quantized activations it
 measures the plan with that layer alone quantized and with all layers but that one. The fallback then
 relaxes the layers whose removal helps most, one at a time, until the budget holds or the cap on relaxed
-layers is reached. Relaxed means one step up in precision: activations back to float with the int8
-weights kept (so the size barely moves); for weight-only plans, the layer back to float.
+layers is reached. Relaxed means one step up in precision: where the target runs static layers as integer
+islands and has a fast run-time-quantized kernel (TFLite: the hybrid FULLY_CONNECTED), a static layer's input
+is quantized per call instead (int8 weights and speed kept, no static output range); elsewhere activations
+back to float with the int8 weights kept (so the size barely moves); for weight-only plans, the layer back to float.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from edgeq.calibration.collect import Sample, run_module
 from edgeq.calibration.weights import quantize_weight_per_channel
 from edgeq.compress.apply import apply_plan, quantizable_layers
 from edgeq.compress.qdq import WeightForm, keep_dequantized
-from edgeq.plan import LayerPlan, QDtype, QuantPlan
+from edgeq.plan import LayerPlan, OpKind, QDtype, QuantPlan
 from edgeq.validate.budget import Budget
 from edgeq.validate.drift import DriftReport, compare
 from edgeq.validate.token_mask import token_masks
@@ -64,10 +66,16 @@ def relaxable(layer: LayerPlan) -> bool:
     return layer.activation is not None or layer.dynamic_activation is not None or layer.weight is not None
 
 
-def relax(layer: LayerPlan, module: nn.Module, scale_dtype: str) -> LayerPlan:
-    """The layer one step up in precision: float activations with plain int8 weights, or float altogether."""
+def relax(layer: LayerPlan, module: nn.Module, scale_dtype: str, dynamic: QDtype | None = None) -> LayerPlan:
+    """The layer one step up in precision: with `dynamic` (the target's run-time activation type), a static layer
+    quantizes its input per call instead (same smoothed weight codes, no static input/output ranges); otherwise
+    float activations with plain int8 weights, or float altogether."""
     if layer.activation is None and layer.dynamic_activation is None:
         return LayerPlan(layer.fqn, layer.op, reason="kept float by --auto-fallback (sensitivity sweep)")
+    if dynamic is not None and layer.activation is not None and layer.op == OpKind.LINEAR:
+        # The static bias correction answered the static ranges' error, so it goes with them.
+        return LayerPlan(layer.fqn, layer.op, layer.weight, layer.weight_codes, dynamic_activation=dynamic,
+                         smooth=layer.smooth, reason="activations quantized per call by --auto-fallback (sensitivity sweep)")
     quant, codes = quantize_weight_per_channel(module.weight, QDtype.INT8, 0, scale_dtype)  # no SmoothQuant: nothing to smooth for
     return LayerPlan(layer.fqn, layer.op, quant, codes, reason="activations kept float by --auto-fallback (sensitivity sweep)")
 
@@ -87,8 +95,10 @@ def sensitivity_fallback(
     budget: Budget,
     max_fraction: float,
     scale_dtype: str,
+    dynamic: QDtype | None = None,
 ) -> Fallback:
-    """Sweep, then relax the most sensitive layers until `budget` holds in simulation (at most max_fraction of them)."""
+    """Sweep, then relax the most sensitive layers until `budget` holds in simulation (at most max_fraction of them).
+    `dynamic`: the run-time activation type static layers relax to (targets.resolve.dynamic_fallback); None: float."""
     samples = samples[:SWEEP_SAMPLES]
     references = run_module(module, samples, input_names, output_names, "sensitivity: FP32 reference")
     modules = dict(quantizable_layers(module))
@@ -110,12 +120,12 @@ def sensitivity_fallback(
     for fqn in candidates:
         only = QuantPlan(plan.scheme, plan.target, {fqn: plan.layers[fqn]})
         all_but = copy.copy(plan)
-        all_but.layers = {**plan.layers, fqn: relax(plan.layers[fqn], modules[fqn], scale_dtype)}
+        all_but.layers = {**plan.layers, fqn: relax(plan.layers[fqn], modules[fqn], scale_dtype, dynamic)}
         result.sweep.append(LayerSensitivity(fqn, score(drift(only)), score(drift(all_but))))
     result.sweep.sort(key=lambda s: (-s.all_but, s.alone))
     current = copy.deepcopy(plan)
     for entry in result.sweep[: result.cap]:
-        current.layers[entry.fqn] = relax(current.layers[entry.fqn], modules[entry.fqn], scale_dtype)
+        current.layers[entry.fqn] = relax(current.layers[entry.fqn], modules[entry.fqn], scale_dtype, dynamic)
         result.relaxed.append(entry.fqn)
         report = drift(current)
         result.after = score(report)

@@ -298,8 +298,10 @@ def lower_plan(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], reque
             f"target {target}: the TFLite model holds int8 weights edgeq cannot attribute to a planned layer: "
             + ", ".join(unattributed[:3])
         )
-    if request.precision == Precision.INT8_DYNAMIC:
-        dynamic = [fqn for fqn in named if plan.layers[fqn].dynamic_activation is not None]
+    kernels = {fqn: subgraph.operators[use.op] for fqn, use in named.items()}  # before make_hybrid drops ops
+    # int8-dynamic layers, and the layers --auto-fallback moved from static ranges to per-call ones in a w8a8 plan
+    dynamic = [fqn for fqn in named if plan.layers[fqn].dynamic_activation is not None]
+    if dynamic:
         hybrid = {named[fqn].tensor for fqn in dynamic}
         make_hybrid(model, subgraph, names, [named[fqn] for fqn in dynamic] + [u for u in shared if u.tensor in hybrid], target)
         notes.append(f"{len(dynamic)} linear layer(s) run TFLite's hybrid int8 kernels (int8 weights, input rows quantized to int8 per call)")
@@ -319,15 +321,53 @@ def lower_plan(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], reque
                 "result does not go straight into a quantized layer; make it a module, or use a target that "
                 "runs float ops too (tflite-xnnpack)"
             )
+    lowered = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
     if request.precision in _STATIC and not request.profile.quantization.integer_io:
-        simulated = [fqn for fqn, use in named.items() if use.dequantize is not None and plan.layers[fqn].activation is not None]
-        if simulated:  # docs/research/tflite-w8a8-speed.md: an int8 FULLY_CONNECTED needs a quantized output too
-            plan.notes.append(  # a plan note: the CLI summary and the reports show it
-                f"{len(simulated)} of {len(named)} layers with int8 activations in the plan compute in float in this "
-                "artifact (QUANTIZE/DEQUANTIZE around a float op, weights dequantized at load): the numbers are the "
-                "plan's, the speed is about FP32's; int8-dynamic runs integer kernels on this target"
-            )
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+        note = f"{compute_note(plan, named, kernels, dynamic, subgraph)}. {delegation_note(lowered, subgraph, kernels)}"
+        plan.notes.append(note)  # a plan note: the CLI summary and the reports show it
+    return lowered
+
+
+def compute_note(plan: QuantPlan, named: dict, kernels: dict, dynamic: list[str], subgraph) -> str:
+    """What a static scheme's artifact computes in integers and what in float, read from its ops.
+
+    A layer with static input and output ranges is an integer island (QUANTIZE -> int8 FULLY_CONNECTED / CONV_2D
+    -> DEQUANTIZE). A layer with only its input planned computes in float between QUANTIZE and DEQUANTIZE: TFLite
+    has no int8-in / float-out kernel (docs/research/tflite-w8a8-speed.md). The ops between layers stay float.
+    """
+    static = [fqn for fqn in named if plan.layers[fqn].activation is not None]
+    islands = [fqn for fqn in static if subgraph.tensors[kernels[fqn].inputs[0]].type not in _FLOAT_TYPES]
+    simulated = [fqn for fqn in static if fqn not in islands]
+    bits = next(iter(plan.layers[fqn].activation.dtype.bits for fqn in static), 8)
+    parts = [f"{len(islands)} of {len(named)} layers run int{bits} kernels (int{bits} input and output, QUANTIZE/DEQUANTIZE around each)"]
+    if dynamic:
+        parts.append(f"{len(dynamic)} the hybrid kernel (int8 weights, input rows quantized per call)")
+    if simulated:
+        parts.append(
+            f"{len(simulated)} with int{bits} activations in the plan compute in float (QUANTIZE/DEQUANTIZE around a float "
+            "op, weights dequantized at load: the plan's numbers at about FP32's speed; an int8 kernel needs a planned output too)"
+        )
+    return (
+        "; ".join(parts) + ". The ops between layers (normalization, softmax, GELU, attention matmuls, residual adds) "
+        "compute in float: XNNPACK has no delegated int8 kernel for them (measured 5-8x slower, docs/research/tflite-w8a8-speed.md)"
+    )
+
+
+def delegation_note(flatbuffer: bytes, subgraph, kernels: dict) -> str:
+    """Whether LiteRT's default delegate (XNNPACK) takes every planned layer's kernel; one it leaves to the
+    builtin kernels runs there (slower; a low-bit or int16 FULLY_CONNECTED much slower), so the note names it."""
+    from edgeq.validate.runners.litert_delegation import undelegated_ops
+
+    position = {id(op): index for index, op in enumerate(subgraph.operators)}
+    layers = {position[id(op)]: fqn for fqn, op in kernels.items() if id(op) in position}
+    try:
+        missed = undelegated_ops(flatbuffer, sorted(layers))
+    except RuntimeError as exc:
+        return f"Delegation not checked: {exc}"
+    if not missed:
+        return f"XNNPACK (the default delegate) takes all {len(layers)} layer kernels"
+    return f"XNNPACK (the default delegate) leaves {len(missed)} of {len(layers)} layer kernels to the builtin kernels: " + ", ".join(
+        f"{layers[p.index]} ({p.op_name})" for p in missed[:5])
 
 
 def make_hybrid(model, subgraph, names: list[str], uses: list, target: str) -> None:

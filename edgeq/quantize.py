@@ -87,7 +87,7 @@ def _plan(model, profile, precision, options: QuantizeOptions, keep_float, calib
     from edgeq.calibration.sensitivity import sensitivity_fallback
     from edgeq.compress.apply import user_fqn
     from edgeq.scheme import LOW_BIT
-    from edgeq.targets.resolve import Calibration, matches, resolve_plan
+    from edgeq.targets.resolve import Calibration, dynamic_fallback, matches, resolve_plan
 
     if precision in LOW_BIT:
         check_calibration_device(options.device)
@@ -120,7 +120,7 @@ def _plan(model, profile, precision, options: QuantizeOptions, keep_float, calib
         return model, plan, None
     fallback = sensitivity_fallback(
         model.module, plan, calibration_samples, model.input_names, model.outputs, budget,
-        options.fallback_max, profile.quantization.scale_dtype,
+        options.fallback_max, profile.quantization.scale_dtype, dynamic_fallback(profile, precision),
     )
     return model, fallback.plan, fallback
 

@@ -94,6 +94,25 @@ DEFAULT_SMOOTH_ALPHA = {Precision.INT8_DYNAMIC: 0.7, Precision.W8A8: 0.7, Precis
 # Static activation dtypes each scheme takes; the profile lists the ones it runs by preference (ORT on x86 fuses
 # QDQ MatMuls into integer kernels only with uint8 activations: QDQIsInt8Allowed is false there).
 _STATIC_DTYPES = {Precision.W8A8: ("int8", "uint8"), Precision.W8A16: ("int16", "uint16")}
+# Runtimes whose int8 kernels need an int8 output as well as an int8 input: TFLite has no int8-in / float-out
+# FULLY_CONNECTED or CONV_2D, so a w8a8 layer with only its input quantized runs in float between QUANTIZE and
+# DEQUANTIZE (MiniLM: 0.97x FP32). With its output quantized too it is an int8 island (QUANTIZE -> int8 FC ->
+# DEQUANTIZE) that XNNPACK runs at 3.8x the float kernel (docs/research/tflite-w8a8-speed.md). Not w8a16: its
+# int16x8 kernels are reference code, slower than the float FC they would replace.
+_INTEGER_ISLANDS = {"tflite": {Precision.W8A8}}
+
+
+def quantizes_outputs(profile: TargetProfile, precision: Precision) -> bool:
+    """Whether a static plan also quantizes each layer's output: full-integer targets (integer IO), and targets
+    whose runtime runs an integer kernel only with an integer output (TFLite w8a8 islands)."""
+    return profile.quantization.integer_io or precision in _INTEGER_ISLANDS.get(profile.runtime.value, ())
+
+
+def dynamic_fallback(profile: TargetProfile, precision: Precision) -> QDtype | None:
+    """What --auto-fallback relaxes a static layer to first: the run-time (dynamic) activation type the target
+    computes fast, where the static layer is an integer island (TFLite: the hybrid FULLY_CONNECTED, int8 weight and
+    int8 input rows quantized per call, 2.7x the float kernel); None: float activations."""
+    return QDtype.INT8 if quantizes_outputs(profile, precision) and not profile.quantization.integer_io else None
 
 
 def resolve_plan(
@@ -157,7 +176,7 @@ def resolve_plan(
             plan.tensors = calibrate_activations(
                 module, activated, calibration.samples, calibration.input_names,
                 dtype=activation_dtype, symmetric=caps.activation_symmetric or activation_dtype in (QDtype.INT16,),
-                observer=calibration.observer, quantize_outputs=caps.integer_io, scale_dtype=caps.scale_dtype,
+                observer=calibration.observer, quantize_outputs=quantizes_outputs(profile, precision), scale_dtype=caps.scale_dtype,
                 tensors=points,
             )
             plan.inputs = list(calibration.input_names) if plan.tensors else []

@@ -17,7 +17,7 @@ from edgeq.errors import ConversionError
 from edgeq.load import load_model
 from edgeq.plan import QDtype
 from edgeq.targets import Precision, load_profile
-from edgeq.targets.resolve import Calibration, resolve_plan
+from edgeq.targets.resolve import Calibration, dynamic_fallback, resolve_plan
 from edgeq.validate.budget import parse_budget
 from edgeq.validate.metrics import cosine, sqnr_db
 
@@ -107,16 +107,24 @@ def test_static_schemes_refuse_without_calibration_samples(outlier_model):
         resolve_plan(outlier_model.module, load_profile("onnx-x86-avx2"), Precision.W8A16, [], None, Calibration(_samples(2, 0), ["x"]))
 
 
-def test_integer_io_targets_also_quantize_layer_outputs(outlier_model):
+@pytest.mark.parametrize(("target", "precision", "outputs"), [
+    ("tflite-edgetpu", Precision.W8A8, True),  # integer IO: every op integer
+    ("tflite", Precision.W8A8, True),  # TFLite runs an int8 FULLY_CONNECTED only with an int8 output (islands)
+    ("tflite", Precision.W8A16, False),  # int16x8 kernels are reference code: slower than the float op they'd replace
+    ("onnx", Precision.W8A8, False),  # ORT fuses QDQ MatMuls with float outputs
+])
+def test_layer_outputs_are_quantized_where_the_runtimes_integer_kernels_need_them(outlier_model, target, precision, outputs):
     calibration = Calibration(_samples(8, 0), ["x"], observer="minmax")
-    plan = resolve_plan(outlier_model.module, load_profile("tflite-edgetpu"), Precision.W8A8, [], outlier_model.example_inputs, calibration)
-    assert all(plan.layers[f"layers.{i}"].output is not None for i in range(4))
+    plan = resolve_plan(outlier_model.module, load_profile(target), precision, [], outlier_model.example_inputs, calibration)
+    assert all((plan.layers[f"layers.{i}"].output is not None) == outputs for i in range(4))
+    assert dynamic_fallback(load_profile(target), precision) == (QDtype.INT8 if target == "tflite" and outputs else None)
 
 
 def test_fallback_relaxes_the_bad_layer_first(outlier_model):
     module = outlier_model.module
     calibration = Calibration(_samples(16, 0), ["x"], observer="minmax", smooth=False)
-    plan = resolve_plan(module, load_profile("tflite"), Precision.W8A8, [], outlier_model.example_inputs, calibration)
+    # onnx: static input ranges only, so the bad input is the only harm (tflite plans output ranges too)
+    plan = resolve_plan(module, load_profile("onnx"), Precision.W8A8, [], outlier_model.example_inputs, calibration)
     validation = _samples(16, 1)
     reference = _run(module, validation)
     before = np.mean([cosine(r, c) for r, c in zip(reference, _run(apply_plan(module, plan, WeightForm.QDQ), validation))])
@@ -129,6 +137,24 @@ def test_fallback_relaxes_the_bad_layer_first(outlier_model):
     assert relaxed.activation is None and relaxed.weight is not None  # activations float, weights still int8
     after = np.mean([cosine(r, c) for r, c in zip(reference, _run(apply_plan(module, result.plan, WeightForm.QDQ), validation))])
     assert before < 0.99 and after >= 0.999  # the held-out samples agree with the sweep's verdict
+
+
+def test_fallback_on_integer_islands_relaxes_to_run_time_quantization(outlier_model):
+    """On `tflite` w8a8 a relaxed layer keeps int8 weights and integer compute: its input rows are quantized per
+    call (the hybrid kernel) instead of with a static range, and its static output range goes too."""
+    module = outlier_model.module
+    profile = load_profile("tflite")
+    calibration = Calibration(_samples(16, 0), ["x"], observer="minmax")
+    plan = resolve_plan(module, profile, Precision.W8A8, [], outlier_model.example_inputs, calibration)
+    result = sensitivity_fallback(
+        module, plan, calibration.samples, ["x"], outlier_model.outputs, parse_budget("cosine>=0.9999"), 0.25, "float32",
+        dynamic_fallback(profile, Precision.W8A8),
+    )
+    assert result.relaxed and result.after > result.before
+    for fqn in result.relaxed:
+        relaxed, original = result.plan.layers[fqn], plan.layers[fqn]
+        assert relaxed.dynamic_activation == QDtype.INT8 and relaxed.activation is None and relaxed.output is None
+        assert np.array_equal(relaxed.weight_codes, original.weight_codes) and np.array_equal(relaxed.smooth, original.smooth)
 
 
 def test_bias_correction_removes_the_mean_shift_on_held_out_samples(tmp_path):

@@ -296,13 +296,68 @@ def test_static_schemes_without_activation_scales_are_refused(tmp_path):
         convert_with_plan("edgeq.examples:tiny_mlp", "tflite", "w8a8", None, tmp_path)
 
 
-def test_w8a8_artifact_whose_layers_compute_in_float_says_so(tmp_path):
-    """On `tflite` (not integer-only) the pipeline's w8a8 leaves each linear as QUANTIZE/DEQUANTIZE around a
-    float FULLY_CONNECTED (docs/research/tflite-w8a8-speed.md): the plan says so instead of passing it off as
-    int8 kernels; when the layers do run int8 kernels (planned outputs, the test above) nothing is said."""
+def test_w8a8_pipeline_runs_int8_islands_and_says_what_computes_in_float(tmp_path):
+    """On `tflite` (float IO) the pipeline's w8a8 plans each linear's output too, so each is an int8
+    FULLY_CONNECTED between QUANTIZE and DEQUANTIZE that XNNPACK runs (docs/research/tflite-w8a8-speed.md); the
+    plan note says so, and says that the ops between layers compute in float."""
     outcome = convert_source("edgeq.examples:tiny_mlp", "tflite", "w8a8", tmp_path)
     assert outcome.verdict == Verdict.PASSED, outcome.error or outcome.violations
-    kernels = [i for op, i, _ in op_types(outcome.path / "model.tflite") if op == "FULLY_CONNECTED"]
-    in_float = sum(inputs[0] == "float32" for inputs in kernels)
-    assert in_float == 2
-    assert any(note.startswith("2 of 2 layers with int8 activations in the plan compute in float") for note in outcome.plan_notes)
+    kernels = [(i, o) for op, i, o in op_types(outcome.path / "model.tflite") if op == "FULLY_CONNECTED"]
+    assert kernels == [(["int8", "int8", "int32"], ["int8"])] * 2
+    (note,) = [note for note in outcome.plan_notes if "layers run int8 kernels" in note]
+    assert note.startswith("2 of 2 layers run int8 kernels") and "compute in float" not in note.split(".")[0]
+    assert note.endswith("XNNPACK (the default delegate) takes all 2 layer kernels")
+
+
+def test_w8a8_layers_without_planned_outputs_say_they_compute_in_float(tmp_path):
+    """A plan with input ranges only (as before output ranges were planned on `tflite`) lowers to QUANTIZE /
+    DEQUANTIZE around a float FULLY_CONNECTED: the note says those layers compute in float."""
+    from edgeq.load import load_model
+
+    loaded = load_model("edgeq.examples:tiny_mlp")
+    plan, _ = static_plan(loaded)
+    for layer in plan.layers.values():
+        layer.output = None
+    convert_with_plan(None, "tflite", "w8a8", plan, tmp_path, loaded)
+    kernels = [i for op, i, _ in op_types(tmp_path / "model.tflite") if op == "FULLY_CONNECTED"]
+    assert [inputs[0] for inputs in kernels] == ["float32", "float32"]
+    (note,) = [note for note in plan.notes if "layers run int8 kernels" in note]
+    assert note.startswith("0 of 2 layers run int8 kernels") and "2 with int8 activations in the plan compute in float" in note
+
+
+def test_w8a8_mixed_plan_runs_static_islands_and_hybrid_layers(tmp_path):
+    """--auto-fallback on `tflite` moves a static layer to per-call int8 rows (calibration.sensitivity.relax with
+    the target's dynamic type): that layer runs the hybrid FULLY_CONNECTED, the others stay int8 islands, every
+    kernel is XNNPACK's, weight parity holds and the artifact agrees with the PyTorch simulation of the plan."""
+    from edgeq.calibration.sensitivity import relax
+    from edgeq.compress.apply import apply_plan, quantizable_layers
+    from edgeq.compress.qdq import WeightForm
+    from edgeq.converters.parity import compare_weights
+    from edgeq.converters.parity_tflite import tflite_weights
+    from edgeq.load import load_model
+    from edgeq.plan import QDtype
+    from edgeq.validate.metrics import sqnr_db
+    from edgeq.validate.runners import open_runner
+
+    loaded = load_model("edgeq.examples:tiny_mlp")
+    plan, batches = static_plan(loaded)
+    modules = dict(quantizable_layers(loaded.module))
+    first, second = plan.layers
+    plan.layers[second] = relax(plan.layers[second], modules[second], "float32", QDtype.INT8)
+    assert plan.layers[second].dynamic_activation == QDtype.INT8 and plan.layers[second].output is None
+    artifact = convert_with_plan(None, "tflite", "w8a8", plan, tmp_path, loaded)
+    kernels = [(i, o) for op, i, o in op_types(artifact.path) if op == "FULLY_CONNECTED"]
+    assert kernels == [(["int8", "int8", "int32"], ["int8"]), (["float32", "int8", "float32"], ["float32"])]
+    parity = compare_weights(plan, tflite_weights(artifact.path))
+    assert parity.checked == 2 and parity.mismatches == [] and parity.missing == []
+    (note,) = [note for note in plan.notes if "layers run int8 kernels" in note]
+    assert note.startswith("1 of 2 layers run int8 kernels") and "1 the hybrid kernel" in note and "takes all 2" in note
+    simulated = apply_plan(loaded.module, plan, WeightForm.QDQ, simulate_dynamic=True)
+    runner = open_runner(artifact.path, "tflite")
+    for batch in batches[:4]:
+        got = runner.run({name: t.numpy() for name, t in zip(loaded.input_names, batch)})
+        with torch.no_grad():
+            expected = simulated(*batch)
+        for name, value in zip(loaded.outputs, expected):
+            assert sqnr_db(value.numpy(), got[name]) >= 30  # the hybrid kernel's per-row rounding differs from torch's by a step
+
