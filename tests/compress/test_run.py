@@ -116,3 +116,31 @@ def test_qat_runs_per_quantized_plan_and_is_recorded(tmp_path):
     assert [s["spec"] for s in manifest["compression"]["stages"]] == ["unstructured:0.5", "qat:steps=4,batch_size=2"]
     assert manifest["weight_parity"]["mismatches"] == []
     assert "qat:steps=4,batch_size=2" in (out / "tiny_mlp" / "report.md").read_text()
+
+
+class HardCodedView(torch.nn.Module):
+    """conv2's channels feed a view whose sizes are literals: no pruner can follow that."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x)))
+        return self.fc(y.view(1, 32, 64).mean(-1))
+
+
+def hard_coded_view():
+    torch.manual_seed(0)
+    return HardCodedView().eval(), (torch.randn(1, 3, 8, 8),)
+
+
+def test_a_refusing_stage_ends_the_run_with_exit_4_and_no_bundle(tmp_path):
+    result = CliRunner().invoke(main, [
+        "convert", "tests.compress.test_run:hard_coded_view", "-t", "onnx,tflite", "-p", "fp32", "--prune", "structured:0.5",
+        "--samples", "2", "--calibration-samples", "2", "-o", str(tmp_path),
+    ])
+    assert result.exit_code == 4, result.output
+    assert "refused at layer 'conv2'" in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("*.onnx"))
