@@ -88,7 +88,7 @@ class CoreMLConverter(Converter):
             # dequantize_per_channel over a constant int8 tensor becomes constexpr_affine_dequantize as is.
             module = apply_plan(module, plan, WeightForm.CODES)
         fp16 = quantized or request.precision == Precision.FP16  # quantized: the deployed path (ANE, GPU)
-        module, sparse = store_sparse(module, fp16)  # mostly-zero weights as mask + non-zeros (coreml_sparse.py)
+        module, sparse = store_sparse(module, fp16, request.plan)  # mostly-zero weights as mask + non-zeros (coreml_sparse.py)
         if sparse:
             register_sparse_frontend()
             notes.extend(sparse)

@@ -131,13 +131,19 @@ def sparse_pays(zeros: int, size: int, bits: int) -> bool:
     return size > 0 and zeros >= MIN_ZERO_SHARE * size and size + (size - zeros) * bits < size * bits
 
 
-def store_sparse(module: nn.Module, fp16: bool) -> tuple[nn.Module, list[str]]:
+def store_sparse(module: nn.Module, fp16: bool, plan=None) -> tuple[nn.Module, list[str]]:
     """A copy of `module` with every weight that pays stored sparse (`module` itself when none does): float linears
     and convs, the plan's int8 codes (compress.qdq.QuantizedWeight, CODES form) and low-bit affine codes
-    (coreml_lowbit.PackedWeight). Returns it and one line per layer for the artifact's notes (empty: none)."""
+    (coreml_lowbit.PackedWeight). Returns it and one line per layer for the artifact's notes (empty: none).
+
+    Codes are considered only for layers `plan` gives 8- or 4-bit codes: 2- and 3-bit grids put a large share of
+    even a dense weight at the zero point (their 4-bit container would go sparse for that alone), a form whose
+    speed on Apple's compilers is unmeasured, so they keep the dense blockwise op."""
     chosen: list[tuple[str, str, float]] = []  # (module name, what the non-zeros are, zero share)
     for name, child in module.named_modules():
         found = _sparse_candidate(child, fp16)
+        if found is not None and found[0] not in ("fp16", "fp32") and not _sparse_codes_planned(plan, _layer(name)):
+            continue
         if found is not None:
             kind, bits, zeros, size = found
             if sparse_pays(zeros, size, bits):
@@ -173,6 +179,13 @@ def _sparse_candidate(child: nn.Module, fp16: bool):
         kind, bits = ("fp16", 16) if fp16 else ("fp32", 32)
         return kind, bits, int((weight == 0).sum()), weight.numel()
     return None
+
+
+def _sparse_codes_planned(plan, fqn: str) -> bool:
+    from edgeq.plan import QDtype
+
+    layer = None if plan is None else plan.layers.get(fqn)
+    return layer is not None and layer.weight is not None and layer.weight.dtype in (QDtype.INT8, QDtype.UINT8, QDtype.INT4, QDtype.UINT4)
 
 
 def _sparse_form(child: nn.Module) -> nn.Module:
