@@ -16,7 +16,13 @@ A PT2E quant_config only selects its q/dq conversion mode; no prepare/calibrate 
                 itself: TFLite's hybrid kernel, which quantizes each input row to int8 at run time
                 (asymmetric under XNNPACK, the default CPU delegate). Convolutions stay weight-only, as in the plan.
   w8a8, w8a16   activation q/dq pairs with the plan's per-tensor scale and zero point become int8 (int16)
-                FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D kernels. Targets with integer IO (Edge TPU)
+                FULLY_CONNECTED / CONV_2D / DEPTHWISE_CONV_2D kernels when the plan quantizes the layer's input
+                AND output (TFLite has no int8-in / float-out kernel; an input-only pair stays a float op between
+                QUANTIZE and DEQUANTIZE). On float-IO targets w8a8 plans do (targets/resolve.py), so each layer is
+                an int8 island that XNNPACK runs, with the ops between (LayerNorm, softmax, GELU, attention
+                matmuls) float; a layer --auto-fallback moved to per-call rows (`dynamic_activation`) runs the
+                hybrid kernel as in int8-dynamic. The plan note counts each kind and checks XNNPACK takes them
+                (docs/research/tflite-w8a8-speed.md). Targets with integer IO (Edge TPU)
                 use STATIC mode: the graph's inputs and outputs become int8 with the plan's parameters, and
                 the plan's tensor points (model inputs, outputs of the leaf modules between layers) make the
                 ops between layers (RELU, HARD_SWISH, MAX_POOL_2D, MEAN, TRANSPOSE, ...) int8 as well; where
@@ -49,7 +55,7 @@ from edgeq.converters.base import Artifact, ConversionRequest, Converter, Refusa
 from edgeq.converters.failures import explain_failure, explained
 from edgeq.converters.tracing import quiet, shape_notes
 from edgeq.errors import ConversionError
-from edgeq.plan import QDtype, QuantPlan
+from edgeq.plan import OpKind, QDtype, QuantPlan
 from edgeq.targets import Precision, Runtime
 
 _FP16_WEIGHT_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D_TRANSPOSE", "EMBEDDING_LOOKUP")
@@ -298,7 +304,8 @@ def lower_plan(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], reque
             f"target {target}: the TFLite model holds int8 weights edgeq cannot attribute to a planned layer: "
             + ", ".join(unattributed[:3])
         )
-    kernels = {fqn: subgraph.operators[use.op] for fqn, use in named.items()}  # before make_hybrid drops ops
+    # each planned layer's computing op (embedding lookups gather rows, in float as in FP32), before make_hybrid drops ops
+    kernels = {fqn: subgraph.operators[use.op] for fqn, use in named.items() if plan.layers[fqn].op != OpKind.EMBEDDING}
     # int8-dynamic layers, and the layers --auto-fallback moved from static ranges to per-call ones in a w8a8 plan
     dynamic = [fqn for fqn in named if plan.layers[fqn].dynamic_activation is not None]
     if dynamic:
@@ -323,51 +330,11 @@ def lower_plan(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], reque
             )
     lowered = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
     if request.precision in _STATIC and not request.profile.quantization.integer_io:
-        note = f"{compute_note(plan, named, kernels, dynamic, subgraph)}. {delegation_note(lowered, subgraph, kernels)}"
+        from edgeq.converters.tflite_notes import compute_note, delegation_note
+
+        note = f"{compute_note(plan, kernels, dynamic, subgraph)}. {delegation_note(lowered, subgraph, kernels)}"
         plan.notes.append(note)  # a plan note: the CLI summary and the reports show it
     return lowered
-
-
-def compute_note(plan: QuantPlan, named: dict, kernels: dict, dynamic: list[str], subgraph) -> str:
-    """What a static scheme's artifact computes in integers and what in float, read from its ops.
-
-    A layer with static input and output ranges is an integer island (QUANTIZE -> int8 FULLY_CONNECTED / CONV_2D
-    -> DEQUANTIZE). A layer with only its input planned computes in float between QUANTIZE and DEQUANTIZE: TFLite
-    has no int8-in / float-out kernel (docs/research/tflite-w8a8-speed.md). The ops between layers stay float.
-    """
-    static = [fqn for fqn in named if plan.layers[fqn].activation is not None]
-    islands = [fqn for fqn in static if subgraph.tensors[kernels[fqn].inputs[0]].type not in _FLOAT_TYPES]
-    simulated = [fqn for fqn in static if fqn not in islands]
-    bits = next(iter(plan.layers[fqn].activation.dtype.bits for fqn in static), 8)
-    parts = [f"{len(islands)} of {len(named)} layers run int{bits} kernels (int{bits} input and output, QUANTIZE/DEQUANTIZE around each)"]
-    if dynamic:
-        parts.append(f"{len(dynamic)} the hybrid kernel (int8 weights, input rows quantized per call)")
-    if simulated:
-        parts.append(
-            f"{len(simulated)} with int{bits} activations in the plan compute in float (QUANTIZE/DEQUANTIZE around a float "
-            "op, weights dequantized at load: the plan's numbers at about FP32's speed; an int8 kernel needs a planned output too)"
-        )
-    return (
-        "; ".join(parts) + ". The ops between layers (normalization, softmax, GELU, attention matmuls, residual adds) "
-        "compute in float: XNNPACK has no delegated int8 kernel for them (measured 5-8x slower, docs/research/tflite-w8a8-speed.md)"
-    )
-
-
-def delegation_note(flatbuffer: bytes, subgraph, kernels: dict) -> str:
-    """Whether LiteRT's default delegate (XNNPACK) takes every planned layer's kernel; one it leaves to the
-    builtin kernels runs there (slower; a low-bit or int16 FULLY_CONNECTED much slower), so the note names it."""
-    from edgeq.validate.runners.litert_delegation import undelegated_ops
-
-    position = {id(op): index for index, op in enumerate(subgraph.operators)}
-    layers = {position[id(op)]: fqn for fqn, op in kernels.items() if id(op) in position}
-    try:
-        missed = undelegated_ops(flatbuffer, sorted(layers))
-    except RuntimeError as exc:
-        return f"Delegation not checked: {exc}"
-    if not missed:
-        return f"XNNPACK (the default delegate) takes all {len(layers)} layer kernels"
-    return f"XNNPACK (the default delegate) leaves {len(missed)} of {len(layers)} layer kernels to the builtin kernels: " + ", ".join(
-        f"{layers[p.index]} ({p.op_name})" for p in missed[:5])
 
 
 def make_hybrid(model, subgraph, names: list[str], uses: list, target: str) -> None:

@@ -305,8 +305,8 @@ def test_w8a8_pipeline_runs_int8_islands_and_says_what_computes_in_float(tmp_pat
     kernels = [(i, o) for op, i, o in op_types(outcome.path / "model.tflite") if op == "FULLY_CONNECTED"]
     assert kernels == [(["int8", "int8", "int32"], ["int8"])] * 2
     (note,) = [note for note in outcome.plan_notes if "layers run int8 kernels" in note]
-    assert note.startswith("2 of 2 layers run int8 kernels") and "compute in float" not in note.split(".")[0]
-    assert note.endswith("XNNPACK (the default delegate) takes all 2 layer kernels")
+    assert note.startswith("2 of 2 linear/conv layers run int8 kernels") and "compute in float" not in note.split(".")[0]
+    assert note.endswith("XNNPACK (the default delegate) takes all 2 of them")
 
 
 def test_w8a8_layers_without_planned_outputs_say_they_compute_in_float(tmp_path):
@@ -322,7 +322,7 @@ def test_w8a8_layers_without_planned_outputs_say_they_compute_in_float(tmp_path)
     kernels = [i for op, i, _ in op_types(tmp_path / "model.tflite") if op == "FULLY_CONNECTED"]
     assert [inputs[0] for inputs in kernels] == ["float32", "float32"]
     (note,) = [note for note in plan.notes if "layers run int8 kernels" in note]
-    assert note.startswith("0 of 2 layers run int8 kernels") and "2 with int8 activations in the plan compute in float" in note
+    assert note.startswith("0 of 2 linear/conv layers run int8 kernels") and "2 with int8 activations in the plan compute in float" in note
 
 
 def test_w8a8_mixed_plan_runs_static_islands_and_hybrid_layers(tmp_path):
@@ -351,7 +351,7 @@ def test_w8a8_mixed_plan_runs_static_islands_and_hybrid_layers(tmp_path):
     parity = compare_weights(plan, tflite_weights(artifact.path))
     assert parity.checked == 2 and parity.mismatches == [] and parity.missing == []
     (note,) = [note for note in plan.notes if "layers run int8 kernels" in note]
-    assert note.startswith("1 of 2 layers run int8 kernels") and "1 the hybrid kernel" in note and "takes all 2" in note
+    assert note.startswith("1 of 2 linear/conv layers run int8 kernels") and "1 the hybrid kernel" in note and "takes all 2" in note
     simulated = apply_plan(loaded.module, plan, WeightForm.QDQ, simulate_dynamic=True)
     runner = open_runner(artifact.path, "tflite")
     for batch in batches[:4]:
