@@ -116,6 +116,8 @@ def render_markdown(reports: list[dict]) -> str:
     from edgeq.report_compression import compression_markdown
 
     compression = compression_markdown(reports, cell)
+    while compression and not compression[-1]:
+        compression.pop()
     if compression:
         details = [*compression, "", *details]
     if details:
