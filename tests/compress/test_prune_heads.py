@@ -90,7 +90,9 @@ def test_removing_heads_computes_what_masking_them_does(factory, importance):
     assert sum(p.numel() for p in module.parameters()) > sum(p.numel() for p in result.module.parameters())  # input untouched
 
 
-def test_pruned_bert_converts_and_validates_on_every_runtime(tmp_path):
+@requires("torch_pruning")
+def test_bert_with_heads_and_channels_pruned_converts_and_validates_on_every_runtime(tmp_path):
+    from edgeq.compress.prune_structured import prune_structured
     from edgeq.load import load_model
     from edgeq.pipeline import ConvertOptions, convert
     from edgeq.validate.verdict import Verdict
@@ -100,11 +102,16 @@ def test_pruned_bert_converts_and_validates_on_every_runtime(tmp_path):
     attention = result.module.inner.model.encoder.layer[0].attention
     assert attention.self.query.weight.shape == (16, 32) and attention.self.all_head_size == 16
     assert attention.output.dense.in_features == 16 and result.layers["model.encoder.layer.1.attention.self"]["heads"] == [4, 2]
-    assert "4 -> 2 heads" not in result.notes[0] and "8 -> 4 heads in 2 attention layers" in result.notes[0]
+    assert "8 -> 4 heads in 2 attention layers" in result.notes[0]
+    # Then the feed-forward channels: attention projections are left to head pruning, the hidden width is the output's.
+    channels = prune_structured(result.module, PruneSpec("channels", 0.5), [], loaded.input_names, loaded.example_inputs)
+    assert channels.layers["model.encoder.layer.0.intermediate.dense"] == {"out_features": [64, 32]}
+    assert "heads" in channels.skipped["model.encoder.layer.0.attention.self.value"]
+    assert not any(name.endswith(("query", "key", "value")) for name in channels.layers)
 
     targets = [t for t, mark in (("onnx", ONNX), ("tflite", TFLITE), ("coreml", COREML)) if not mark.args[0]]
     options = ConvertOptions(targets=targets, out=tmp_path, precisions=["fp32"], samples=2)
-    outcomes = convert(dataclasses.replace(loaded, module=result.module), options)
+    outcomes = convert(dataclasses.replace(loaded, module=channels.module), options)
     assert [o.target for o in outcomes] == targets
     for outcome in outcomes:
         assert outcome.verdict == Verdict.PASSED, (outcome.target, outcome.error or outcome.violations)
