@@ -243,6 +243,8 @@ def _convert_one(model, profile, precision, validation, references, options, dat
                 latency=run.latency, latency_reason=run.latency_reason, quantization=quantization,
                 storage=storage, accuracy_levels=levels, compression=_compression_section(compression, request.plan),
             )
+            if manifest["compression"] is not None:  # did the zeros make it through quantization and export?
+                manifest["artifact"]["sparsity"] = _artifact_sparsity(artifact.path, profile.runtime.value)
             if profile.runtime.value == "coreml":
                 manifest["validation"]["per_compute_unit"] = per_compute_unit(artifact.path, settings, validation, references, model.outputs)
             write_json(stage / "report.json", _report_json(manifest, request.plan, layers))
@@ -267,6 +269,16 @@ def _compression_section(compression, plan) -> dict | None:
         section = section or {"stages": [], "drift_samples": None, "latency": None, "seconds": []}
         section["stages"] = [*section["stages"], *own]
     return section
+
+
+def _artifact_sparsity(path: Path, runtime: str) -> dict | None:
+    """Exact zeros among the artifact's weights (edgeq.sparsity_report), overall and per layer."""
+    from edgeq.sparsity_report import artifact_zeros
+
+    try:
+        return artifact_zeros(path, runtime)
+    except (ValueError, OSError):  # a runtime whose weights edgeq cannot read: the report says nothing of zeros
+        return None
 
 
 def _plan_notes(plan) -> list[str]:

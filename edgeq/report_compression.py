@@ -72,7 +72,7 @@ def by_model(reports: list[dict]) -> dict[str, dict]:
 
 def artifact_sparsity(report: dict) -> str | None:
     """Share of exact zeros in the artifact's weights, where the bundle measured it."""
-    share = number(get(report, "artifact", "sparsity", "zeros_share"))
+    share = number(get(report, "artifact", "sparsity", "share"))
     return None if share is None else f"{100 * share:.1f}% zeros in the artifact's weights"
 
 

@@ -115,7 +115,10 @@ def test_qat_runs_per_quantized_plan_and_is_recorded(tmp_path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert [s["spec"] for s in manifest["compression"]["stages"]] == ["unstructured:0.5", "qat:steps=4,batch_size=2"]
     assert manifest["weight_parity"]["mismatches"] == []
-    assert "qat:steps=4,batch_size=2" in (out / "tiny_mlp" / "report.md").read_text()
+    # zeros stay zeros through QAT, quantization and export (read back from the artifact: codes at their zero point)
+    assert manifest["artifact"]["sparsity"]["share"] >= 0.25
+    markdown = (out / "tiny_mlp" / "report.md").read_text()
+    assert "qat:steps=4,batch_size=2" in markdown and "zeros in the artifact's weights" in markdown
 
 
 class HardCodedView(torch.nn.Module):
