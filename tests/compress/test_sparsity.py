@@ -150,9 +150,21 @@ def test_rtn_int8_and_int4_keep_every_pruned_weight_zero():
         zeros = w == 0
         quant, codes = quantize_weight_per_channel(w, QDtype.INT8)
         assert np.all(quant.dequantize(codes)[zeros.numpy()] == 0)
-        for symmetric in (True, False):
-            q = rtn(w, Grid(4, 16, symmetric, "float16"), "mse")
-            assert torch.all(q.dequantize()[zeros] == 0) and torch.all(q.codes[zeros] == q.zero.repeat_interleave(16, 1)[zeros])
+        for grid in (Grid(4, 16, True, "float16"), Grid(4, 16, False, "float16"), Grid(8, None, False)):  # int4, uint4, uint8
+            q = rtn(w, grid, "mse")
+            zero_codes = q.zero.repeat_interleave(w.shape[1] // q.zero.shape[1], 1)
+            assert torch.all(q.dequantize()[zeros] == 0) and torch.all(q.codes[zeros] == zero_codes[zeros])
+
+
+def test_awq_scales_and_clipping_keep_pruned_weights_zero():
+    from edgeq.calibration.lowbit.awq import AWQ
+
+    weight, x = correlated_layer()
+    weight = weight.masked_fill(torch.rand(weight.shape, generator=torch.Generator().manual_seed(3)) < 0.5, 0)
+    awq = AWQ(weight, Grid(4, 16, False, "float16"))  # W s is rounded: a zero stays a zero whatever s is
+    awq.add_batch(x)
+    result = awq.solve()
+    assert result.alpha > 0 and torch.all(result.effective_weight()[weight == 0] == 0)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
