@@ -147,3 +147,12 @@ def test_a_refusing_stage_ends_the_run_with_exit_4_and_no_bundle(tmp_path):
     assert result.exit_code == 4, result.output
     assert "refused at layer 'conv2'" in result.output and "Traceback" not in result.output
     assert not list(tmp_path.rglob("manifest.json")) and not list(tmp_path.rglob("*.onnx"))
+
+
+def test_figures_repeat_exactly_apart_from_timings(mlp):
+    """Two runs on the same inputs write the same compression records (latency and seconds are timing fields)."""
+    specs = CompressionSpecs(prune=parse_prune("unstructured:0.5"), recover=parse_recover("distill:steps=3,batch_size=2"))
+    runs = [compress_model(mlp, specs, _samples(4, 0), _samples(2, 1)).figures for _ in range(2)]
+    for figures in runs:
+        figures.pop("latency"), figures.pop("seconds")
+    assert json.dumps(runs[0], sort_keys=True) == json.dumps(runs[1], sort_keys=True)
