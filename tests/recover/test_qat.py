@@ -129,3 +129,19 @@ def test_qat_plan_lowers_to_onnx_with_weight_parity(tmp_path):
     with torch.no_grad():
         expected = module(x)[0].numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the refusal is tested in test_distill.py")
+def test_qat_and_lora_train_on_cuda_and_return_cpu_modules():
+    from edgeq.recover.lora import lora
+
+    reference, calibration, held_out = teacher(), samples(32), samples(16, seed=5)
+    plan = rtn_plan(reference, bits=4, group_size=16)
+    spec = RecoverSpec(steps=60, lr=1e-3, batch_size=8, device="cuda")
+    module, new_plan, result = qat(reference, reference, plan, spec, calibration, ["x"], ["output"])
+    assert next(module.parameters()).device.type == "cpu" and next(reference.parameters()).device.type == "cpu"
+    _module_holds_plan(module, new_plan)
+    assert relative_error(simulated(module, new_plan), reference, held_out) < 0.9 * relative_error(simulated(reference, plan), reference, held_out)
+    module, new_plan, _ = lora(reference, reference, plan, RecoverSpec(steps=4, lr=1e-3, batch_size=8, lora_rank=2, device="cuda"),
+                               calibration, ["x"], ["output"])
+    _module_holds_plan(module, new_plan)
