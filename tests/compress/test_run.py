@@ -18,6 +18,7 @@ from edgeq.errors import UsageError
 from edgeq.load import load_model
 from edgeq.manifest import without_timings
 from edgeq.plan import QuantPlan
+from tests.test_report_html import ROOT, check_schema
 
 
 def _samples(count: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -96,6 +97,7 @@ def test_fp32_run_draws_calibration_and_reports_compression(tmp_path):
     assert without_timings(manifest)["compression"]["latency"] is None
     report = json.loads((bundle / "report.json").read_text())
     assert report["compression"] == manifest["compression"]
+    assert check_schema(report, json.loads((ROOT / "docs" / "report.schema.json").read_text())) == []
     html = (out / "tiny_mlp" / "report.html").read_text()
     markdown = (out / "tiny_mlp" / "report.md").read_text()
     assert 'id="compression"' in html and "rank:0.25" in html and "→" in html
