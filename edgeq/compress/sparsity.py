@@ -48,15 +48,15 @@ def prune_sparse(
     ratio, n, m, scope "layer"|"global", method "magnitude"|"sparsegpt") in its linear and conv weights.
 
     calibration: samples {input name: array} (SparseGPT's layer inputs; magnitude needs none). example_inputs:
-    one forward to find the layers' call order (the last one called is the output layer, left dense when
-    `keep_last`); without them, module order decides. Layers are keyed by the input module's torch FQNs.
+    one forward to find the layers' call order (the last one called whose output reaches the model's outputs
+    is the output layer, left dense when `keep_last`); without them, module order decides. Layers are keyed by the input module's torch FQNs.
     """
     started = time.perf_counter()
     if spec.kind not in KINDS:
         raise UsageError(f"prune_sparse handles kinds {', '.join(KINDS)}, not {spec.kind!r} (structured kinds: prune_structured/prune_heads)")
     pattern = f"{spec.n}:{spec.m}" if spec.kind == "nm" else "unstructured"
     model = copy.deepcopy(module).eval()
-    layers, skipped = _eligible(model, spec, example_inputs, input_names, keep_last)
+    layers, skipped = _eligible(model, spec, example_inputs, keep_last)
     if not layers:
         raise UsageError(f"--prune {spec.text or pattern}: no layer of the model can be pruned "
                          f"({'; '.join(f'{k}: {v}' for k, v in skipped.items()) or 'it has no nn.Linear or convolution'})")
@@ -104,7 +104,7 @@ def prune_sparse(
     return result
 
 
-def _eligible(model: nn.Module, spec, example_inputs, input_names, keep_last: bool) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def _eligible(model: nn.Module, spec, example_inputs, keep_last: bool) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The layers to prune (user FQN -> module, in call order when a forward was possible) and the skipped ones."""
     candidates: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
@@ -114,13 +114,15 @@ def _eligible(model: nn.Module, spec, example_inputs, input_names, keep_last: bo
             skipped[fqn] = "embedding table: a lookup, no matmul for zeros to skip (left dense)"
         elif isinstance(child, PRUNABLE):
             candidates[fqn] = child
-    order = _call_order(model, candidates, example_inputs, input_names)
-    if order is not None:
+    traced = _call_order(model, candidates, example_inputs)
+    last = next(reversed(candidates), None)
+    if traced is not None:
+        order, reaching = traced
         for fqn in [f for f in candidates if f not in order]:
             skipped[fqn] = "never called by the model's forward (left as it is)"
         candidates = {fqn: candidates[fqn] for fqn in order}
-    if keep_last and candidates:
-        last = next(reversed(candidates))
+        last = reaching[-1] if reaching else None
+    if keep_last and last is not None:
         skipped[last] = "the model's last layer (writes the output): left dense by default"
         del candidates[last]
     if spec.kind == "nm":
@@ -132,23 +134,51 @@ def _eligible(model: nn.Module, spec, example_inputs, input_names, keep_last: bo
     return candidates, skipped
 
 
-def _call_order(model: nn.Module, layers: dict[str, nn.Module], example_inputs, input_names) -> list[str] | None:
-    """The layers in the order one forward on `example_inputs` first calls them, or None without inputs."""
+def _call_order(model: nn.Module, layers: dict[str, nn.Module], example_inputs) -> tuple[list[str], list[str]] | None:
+    """(the layers in the order one forward on `example_inputs` first calls them, those of them whose output
+    reaches the model's outputs), or None without inputs. "Reaches" is autograd's answer: a layer computed but
+    unused (a BERT pooler under a sentence-embedding head) is not the layer that writes the output."""
     if example_inputs is None:
         return None
     order: list[str] = []
-    handles = [layer.register_forward_pre_hook(lambda _m, _a, fqn=fqn: order.append(fqn) if fqn not in order else None)
-               for fqn, layer in layers.items()]
+    produced: dict[str, torch.Tensor] = {}
+
+    def record(fqn):
+        def hook(_module, _args, output):
+            if fqn not in order:
+                order.append(fqn)
+            if isinstance(output, torch.Tensor) and output.is_floating_point() and fqn not in produced:
+                output = output + torch.zeros((), dtype=output.dtype, requires_grad=True)  # a graph even without grads
+                produced[fqn] = output
+                return output
+            return None
+        return hook
+
+    handles = [layer.register_forward_hook(record(fqn)) for fqn, layer in layers.items()]
     try:
-        with torch.no_grad():
-            if isinstance(example_inputs, dict):
-                model(**example_inputs)
-            else:
-                model(*example_inputs)
+        with torch.enable_grad():
+            outputs = model(**example_inputs) if isinstance(example_inputs, dict) else model(*example_inputs)
+            leaves = [t for t in _tensors(outputs) if t.is_floating_point() and t.requires_grad]
+            reaching: list[str] = []
+            if leaves and produced:
+                total = sum(t.float().sum() for t in leaves)
+                grads = torch.autograd.grad(total, list(produced.values()), allow_unused=True)
+                used = {fqn for fqn, grad in zip(produced, grads) if grad is not None}
+                reaching = [fqn for fqn in order if fqn in used]
     finally:
         for handle in handles:
             handle.remove()
-    return order
+    return order, reaching
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors(item)]
+    return []
 
 
 def _global_ratios(layers: dict[str, nn.Module], ratio: float) -> dict[str, float]:

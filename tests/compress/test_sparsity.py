@@ -121,6 +121,24 @@ def test_keep_last_false_prunes_the_head_and_errors_name_what_works():
         prune_sparse(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 2)), PruneSpec("nm", 0.5, n=2, m=4, text="2:4"), None, None)
 
 
+class Pooled(nn.Module):
+    """A layer computed after the output layer but unused (a BERT pooler under a sentence-embedding head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.pooler = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        self.pooler(h)
+        return {"hidden": h}
+
+
+def test_the_last_layer_is_the_last_one_reaching_the_output():
+    result = prune_sparse(Pooled(), PruneSpec("nm", 0.5, n=2, m=4, text="2:4"), None, ["x"], (torch.randn(2, 8),))
+    assert "last layer" in result.skipped["b"] and sorted(result.layers) == ["a", "pooler"]
+
+
 def correlated_layer(n_out=32, k=64, rows=512, seed=0):
     g = torch.Generator().manual_seed(seed)
     latent = torch.randn(rows, 8, generator=g) @ torch.randn(8, k, generator=g) + 0.1 * torch.randn(rows, k, generator=g)
