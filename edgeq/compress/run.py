@@ -135,7 +135,8 @@ def model_figures(module) -> dict:
     """parameters; weight_bytes: the state dict's floating-point tensors at 4 bytes each (what an FP32 artifact
     stores); zeros_share: exact zeros among the weight tensors (2-D or more), what sparse storage can skip."""
     parameters = sum(p.numel() for p in module.parameters())
-    tensors = {id(t): t for t in module.state_dict().values()}.values()  # tied weights once
+    state = module.state_dict().values()
+    tensors = {(t.data_ptr(), tuple(t.shape), t.dtype): t for t in state if t.numel()}.values()  # tied weights once
     weight_bytes = sum(4 * t.numel() for t in tensors if t.is_floating_point())
     weights = [t for t in tensors if t.is_floating_point() and t.dim() >= 2]
     total = sum(t.numel() for t in weights)
