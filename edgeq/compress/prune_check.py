@@ -5,7 +5,8 @@ output shapes and finite outputs. A pruned model that fails the check is refused
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -59,6 +60,29 @@ def output_tensors(value) -> list[torch.Tensor]:
 def output_shapes(module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> list[tuple[int, ...]]:
     with torch.no_grad():
         return [tuple(t.shape) for t in output_tensors(module(*example_inputs))]
+
+
+@contextmanager
+def gradients_on(module: nn.Module) -> Iterator[None]:
+    """Autograd on and every parameter requiring grad, for as long as the block runs: Torch-Pruning traces the
+    graph through grad_fn and Taylor scores need dL/dw, even when the caller runs under no_grad or froze weights.
+    The flags are restored afterwards."""
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def keep_requires_grad(original: nn.Module, pruned: nn.Module) -> None:
+    """Give the pruned copy's parameters (new tensors where a layer shrank) the original's requires_grad flags."""
+    flags = {name: p.requires_grad for name, p in original.named_parameters()}
+    for name, p in pruned.named_parameters():
+        p.requires_grad_(flags.get(name, p.requires_grad))
 
 
 def parameter_count(module: nn.Module) -> int:

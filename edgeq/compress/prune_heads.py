@@ -25,6 +25,8 @@ from torch import nn
 
 from edgeq.compress.prune_check import (
     as_example_tuple,
+    gradients_on,
+    keep_requires_grad,
     module_names,
     output_shapes,
     output_tensors,
@@ -91,6 +93,7 @@ def prune_heads(module: nn.Module, spec, calibration, input_names, example_input
         if removed:
             _remove_heads(attention, removed)
     _drop_gradients(model)
+    keep_requires_grad(module, model)
     verify_pruned(model, module, examples, expected, f"head pruning of {', '.join(a.name for a in layers if removals[a.name])}")
     before = sum(a.heads for a in layers)
     after = sum(r["heads"][1] for r in result_layers.values())
@@ -178,7 +181,7 @@ def _scores(spec, model, layers: list[Attention], calibration, input_names, exam
                     totals[a.name] += _contribution(a, contexts[a.name])
             else:
                 model.zero_grad(set_to_none=True)
-                with torch.enable_grad():
+                with gradients_on(model):
                     outputs = [t for t in output_tensors(model(*sample)) if t.is_floating_point()]
                     sum(t.float().pow(2).mean() for t in outputs).backward()
                 for a in layers:

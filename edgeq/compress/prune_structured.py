@@ -32,6 +32,8 @@ from edgeq.compress.prune_check import (
     as_example_tuple,
     export_problem,
     forward_problem,
+    gradients_on,
+    keep_requires_grad,
     module_names,
     output_shapes,
     output_tensors,
@@ -90,7 +92,8 @@ def prune_structured(module: nn.Module, spec, calibration, input_names, example_
     skipped: dict[str, str] = {}
     protected = _output_layers(model, examples, names) | _attention_layers(model, names)
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=examples)
+        with gradients_on(model):
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=examples)
     except Exception as exc:
         raise ConversionError(
             f"structured pruning: Torch-Pruning cannot trace the model ({type(exc).__name__}: {exc}); "
@@ -118,6 +121,7 @@ def prune_structured(module: nn.Module, spec, calibration, input_names, example_
             raise ConversionError(_refusal(choice, group, problem, names))
     _check_export(tp, module, model, pruned, examples, expected, input_names)
     _drop_gradients(model)
+    keep_requires_grad(module, model)
     layers = _changes(before, _widths(model, names))
     parameters_after = parameter_count(model)
     scope = "one ranking across the model" if spec.scope == "global" else "per layer"
@@ -275,7 +279,7 @@ def _label_free_gradients(model: nn.Module, samples) -> None:
     """Accumulate dL/dw for L = mean squared output over the samples: a first-order Taylor score |w * dL/dw|
     then says how much each channel moves the outputs, with no labels (Molchanov et al., CVPR 2019)."""
     model.zero_grad(set_to_none=True)
-    with torch.enable_grad():
+    with gradients_on(model):
         for sample in samples:
             outputs = [t for t in output_tensors(model(*sample)) if t.is_floating_point()]
             loss = sum(t.float().pow(2).mean() for t in outputs) / len(samples)
@@ -372,7 +376,8 @@ def _check_export(tp, original, model, pruned: list[_Choice], examples, expected
         return  # exports, or the original does not export either: the pipeline's own export names that
     replay = copy.deepcopy(original).eval()
     names = {name: layer for layer, name in module_names(replay).items()}
-    graph = tp.DependencyGraph().build_dependency(replay, example_inputs=examples)
+    with gradients_on(replay):
+        graph = tp.DependencyGraph().build_dependency(replay, example_inputs=examples)
     for choice in pruned:
         group = graph.get_pruning_group(names[choice.name], choice.handler, choice.idxs)
         group.prune()

@@ -129,6 +129,15 @@ def test_concatenation_batchnorm_and_flatten_stay_consistent():
     assert pruned(*examples).shape == (1, 5) and _finite(pruned, examples)
 
 
+def test_a_frozen_model_under_no_grad_still_prunes_on_taylor_scores():
+    torch.manual_seed(0)
+    model, examples = Concat().eval().requires_grad_(False), (torch.randn(1, 3, 8, 8),)
+    with torch.no_grad():  # how a pipeline may call it: Torch-Pruning's tracing and the Taylor scores need autograd
+        result = _prune(model, "taylor", examples=examples)
+    assert result.layers["left"] == {"out_channels": [16, 8]}
+    assert not any(p.requires_grad for p in result.module.parameters()) and not any(p.requires_grad for p in model.parameters())
+
+
 def test_global_ranking_prunes_the_share_asked_over_the_whole_model():
     from tests.compress.digits import train_digits
 
