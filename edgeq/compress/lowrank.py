@@ -98,9 +98,11 @@ def low_rank_factors(weight: np.ndarray, rank_for, whitening: np.ndarray | None 
     """Truncated SVD of `weight` [out, in] (of weight @ whitening when given, a lower-triangular L with
     L L^T the inputs' second moment), at the rank `rank_for(singular_values)` picks, as two factors whose
     product approximates `weight`. float64 throughout; the caller casts."""
+    import torch
+
     weight = np.asarray(weight, np.float64)
     target = weight if whitening is None else weight @ whitening
-    u, s, vh = np.linalg.svd(target, full_matrices=False)
+    u, s, vh = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(target), full_matrices=False))  # numpy's: 2x slower
     rank = int(min(max(rank_for(s), 1), len(s)))
     total = float(np.sum(s**2))
     energy = float(np.sum(s[:rank] ** 2) / total) if total > 0 else 1.0
@@ -108,8 +110,6 @@ def low_rank_factors(weight: np.ndarray, rank_for, whitening: np.ndarray | None 
     second = u[:, :rank] * root
     first = root[:, None] * vh[:rank]
     if whitening is not None:  # A = sqrt(S) V^T L^-1, i.e. A L = sqrt(S) V^T: one triangular solve
-        import torch
-
         lower = torch.from_numpy(np.ascontiguousarray(whitening, np.float64))
         first = torch.linalg.solve_triangular(lower, torch.from_numpy(first), upper=False, left=False).numpy()
     first, second = _balanced(first, second)
@@ -132,14 +132,16 @@ def choose_rank(singular_values: np.ndarray, mode: str, value: float, in_feature
 def cholesky_factor(moment: np.ndarray) -> np.ndarray:
     """Lower-triangular L with L L^T = moment + damping (DAMPING x its mean diagonal, raised tenfold until
     the factorization succeeds)."""
-    moment = np.asarray(moment, np.float64)
-    scale = float(np.mean(np.diag(moment))) or 1.0
+    import torch
+
+    moment = torch.from_numpy(np.asarray(moment, np.float64))
+    scale = float(moment.diagonal().mean()) or 1.0
     damping = DAMPING
-    while True:
-        try:
-            return np.linalg.cholesky(moment + damping * scale * np.eye(len(moment)))
-        except np.linalg.LinAlgError:
-            damping *= 10
+    while True:  # torch's LAPACK call: numpy's is ten times slower here
+        lower, info = torch.linalg.cholesky_ex(moment + damping * scale * torch.eye(len(moment), dtype=moment.dtype))
+        if int(info) == 0:
+            return lower.numpy()
+        damping *= 10
 
 
 def select_layers(model, patterns: tuple[str, ...]) -> tuple[dict, dict[str, str]]:
@@ -181,7 +183,11 @@ def select_layers(model, patterns: tuple[str, ...]) -> tuple[dict, dict[str, str
 def input_moments(model, layers: dict, calibration: list[dict[str, np.ndarray]], input_names: list[str],
                   example_inputs: tuple | None) -> tuple[dict[str, np.ndarray], int]:
     """FQN -> X^T X / n [in, in] of each layer's inputs over the calibration samples (float64), and how many
-    samples were run. Without calibration samples the example inputs are the one sample."""
+    samples were run. Without calibration samples the example inputs are the one sample.
+
+    Tokens an `attention_mask` input marks as padding are left out where a layer's input is [batch, sequence,
+    features] of the mask's shape: a short sentence padded to 128 tokens is mostly padding, whose activations
+    nothing downstream reads (masked attention, masked pooling), and they would outweigh the real tokens."""
     import torch
 
     if calibration:
@@ -190,16 +196,22 @@ def input_moments(model, layers: dict, calibration: list[dict[str, np.ndarray]],
         batches = [tuple(example_inputs)]
     else:
         raise UsageError("activation-aware low-rank needs calibration samples (--data) or example inputs")
+    mask_at = input_names.index("attention_mask") if "attention_mask" in input_names else None
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    current: dict[str, torch.Tensor | None] = {"mask": None}
 
     def hook(fqn, layer):
         def record(_module, args, _output):
-            x = args[0].detach().to(torch.float64)
+            x = args[0].detach()
             if isinstance(layer, torch.nn.Conv2d):  # the pixels a 1x1 conv reads; zero padding adds nothing to X^T X
                 x = x[..., :: layer.stride[0], :: layer.stride[1]].movedim(-3, -1)
-            x = x.reshape(-1, x.shape[-1])
-            sums[fqn] = sums.get(fqn, 0) + x.T @ x
+            mask = current["mask"]
+            if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask != 0]
+            x = x.reshape(-1, x.shape[-1]).float()
+            # float32 products (the slow part) summed in float64: one sample's rows are few enough for float32
+            sums[fqn] = sums.get(fqn, 0) + (x.T @ x).double()
             counts[fqn] = counts.get(fqn, 0) + x.shape[0]
         return record
 
@@ -207,11 +219,12 @@ def input_moments(model, layers: dict, calibration: list[dict[str, np.ndarray]],
     try:
         with torch.no_grad():
             for batch in batches:
+                current["mask"] = batch[mask_at] if mask_at is not None else None
                 model(*batch)
     finally:
         for handle in handles:
             handle.remove()
-    return {fqn: (sums[fqn] / counts[fqn]).numpy() for fqn in sums}, len(batches)
+    return {fqn: (sums[fqn] / max(counts[fqn], 1)).numpy() for fqn in sums}, len(batches)
 
 
 def _check_spec(spec) -> None:
