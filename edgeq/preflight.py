@@ -146,6 +146,12 @@ def check_compression(values: dict, label):
             f"{label('recover')} {recover.text}: distillation recovers what --prune or --lowrank cost, and neither is asked; "
             "add one (e.g. --prune structured:0.5), or use --recover qat with a quantized precision"
         )
+    if recover is not None and recover.device == "cuda":  # a torch without CUDA refused now, as for --device cuda
+        try:
+            check_device("cuda", "device")
+        except UsageError as exc:
+            reason = str(exc).split(": ", 1)[1].split(";")[0]
+            raise UsageError(f"{label('recover')} {recover.text}: {reason}; train on the CPU (device=cpu, the default)") from exc
     specs = CompressionSpecs(prune, lowrank, recover)
     needing = specs.needing_data()
     if needing and values.get("calibration_samples", 32) == 0:

@@ -175,3 +175,12 @@ def test_help_stays_torch_free():
            "r = CliRunner().invoke(main, ['convert', 'edgeq.examples:tiny_mlp', '--prune', 'bad:1']); assert r.exit_code == 2; " \
            "print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_recover_on_cuda_without_a_cuda_torch_is_refused_before_work():
+    torch = pytest.importorskip("torch")
+    if torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None:
+        pytest.skip("this torch is built with CUDA: the refusal applies to CPU-only builds")
+    result = CliRunner().invoke(main, ["convert", "edgeq.examples:tiny_mlp", "--prune", "2:4", "--recover", "distill:device=cuda"])
+    assert result.exit_code == 2, result.output
+    assert "--recover distill:device=cuda: the installed torch" in result.output and "device=cpu" in result.output
