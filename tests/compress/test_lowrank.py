@@ -6,13 +6,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from edgeq.compress.lowrank import choose_rank, cholesky_factor, factorize, low_rank_factors
+from edgeq.compress.lowrank import choose_rank, cholesky_factor, factorize, input_moments, low_rank_factors
 from edgeq.compress.spec import LowRankSpec, parse_lowrank
 from edgeq.errors import UsageError
 from tests.conftest import COREML, ONNX, TFLITE
@@ -108,6 +109,9 @@ def test_patterns_select_layers_and_name_what_they_cannot_factorize():
     assert isinstance(result.module.blocks[0]["down"], nn.Linear) and isinstance(result.module.blocks[1]["down"], nn.Sequential)
     with pytest.raises(UsageError, match="'blocks.*.upp' names no module"):
         factorize(net, parse_lowrank("rank:0.25", layers=("blocks.*.upp",)), [], ["x"])
+    unchecked = SimpleNamespace(mode="rank", value=0.25, activation_aware=False, layers=("re:blocks(",), text="")
+    with pytest.raises(UsageError, match="'re:blocks\\(': not a valid regular expression"):
+        factorize(net, unchecked, [], ["x"])  # LowRankSpec refuses it first; a stage given another spec still does
     with pytest.raises(UsageError, match="did you mean blocks.0.up"):
         factorize(net, LowRankSpec("rank", 0.25, layers=("blocks.0.upp",)), [], ["x"])
 
@@ -169,6 +173,26 @@ def test_activation_aware_whitens_a_1x1_conv_by_the_pixels_it_reads_and_skips_un
     plain = factorize(model, LowRankSpec("rank", 0.25), [], ["x"])
     with torch.no_grad():
         assert _relative(result.module(x), model(x)) < _relative(plain.module(x), model(x))
+
+
+def test_activation_moments_leave_out_padding_tokens():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Linear(4, 4)
+
+        def forward(self, x, attention_mask):
+            return self.dense(x) * attention_mask[..., None]
+
+    x = torch.randn(1, 6, 4)
+    x[0, 4:] = 1000.0  # padding positions: large, and never read
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    model = Encoder()
+    moments, samples = input_moments(model, {"dense": model.dense}, [{"x": x.numpy(), "attention_mask": mask.numpy()}],
+                                     ["x", "attention_mask"], None)
+    real = x[0, :4].double()
+    np.testing.assert_allclose(moments["dense"], (real.T @ real / 4).numpy(), rtol=1e-5)
+    assert samples == 1
 
 
 def _minimal_bert():
