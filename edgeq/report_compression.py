@@ -25,7 +25,11 @@ def own_stages(section: dict) -> list[dict]:
     return [s for s in section.get("stages") or [] if isinstance(s, dict) and not isinstance(s.get("parameters"), dict)]
 
 
-def _change(figure, render=lambda v: fmt(v, 12)) -> str:
+def _count(value) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else fmt(value, 12)
+
+
+def _change(figure, render=_count) -> str:
     if not isinstance(figure, dict):
         return "-"
     return f"{render(figure.get('before'))} → {render(figure.get('after'))}"

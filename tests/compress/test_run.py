@@ -100,7 +100,7 @@ def test_fp32_run_draws_calibration_and_reports_compression(tmp_path):
     assert check_schema(report, json.loads((ROOT / "docs" / "report.schema.json").read_text())) == []
     html = (out / "tiny_mlp" / "report.html").read_text()
     markdown = (out / "tiny_mlp" / "report.md").read_text()
-    assert 'id="compression"' in html and "rank:0.25" in html and "→" in html
+    assert 'id="compression"' in html and "rank:0.25" in html and f"{stage['parameters']['before']:,} → {stage['parameters']['after']:,}" in html
     assert "**compression (tiny_mlp)**" in markdown and "| lowrank | rank:0.25 |" in markdown
 
 
