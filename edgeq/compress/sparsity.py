@@ -49,7 +49,8 @@ def prune_sparse(
 
     calibration: samples {input name: array} (SparseGPT's layer inputs; magnitude needs none). example_inputs:
     one forward to find the layers' call order (the last one called whose output reaches the model's outputs
-    is the output layer, left dense when `keep_last`); without them, module order decides. Layers are keyed by the input module's torch FQNs.
+    is the output layer, left dense when `keep_last`); without them, module order decides. Layers are keyed by
+    the input module's torch FQNs; `device` is where SparseGPT's driver runs ("cpu" or "cuda").
     """
     started = time.perf_counter()
     if spec.kind not in KINDS:
@@ -92,7 +93,7 @@ def prune_sparse(
         if fqn in fallback:
             entry["method"] = "magnitude"
         result.layers[fqn] = entry
-    how = "SparseGPT (one-shot, on %d calibration samples)" % len(calibration or []) if spec.method == "sparsegpt" else "magnitude"
+    how = f"SparseGPT (one-shot, on {len(calibration or [])} calibration samples)" if spec.method == "sparsegpt" else "magnitude"
     scope = ", one threshold for the whole model" if spec.kind == "unstructured" and spec.scope == "global" else ""
     result.notes.append(f"{pattern} sparsity by {how}{scope}: {len(result.layers)} layers, {100 * zeros / max(total, 1):.1f}% "
                         "of their weights exactly zero")
