@@ -76,8 +76,6 @@ def prune(module, spec, calibration, model):
 
 
 def digits(out: Path, importance: str) -> None:
-    import torch
-
     from edgeq.compress.spec import PruneSpec
     from edgeq.load import load_model
     from tests.compress.digits import accuracy, train_digits
@@ -105,7 +103,6 @@ def digits(out: Path, importance: str) -> None:
         ms = interleaved_ms([artifact(b), artifact(a)], target, sample, target_s=2.0)
         print(f"| {target} | {b.verdict} / {a.verdict} | {sizes[0] / 1e3:.1f} kB | {sizes[1] / 1e3:.1f} kB | "
               f"{1 - sizes[1] / sizes[0]:.1%} | {ms[0] * 1e3:.1f} us | {ms[1] * 1e3:.1f} us | {ms[0] / ms[1]:.2f}x |")
-    del torch
 
 
 def minilm(out: Path, importance: str, sentences: int, pairs: int) -> None:

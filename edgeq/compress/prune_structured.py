@@ -119,7 +119,7 @@ def prune_structured(module: nn.Module, spec, calibration, input_names, example_
         problem = forward_problem(model, examples, expected)
         if problem is not None:
             raise ConversionError(_refusal(choice, group, problem, names))
-    _check_export(tp, module, model, pruned, examples, expected, input_names)
+    _check_export(tp, module, model, pruned, examples, expected)
     _drop_gradients(model)
     keep_requires_grad(module, model)
     layers = _changes(before, _widths(model, names))
@@ -148,18 +148,21 @@ def _torch_pruning():
 
 def _output_layers(model: nn.Module, examples, names) -> dict[nn.Module, str]:
     """Layers whose output tensor is a model output: their width is the model's interface."""
-    produced: dict[int, nn.Module] = {}
-    hooks = [
-        child.register_forward_hook(lambda layer, _inputs, output: produced.update({id(t): layer for t in output_tensors(output)}))
-        for child in model.modules() if not list(child.children())
-    ]
+    produced: dict[int, tuple[torch.Tensor, nn.Module]] = {}  # the tensor is held so that its id is not reused
+
+    def record(layer, _inputs, output):
+        for tensor in output_tensors(output):
+            produced.setdefault(id(tensor), (tensor, layer))  # the first producer: a Dropout/Identity after it passes it on
+
+    hooks = [child.register_forward_hook(record) for child in model.modules() if not list(child.children())]
     try:
         with torch.no_grad():
             outputs = output_tensors(model(*examples))
     finally:
         for hook in hooks:
             hook.remove()
-    layers = {produced[id(t)] for t in outputs if id(t) in produced}
+    layers = {produced[id(t)][1] for t in outputs if id(t) in produced}
+    produced.clear()
     return {layer: f"'{names[layer]}' produces a model output: its width is part of the model's interface" for layer in layers}
 
 
@@ -368,7 +371,7 @@ def _refusal(choice: _Choice, group, problem: str, names, hint: str = REFUSAL_HI
     )
 
 
-def _check_export(tp, original, model, pruned: list[_Choice], examples, expected, input_names) -> None:
+def _check_export(tp, original, model, pruned: list[_Choice], examples, expected) -> None:
     """torch.export the pruned module; when it fails (and the original exports), replay the groups one by one on
     a fresh copy to name the first layer whose edit breaks the export."""
     problem = export_problem(model, examples)
