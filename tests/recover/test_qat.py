@@ -145,3 +145,41 @@ def test_qat_and_lora_train_on_cuda_and_return_cpu_modules():
     module, new_plan, _ = lora(reference, reference, plan, RecoverSpec(steps=4, lr=1e-3, batch_size=8, lora_rank=2, device="cuda"),
                                calibration, ["x"], ["output"])
     _module_holds_plan(module, new_plan)
+
+
+def test_int8_conv_plan_with_static_activations_and_bias_correction():
+    from torch import nn
+
+    from edgeq.calibration.weights import quantize_weight_per_channel
+    from edgeq.compress.apply import apply_plan
+    from edgeq.compress.qdq import WeightForm
+    from edgeq.load.wrap import FlatModel
+    from edgeq.plan import LayerPlan, OpKind, PerTensor, QDtype, QuantPlan, TensorQuant
+
+    torch.manual_seed(0)
+    net = FlatModel(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(8, 4))).eval()
+    rng = np.random.default_rng(0)
+    data = [{"image": rng.standard_normal((1, 3, 10, 10)).astype(np.float32)} for _ in range(8)]
+    plan = QuantPlan("w8a8", "test")
+    for fqn in ("0", "2", "5"):
+        quant, codes = quantize_weight_per_channel(net.inner.get_submodule(fqn).weight, scale_dtype="float16")
+        activation = TensorQuant(QDtype.UINT8, PerTensor(), False, np.float32(0.05), np.int32(128))
+        plan.layers[fqn] = LayerPlan(fqn, OpKind.LINEAR if fqn == "5" else OpKind.CONV, weight=quant, weight_codes=codes,
+                                     activation=activation)
+    plan.layers["2"].bias_correction = np.full(8, 0.01, np.float32)
+    module, new_plan, result = qat(net, net, plan, RecoverSpec(steps=6, lr=1e-3, batch_size=4), data, ["image"], ["output"])
+    _module_holds_plan(module, new_plan)
+    assert set(result.layers) == {"0", "2", "5"}
+    for fqn, entry in new_plan.layers.items():
+        assert entry.weight.scale.dtype == np.float32 and np.array_equal(entry.weight.scale.astype(np.float16).astype(np.float32), entry.weight.scale)
+        assert entry.activation is plan.layers[fqn].activation or np.array_equal(entry.activation.scale, plan.layers[fqn].activation.scale)
+    # what QAT trained through (its fake quantization of the new plan) is what the PyTorch simulation computes
+    from edgeq.recover.qat import QatSimulation
+
+    trained_view = copy.deepcopy(module)
+    QatSimulation(trained_view, new_plan)
+    simulation = apply_plan(module, new_plan, WeightForm.QDQ)
+    images = torch.from_numpy(np.concatenate([d["image"] for d in data]))
+    with torch.no_grad():
+        torch.testing.assert_close(trained_view(images)[0], simulation(images)[0], rtol=1e-4, atol=1e-5)
