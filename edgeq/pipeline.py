@@ -103,7 +103,7 @@ def _convert_plans(model: LoadedModel, plans: list, options: ConvertOptions, on_
         from edgeq.compress.run import compress_model
 
         compression = compress_model(model, options.compression, calibration, validation, references, on_step)
-        model = compression.model
+        model, compression = compression.model, compression if compression.stages else None
 
     outcomes = []
     with Fp32Baselines(model, validation, references, on_step) as baselines:  # temporary FP32 artifacts live until the end

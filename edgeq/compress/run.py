@@ -58,6 +58,8 @@ def compress_model(model, specs: CompressionSpecs, calibration: list[dict[str, n
         _check_result(result, modules[-1], name)
         modules.append(result.module.eval())
         stages.append(result)
+    if not stages:  # only qat / lora asked: they run per quantized plan (edgeq/quantize.py)
+        return Compressed(model, [], {})
     compressed = dataclasses.replace(model, module=modules[-1])
     on_step("compression: measuring before/after")
     figures = _figures(model, modules, stages, validation, references)

@@ -158,3 +158,17 @@ def test_figures_repeat_exactly_apart_from_timings(mlp):
     for figures in runs:
         figures.pop("latency"), figures.pop("seconds")
     assert json.dumps(runs[0], sort_keys=True) == json.dumps(runs[1], sort_keys=True)
+
+
+def test_lora_alone_runs_per_quantized_plan_without_run_level_figures(tmp_path):
+    result = CliRunner().invoke(main, [
+        "convert", "edgeq.examples:tiny_mlp", "-t", "onnx", "-p", "int8-weight", "--recover", "lora:rank=2,steps=3,batch_size=2",
+        "--samples", "2", "--calibration-samples", "4", "--budget", "none", "-o", str(tmp_path),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "compression: measuring" not in result.output
+    bundle = tmp_path / "tiny_mlp" / "onnx" / "int8-weight"
+    (stage,) = json.loads((bundle / "manifest.json").read_text())["compression"]["stages"]
+    assert stage["spec"] == "lora:rank=2,steps=3,batch_size=2" and "parameters" not in stage
+    assert [r["spec"] for r in json.loads((bundle / "plan.json").read_text())["compression"]] == [stage["spec"]]
+    assert json.loads((bundle / "manifest.json").read_text())["weight_parity"]["mismatches"] == []
