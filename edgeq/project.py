@@ -18,6 +18,7 @@ command line > [[models]] entry > [defaults] > built-in default.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tomllib
 from collections.abc import Callable
@@ -151,6 +152,10 @@ def make_job(values: dict, base: Path | None, label: Callable[[str], str]) -> Jo
     per_layer = parse_per_layer(values["per_layer"], label("per_layer")) if "per_layer" in values else ()
     inputs = [_parsed(label("inputs"), _parse_input, text) for text in values.get("inputs", [])]
     compression = check_compression(values, label)
+    recover = compression.recover
+    if recover is not None and recover.checkpoint_dir and base is not None and not Path(recover.checkpoint_dir).is_absolute():
+        # checkpoints live where the project file says, wherever edgeq runs from (as out and data)
+        compression = dataclasses.replace(compression, recover=dataclasses.replace(recover, checkpoint_dir=relative(recover.checkpoint_dir)))
     repeated = sorted({spec.name for spec in inputs if [s.name for s in inputs].count(spec.name) > 1})
     if repeated:
         raise UsageError(f"{label('inputs')}: input {', '.join(repeated)} declared more than once; declare each input once")

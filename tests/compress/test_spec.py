@@ -154,6 +154,9 @@ def test_toml_keys(tmp_path):
         PruneSpec("channels", 0.5, text="structured:0.5"), LowRankSpec("rank", 0.5, layers=("layers.0", "re:.*3"), text="rank:0.5"),
         RecoverSpec(steps=20, text="distill:steps=20"))
     assert second.compression.prune == PruneSpec("nm", 0.5, n=2, m=4, text="2:4") and second.compression.lowrank is None
+    # a checkpoint folder in the file is relative to the file
+    project.write_text(project.read_text().replace('recover = "distill:steps=20"', 'recover = "distill:steps=20,checkpoint_dir=ck"'))
+    assert load_project(project)[0].compression.recover.checkpoint_dir == str(tmp_path.resolve() / "ck")
     # the command line overrides the file for every model
     (overridden, _) = load_project(project, {"prune": "unstructured:0.25"})
     assert overridden.compression.prune.kind == "unstructured"
