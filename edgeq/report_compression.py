@@ -74,8 +74,16 @@ def by_model(reports: list[dict]) -> dict[str, dict]:
     return sections
 
 
+ZEROS_WORTH_SAYING = 0.01  # below this the model was not made sparse: a few codes at their zero point are noise
+
+
 def artifact_sparsity(report: dict) -> str | None:
-    """Share of exact zeros in the artifact's weights, where the bundle measured it."""
+    """Share of exact zeros in the artifact's weights, where the bundle measured it and compression made zeros
+    (unstructured or N:M pruning): did they survive quantization and export?"""
+    section = compression_of(report) or {}
+    made = [number(get(s, "zeros_share", "after")) for s in run_stages(section)]
+    if not any(value is not None and value >= ZEROS_WORTH_SAYING for value in made):
+        return None
     share = number(get(report, "artifact", "sparsity", "share"))
     return None if share is None else f"{100 * share:.1f}% zeros in the artifact's weights"
 
