@@ -184,6 +184,13 @@ def _validate_layers(bundle: Path, manifest: dict, source: str | None, **load_op
     from edgeq.report import print_layers
     from edgeq.bundle import write_atomic
 
+    stages = [s for s in (manifest.get("compression") or {}).get("stages") or [] if isinstance(s, dict) and "parameters" in s]
+    if stages:  # the source is the model before pruning / low-rank / distillation: its layers are not the artifact's
+        specs = ", ".join(f"{s.get('stage')} {s.get('spec')}" for s in stages)
+        raise UsageError(
+            f"--layers: {bundle} was converted from a compressed model ({specs}), which edgeq does not keep; "
+            "per-layer drift needs it: run edgeq convert again with --layers"
+        )
     layer_report = localize_bundle(bundle, manifest, source, **load_options)
     print_layers(layer_report, str(bundle), storage=manifest.get("artifact", {}).get("storage"))
     report_path = bundle / "report.json"

@@ -102,6 +102,9 @@ def test_fp32_run_draws_calibration_and_reports_compression(tmp_path):
     markdown = (out / "tiny_mlp" / "report.md").read_text()
     assert 'id="compression"' in html and "rank:0.25" in html and f"{stage['parameters']['before']:,} → {stage['parameters']['after']:,}" in html
     assert "**compression (tiny_mlp)**" in markdown and "| lowrank | rank:0.25 |" in markdown
+    # per-layer drift afterwards would compare with the uncompressed source: refused, saying what works
+    checked = CliRunner().invoke(main, ["validate", str(bundle), "--layers"])
+    assert checked.exit_code == 2 and "converted from a compressed model (lowrank rank:0.25)" in checked.output, checked.output
 
 
 def test_qat_runs_per_quantized_plan_and_is_recorded(tmp_path):
