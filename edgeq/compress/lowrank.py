@@ -57,7 +57,8 @@ def factorize(module, spec, calibration: list[dict[str, np.ndarray]], input_name
 
     `spec`: a LowRankSpec (mode, value, activation_aware, layers, text). `calibration`: samples by input name,
     read only when spec.activation_aware (the example inputs stand in when there are none). The result's
-    `layers` are keyed by the input module's FQNs: {"rank", "full_rank", "energy", "params": [before, after]}.
+    `layers` and `skipped` are keyed by the input module's user FQNs (edgeq's FlatModel wrapper prefix dropped,
+    as in plans): {"rank", "full_rank", "energy", "params": [before, after]}, params with the bias.
     """
     import torch
 
@@ -72,6 +73,13 @@ def factorize(module, spec, calibration: list[dict[str, np.ndarray]], input_name
     for fqn, layer in selected.items():
         weight = _weight_matrix(layer)
         out_features, in_features = weight.shape
+        full_rank = min(in_features, out_features)
+        if spec.mode != "energy":  # the rank is known before any SVD: skip the layers it cannot shrink now
+            rank = choose_rank(np.ones(full_rank), spec.mode, spec.value, in_features, out_features)
+            reason = _no_saving(rank, full_rank, in_features, out_features, spec)
+            if reason:
+                skipped[fqn] = reason
+                continue
         whitening = None
         if spec.activation_aware:
             if fqn not in moments:
@@ -80,11 +88,11 @@ def factorize(module, spec, calibration: list[dict[str, np.ndarray]], input_name
             whitening = cholesky_factor(moments[fqn])
         factors = low_rank_factors(weight, lambda s: choose_rank(s, spec.mode, spec.value, in_features, out_features),
                                    whitening)
-        before, after = in_features * out_features, factors.rank * (in_features + out_features)
-        if after >= before:
-            skipped[fqn] = (f"rank {factors.rank} of {factors.full_rank} ({spec.mode}:{spec.value:g}) would hold {after} "
-                            f"weights, not fewer than the layer's {before}: no saving")
+        reason = _no_saving(factors.rank, full_rank, in_features, out_features, spec)
+        if reason:
+            skipped[fqn] = reason
             continue
+        before, after = in_features * out_features, factors.rank * (in_features + out_features)
         bias = 0 if layer.bias is None else layer.bias.numel()
         _replace(model, layer, _factored_layer(layer, factors, torch))
         layers[fqn] = {"rank": factors.rank, "full_rank": factors.full_rank, "energy": round(factors.energy, 6),
@@ -225,6 +233,15 @@ def input_moments(model, layers: dict, calibration: list[dict[str, np.ndarray]],
         for handle in handles:
             handle.remove()
     return {fqn: (sums[fqn] / max(counts[fqn], 1)).numpy() for fqn in sums}, len(batches)
+
+
+def _no_saving(rank: int, full_rank: int, in_features: int, out_features: int, spec) -> str | None:
+    """Why a layer stays as it is at `rank`, or None where two factors hold fewer weights than the layer."""
+    before, after = in_features * out_features, rank * (in_features + out_features)
+    if after < before:
+        return None
+    return (f"rank {rank} of {full_rank} ({spec.mode}:{spec.value:g}) would hold {after} weights, not fewer than "
+            f"the layer's {before}: no saving")
 
 
 def _check_spec(spec) -> None:
