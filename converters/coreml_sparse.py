@@ -78,7 +78,24 @@ def _tile(param: torch.Tensor, shape) -> torch.Tensor:
     return param
 
 
-class SparseFloatWeight(nn.Module):
+class _WeightLike:
+    """Model code reads its layers' weights as tensors (HF ViT: `projection.weight.dtype`): answer as the float
+    weight this module stands for (as compress.qdq.QuantizedWeight does)."""
+
+    @property
+    def shape(self) -> torch.Size:
+        return (self.values if hasattr(self, "values") else self.codes).shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return (self.values if hasattr(self, "values") else self.codes).device
+
+
+class SparseFloatWeight(_WeightLike, nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.register_buffer("values", weight.detach().float().clone())
@@ -87,7 +104,7 @@ class SparseFloatWeight(nn.Module):
         return sparse_weight(self.values)
 
 
-class SparseCodes(nn.Module):
+class SparseCodes(_WeightLike, nn.Module):
     """A quantized weight (codes, scale, zero point; any rank) whose zero-point codes Core ML does not store."""
 
     def __init__(self, codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int):
@@ -175,7 +192,8 @@ def _sparse_candidate(child: nn.Module, fp16: bool):
         bits = 8 if child.bits == 8 else CONTAINER_BITS
         zeros = int((child.codes == _tile(child.zero_point, child.codes.shape)).sum())
         return f"{bits}-bit", bits, zeros, child.codes.numel()
-    if isinstance(child, nn.Linear) or (isinstance(child, (nn.Conv1d, nn.Conv2d)) and child.padding_mode == "zeros"):
+    # exact types: a subclass may be read by its parent as a parameter (MultiheadAttention's out_proj.weight)
+    if type(child) is nn.Linear or (type(child) in (nn.Conv1d, nn.Conv2d) and child.padding_mode == "zeros"):
         weight = child.weight.detach()
         kind, bits = ("fp16", 16) if fp16 else ("fp32", 32)
         return kind, bits, int((weight == 0).sum()), weight.numel()
