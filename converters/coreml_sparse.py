@@ -200,6 +200,24 @@ def _sparse_candidate(child: nn.Module, fp16: bool):
     return None
 
 
+def sparse_code_bits(layer) -> int | None:
+    """The bits converters/coreml.py stores for a plan layer's codes when it stores them sparse (a 1-bit mask plus
+    the codes off the zero point, in their 8- or 4-bit container), or None when the layer stays dense; for
+    edgeq/footprint.py's account of what the artifact holds."""
+    from edgeq.plan import QDtype
+
+    quant, codes = layer.weight, layer.weight_codes
+    if quant is None or codes is None or getattr(layer, "palette", None) is not None:
+        return None
+    if quant.dtype not in (QDtype.INT8, QDtype.UINT8, QDtype.INT4, QDtype.UINT4):
+        return None
+    rows = codes.reshape(codes.shape[0], -1)
+    zero = np.asarray(quant.zero_point).reshape(codes.shape[0], -1)
+    zeros = int(np.count_nonzero(rows == np.repeat(zero, rows.shape[1] // zero.shape[1], axis=1)))
+    bits = 8 if quant.dtype.bits == 8 else CONTAINER_BITS
+    return codes.size + (codes.size - zeros) * bits if sparse_pays(zeros, codes.size, bits) else None
+
+
 def _sparse_codes_planned(plan, fqn: str) -> bool:
     from edgeq.plan import QDtype
 

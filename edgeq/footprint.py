@@ -26,6 +26,7 @@ file's size_bytes holds them besides.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -162,7 +163,19 @@ def weight_storage(module, plan: QuantPlan | None, runtime: str, float_bits: int
 
 def layer_storage(layer: LayerPlan, runtime: str, float_bits: int = 32, elements: int | None = None) -> LayerStorage:
     """One plan layer as `runtime` stores it (the table in the module docstring). `elements`: the weight's size,
-    needed for float layers (a plan holds no float weights)."""
+    needed for float layers (a plan holds no float weights). Core ML stores mostly-zero int8/int4 codes sparse
+    (converters/coreml_sparse.py: a 1-bit mask plus the non-zero codes)."""
+    row = _layer_storage(layer, runtime, float_bits, elements)
+    if runtime == "coreml" and row.quantized and layer.palette is None:
+        from edgeq.converters.coreml_sparse import sparse_code_bits
+
+        sparse = sparse_code_bits(layer)
+        if sparse is not None:
+            row = dataclasses.replace(row, code_bits=sparse)
+    return row
+
+
+def _layer_storage(layer: LayerPlan, runtime: str, float_bits: int = 32, elements: int | None = None) -> LayerStorage:
     op = layer.op.value
     if layer.palette is not None:
         index_bits = int(layer.palette.shape[1]).bit_length() - 1

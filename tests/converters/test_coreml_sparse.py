@@ -174,6 +174,13 @@ def test_2_4_int8_is_stored_sparse_exactly_and_smaller_than_int8_only(tmp_path, 
     sparse_size, dense_size = weight_bytes(artifact.path), weight_bytes(dense_artifact.path)
     assert sparse_size < 0.66 * dense_size, (sparse_size, dense_size)
 
+    from edgeq.footprint import layer_storage
+
+    for fqn, (n, k) in {"up": (256, 128), "down": (64, 256)}.items():  # the report's account: mask + non-zero codes
+        assert layer_storage(plan.layers[fqn], "coreml", 16).code_bits == n * k + n * k // 2 * 8
+        assert layer_storage(plan.layers[fqn], "onnx").code_bits == n * k * 8  # ONNX stores them dense
+    assert layer_storage(plan.layers["head"], "coreml", 16).code_bits == 640 * 8
+
 
 @pytest.fixture(scope="module")
 def asymmetric_profile(tmp_path_factory):
