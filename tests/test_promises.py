@@ -178,9 +178,9 @@ def w8a8_run(tmp_path_factory):
     seen = []
     original = edgeq.pipeline.quantization_plan
 
-    def observed(model, profile, precision, options, keep_float, calibration, budget):
+    def observed(model, profile, precision, options, keep_float, calibration, budget, **compression):
         seen.extend(calibration)
-        return original(model, profile, precision, options, keep_float, calibration, budget)
+        return original(model, profile, precision, options, keep_float, calibration, budget, **compression)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(edgeq.pipeline, "quantization_plan", observed)
