@@ -1,18 +1,23 @@
-"""Why edgeq's TFLite w8a8 MiniLM is no faster than FP32 under XNNPACK (issue 12; docs/research/tflite-w8a8-speed.md).
+"""TFLite w8a8 MiniLM against FP32 under XNNPACK (issue 12; docs/research/tflite-w8a8-speed.md).
 
-Takes edgeq's TFLite bundles of all-MiniLM-L6-v2 (fp32 and w8a8 at least, int8-dynamic if present), builds
-ai-edge-quantizer's (AEQ) static_wi8_ai8 / static_wi8_ai16 / dynamic_wi8_afp32 from the same FP32 .tflite, then
+With --build, converts all-MiniLM-L6-v2 with edgeq for `tflite` (validated on STS-B dev sentences, calibrated on
+others): fp32, int8-dynamic, w8a8 with --auto-fallback (int8 FULLY_CONNECTED islands, the layers the sweep finds
+most sensitive moved to the hybrid kernel), and variants of the per-layer choice: w8a8 without fallback (every
+linear an island), the sweep held to cosine>=0.99, and every output projection (`*.output.dense`) hybrid.
+Otherwise takes existing edgeq bundles (a folder holding fp32/ w8a8/ [int8-dynamic/]). Unless --skip-aeq, builds
+ai-edge-quantizer's (AEQ) static_wi8_ai8 / static_wi8_ai16 / dynamic_wi8_afp32 from the same FP32 .tflite. Then
 for each artifact prints:
   census      ops by (type, input dtypes -> output dtypes); "float compute" = ops other than (DE)QUANTIZE,
               RESHAPE and the int32 mask ops that output float32
   delegation  ops XNNPACK (LiteRT's default CPU delegate) leaves to the builtin kernels
-  timing      median ms, batch 1, sequence 128, ONE thread, warm, artifacts interleaved round by round
-  cosine      mean cosine of the sentence embedding to the FP32 .tflite's on a few sentences
+  cosine      mean cosine of the sentence embedding to FP32 PyTorch on --stsb STS-B dev sentences (and to the
+              FP32 .tflite on the few built-in sentences)
+  timing      median ms, batch 1, sequence 128, ONE thread, warm, artifacts interleaved round by round; FP32 / it
 and a kernel table: one FULLY_CONNECTED [128x384] x [384->1536] and one attention block's float ops, float vs
 int8 (static) vs hybrid, built the same way (litert-torch FP32, then AEQ), to show which kernels pay.
 
-Run:  .venv/bin/python benchmarks/bench_tflite_w8a8.py BUNDLES [--rounds 40] [--calibration 8] [--out DIR]
-      BUNDLES = the folder holding fp32/ w8a8/ [int8-dynamic/] (e.g. OUT/minilm/tflite from `edgeq convert`)
+Run:  .venv/bin/python benchmarks/bench_tflite_w8a8.py --build DIR [--skip-aeq] [--skip-kernels] [--rounds 40]
+      .venv/bin/python benchmarks/bench_tflite_w8a8.py BUNDLES [--rounds 40] [--calibration 8] [--out DIR]
 """
 
 from __future__ import annotations
@@ -170,34 +175,106 @@ def kernel_models(out: Path, calibration_count: int) -> dict[str, Path]:
     return paths
 
 
+# (label, precision, QuantizeOptions fields, budget, FQN regex of layers moved to the hybrid kernel before the sweep)
+VARIANTS = [
+    ("fp32", "fp32", {}, None, None),
+    ("int8-dynamic", "int8-dynamic", {}, None, None),
+    ("w8a8 --auto-fallback", "w8a8", {"auto_fallback": True}, None, None),
+    ("w8a8 islands only", "w8a8", {}, "cosine>=0.9", None),  # no fallback: its own budget would fail it
+    ("w8a8 --auto-fallback to cosine>=0.99", "w8a8", {"auto_fallback": True, "fallback_max": 1.0}, "cosine>=0.99", None),
+    # the 12 output projections (attention.output.dense and output.dense: the linears feeding a residual add,
+    # whose outputs carry BERT's outlier channels) hybrid up front, every other linear an int8 island; no sweep
+    ("w8a8 output projections hybrid", "w8a8", {}, None, r".*\.output\.dense"),
+]
+
+
+def build(model, out: Path, stsb: Path, samples: int) -> dict[str, Path]:
+    """edgeq's `tflite` artifacts of VARIANTS, validated on `samples` STS-B dev sentences (label -> model.tflite)."""
+    import re
+    from unittest import mock
+
+    from edgeq import quantize
+    from edgeq.calibration.sensitivity import relax
+    from edgeq.compress.apply import quantizable_layers
+    from edgeq.pipeline import ConvertOptions, convert
+    from edgeq.plan import QDtype
+
+    paths = {}
+    for label, precision, fields, budget, hybrid in VARIANTS:
+        plan_step = quantize._plan
+
+        def planned(model_, profile, *args, hybrid=hybrid, plan_step=plan_step):
+            model_, plan, fallback = plan_step(model_, profile, *args)
+            modules = dict(quantizable_layers(model_.module))
+            for fqn, layer in plan.layers.items():  # the per-layer choice under test, before validation
+                if hybrid and re.fullmatch(hybrid, fqn) and layer.activation is not None:
+                    plan.layers[fqn] = relax(layer, modules[fqn], profile.quantization.scale_dtype, QDtype.INT8)
+            return model_, plan, fallback
+
+        start = time.perf_counter()
+        options = ConvertOptions(targets=["tflite"], out=out / re.sub(r"\W+", "_", label), precisions=[precision],
+                                 budget=budget, data=stsb, text_column="5", samples=samples,
+                                 quantize=quantize.QuantizeOptions(**fields))
+        with mock.patch.object(quantize, "_plan", planned):
+            (outcome,) = convert(model, options)
+        notes = [n for n in outcome.plan_notes if "auto-fallback" in n or "kernels" in n]
+        print(f"  built {label}: {outcome.verdict} in {time.perf_counter() - start:.0f} s; " + " | ".join(notes), file=sys.stderr)
+        if outcome.path is not None:
+            paths[f"edgeq {label}"] = outcome.path / "model.tflite"
+    return paths
+
+
+def pytorch_cosines(model, paths: dict[str, Path], count: int) -> dict[str, float]:
+    """Mean cosine of each artifact's sentence embedding to FP32 PyTorch's on `count` STS-B dev sentences."""
+    from benchmarks.stsb import STSB_DIR, read_pairs
+    from edgeq.calibration.collect import run_module
+    from edgeq.calibration.data import tokenize
+
+    first, second, _ = read_pairs(STSB_DIR / "sts-dev.csv", (count + 1) // 2)
+    samples = tokenize((first + second)[:count], model.inputs, model.tokenizer)
+    reference = np.stack([next(iter(o.values())).reshape(-1) for o in run_module(model.module, samples, model.input_names, model.outputs)])
+    return {label: cosine(embeddings(path, feeds(path, samples)), reference) for label, path in paths.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bundles", type=Path)
+    parser.add_argument("bundles", type=Path, nargs="?", help="a folder holding edgeq's fp32/ w8a8/ ... bundles")
+    parser.add_argument("--build", type=Path, default=None, help="convert VARIANTS into this folder first")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--calibration", type=int, default=8, help="sentences AEQ calibrates on")
+    parser.add_argument("--stsb", type=int, default=128, help="STS-B dev sentences for the cosine to FP32 PyTorch")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--skip-aeq", action="store_true")
     args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="edgeq-w8a8-"))
+    if (args.bundles is None) == (args.build is None):
+        parser.error("give BUNDLES or --build DIR")
+    out = args.out or args.build or Path(tempfile.mkdtemp(prefix="edgeq-w8a8-"))
     out.mkdir(parents=True, exist_ok=True)
     from benchmarks.bench_speed import load_minilm
+    from benchmarks.stsb import STSB_DIR
     from edgeq.calibration.data import tokenize
 
     model = load_minilm()
     samples = tokenize(SENTENCES, model.inputs, model.tokenizer)
-    paths = {f"edgeq {p.name}": p / "model.tflite" for p in sorted(args.bundles.iterdir()) if (p / "model.tflite").is_file()}
+    if args.build:
+        paths = build(model, args.build, STSB_DIR / "sts-dev.csv", 64)
+    else:
+        paths = {f"edgeq {p.name}": p / "model.tflite" for p in sorted(args.bundles.iterdir()) if (p / "model.tflite").is_file()}
     fp32 = paths["edgeq fp32"]
     converted = feeds(fp32, samples)
     calibration, evaluation = converted[: args.calibration], converted[args.calibration:] or converted
-    for recipe_name in ("static_wi8_ai8", "static_wi8_ai16", "dynamic_wi8_afp32", "static_fc_only_wi8_ai8", "static_fc_only_wi8_ai16"):
+    for recipe_name in () if args.skip_aeq else ("static_wi8_ai8", "static_wi8_ai16", "dynamic_wi8_afp32", "static_fc_only_wi8_ai8", "static_fc_only_wi8_ai16"):
         try:
             paths[f"AEQ {recipe_name}"] = aeq(fp32, recipe_name, calibration, out)
         except Exception as exc:  # report and go on: the comparison is the point
             print(f"AEQ {recipe_name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     reference = embeddings(fp32, evaluation)
+    to_pytorch = pytorch_cosines(model, paths, args.stsb)
     for label, path in paths.items():
         by_type, float_compute, undelegated = census(path)
-        print(f"\n## {label}  ({path.stat().st_size / 1e6:.1f} MB, cosine to FP32 tflite {cosine(embeddings(path, evaluation), reference):.5f})")
+        print(f"\n## {label}  ({path.stat().st_size / 1e6:.1f} MB, cosine to FP32 PyTorch on {args.stsb} STS-B dev sentences "
+              f"{to_pytorch[label]:.5f}, to FP32 tflite {cosine(embeddings(path, evaluation), reference):.5f})")
         for key, count in sorted(by_type.items(), key=lambda kv: -kv[1]):
             print(f"  {count:4d}  {key}")
         print(f"  float compute: {dict(float_compute)}")
@@ -205,9 +282,9 @@ def main() -> None:
     slow = {label for label in paths if "ai16" in label}  # ~0.5 s a run (builtin int16 kernels): timed apart, fewer rounds
     medians = time_interleaved({k: v for k, v in paths.items() if k not in slow}, converted[0], args.rounds)
     medians.update(time_interleaved({k: v for k, v in paths.items() if k in slow}, converted[0], 5))
-    print(f"\n| artifact (1 thread, {args.rounds} interleaved rounds) | median ms | FP32 / it |\n|---|---|---|")
+    print(f"\n| artifact (1 thread, {args.rounds} interleaved rounds) | median ms | FP32 / it | cosine to FP32 PyTorch | MB |\n|---|---|---|---|---|")
     for label, ms in medians.items():
-        print(f"| {label} | {ms:.2f} | {medians['edgeq fp32'] / ms:.2f}x |")
+        print(f"| {label} | {ms:.2f} | {medians['edgeq fp32'] / ms:.2f}x | {to_pytorch[label]:.5f} | {paths[label].stat().st_size / 1e6:.1f} |")
     if args.skip_kernels:
         return
     kernels = kernel_models(out, 4)
