@@ -1,6 +1,7 @@
 """ONNX int8 graphs shaped for ORT's kernels (converters/onnx_graph_shape.py) on a tiny post-LayerNorm encoder:
-tables gathered before dequantization, q/k/v sharing one SmoothQuant scaling and one input quantization, and
-the plan's numbers still exact in the artifact (weight parity)."""
+tables gathered before dequantization, q/k/v sharing one SmoothQuant scaling and one input quantization, the
+attention output projection's scaling folded into the value projection, and the plan's numbers still exact in the
+artifact (weight parity)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,12 @@ def test_int8_dynamic_graph_gathers_first_and_quantizes_each_input_once(tmp_path
     assert len(integer) == 6
     qkv = [n for n in integer if any(name in n.input[1] for name in QKV)]
     assert len({n.input[0] for n in qkv}) == 1
+
+    # attention.output's SmoothQuant factors go into v's output scale and bias (constant Muls ORT folds at load)
+    initializers = {i.name for i in graph.initializer}
+    inverse = next(name for name in initializers if name.endswith("attention.output.smooth.inverse"))
+    readers = [n for n in graph.node if inverse in n.input]
+    assert len(readers) == 2 and all(name in initializers for n in readers for name in n.input)
 
     # GELU as one kernel; the residual additions before LayerNormalization kept off SkipLayerNormalization
     assert ops.count("Gelu") == 1 and "Erf" not in ops
