@@ -132,6 +132,7 @@ def minilm(out: Path, importance: str, sentences: int, pairs: int) -> None:
         with torch.no_grad():
             return np.stack([module(*(torch.from_numpy(s[n]) for n in model.input_names))[0].numpy()[0] for s in batch])
 
+    log(f"embedding {len(samples)} STS-B dev sentences and {pairs} pairs with both models")
     reference, ours = embed(model.module, samples), embed(pruned.module, samples)
     cosine = float(pair_cosines(reference, ours).mean())
     spearman = [stsb_spearman(lambda t, m=m: embed(m, tokenize(t, model.inputs, model.tokenizer)), STSB_DIR / "sts-dev.csv", pairs)
