@@ -17,7 +17,7 @@ Measured 2026-12-02 on the 2-core build machine (load average 0.3-3), FP32, one 
   (1.70x); TFLite 122.7 -> 46.2 kB, 16.6 -> 8.2 us (2.02x); test accuracy 98.7% -> 88.2% before any fine-tuning.
   MiniLM, heads:0.33 (72 -> 48 heads, 22.71M -> 21.53M parameters), passed on onnx, tflite and coreml; ONNX
   ~15.3 -> 13.4 ms (1.14-1.15x), TFLite ~13.5-14.3 -> 11.9-12.4 ms (1.14-1.15x); mean cosine vs unpruned FP32 on
-  100 STS-B dev sentences / Spearman x100 on 200 dev pairs (unpruned 93.62): l2 0.847 / 92.37, activation
+  100 STS-B dev sentences / Spearman x100 on the first 200 dev pairs, captions genre only (unpruned 93.62): l2 0.847 / 92.37, activation
   0.910 / 93.14, taylor 0.925 / 93.35 (--sentences 100 --pairs 200; no fine-tuning).
 
 Run:  .venv/bin/python benchmarks/bench_prune.py [--part digits|minilm|all] [--sentences 200] [--pairs 400]
