@@ -46,18 +46,18 @@ def export_decoder(hf_model, max_context: int, dest: Path, *, plan=None) -> Path
         raise UsageError(f"max context {max_context}: a decoder needs at least 2 positions")
     model = copy.deepcopy(hf_model).float().eval()
     _check_model(model, max_context)
-    quant_config = strict = None
+    quant_config = strict = owners = None
     if plan is not None:
         from edgeq.llm.tflite_lowbit_decoder import stand_in_model
 
-        model, quant_config = stand_in_model(model, plan)
+        model, quant_config, owners = stand_in_model(model, plan)
         strict = True
     prefill, decode = signature_modules(model, max_context)
     flatbuffer = convert(prefill, decode, quant_config, strict)
     if plan is not None:
         from edgeq.llm.tflite_lowbit_decoder import pack_decoder
 
-        flatbuffer = pack_decoder(flatbuffer, plan, model)
+        flatbuffer = pack_decoder(flatbuffer, plan, owners)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(flatbuffer)
