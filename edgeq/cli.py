@@ -143,6 +143,44 @@ def _run_jobs(jobs) -> int:
 
 
 @main.command()
+@click.option("-c", "--config", type=click.Path(path_type=Path), required=True, help="sweep.toml: [sweep] targets and schemes, [[models]], optional [defaults] and [recipes.NAME] (edgeq.toml job keys).")
+@click.option("--address", metavar="ADDR", help="Run on an existing Ray cluster (e.g. ray://head:10001, or head:6379 from a node of it); default: a local Ray instance.")
+@click.option("--workers", type=click.IntRange(1), help="Tasks at once on the local Ray instance (its CPUs; default: this machine's CPUs).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="The sweep's folder (default: [sweep] out, else build/sweep beside sweep.toml): OUT/<model>/<recipe>/<target>/<scheme>/ per task, sweep.json/.md/.html.")
+@click.option("--no-ray", is_flag=True, help="Run the tasks one by one in this process, even with Ray installed.")
+@click.option("--retries", type=click.IntRange(0), default=1, show_default=True, help="Times Ray reruns a task whose worker died.")
+@click.option("--force", is_flag=True, help="Run every task, also those whose bundle exists with the same inputs.")
+@click.option("-v", "--verbose", is_flag=True, help="Also show the toolchains' own log lines and warnings.")
+def sweep(config, address, workers, out, no_ray, retries, force, verbose):
+    """Run models x targets x schemes x recipes as independent tasks, on Ray when installed.
+
+    Each task converts one model for one target, scheme and recipe into its own bundle folder. A rerun skips
+    tasks whose bundle exists with the same inputs (content-addressed). Results: one table, sweep.json,
+    sweep.md and sweep.html in OUT. Without Ray (pip install 'edgeq[ray]') or with --no-ray the same tasks run
+    one by one.
+    """
+    import os
+
+    from edgeq.interrupt import interrupt_guard
+
+    try:
+        from edgeq.sweep import SweepOptions, load_sweep, run_sweep
+
+        if workers is not None and address is not None:
+            raise UsageError("--workers sizes the local Ray instance; with --address the cluster's resources decide: drop one")
+        loaded = load_sweep(config, out)
+        options = SweepOptions(address=address, workers=workers or os.cpu_count() or 1, use_ray=not no_ray,
+                               retries=retries, force=force, verbose=verbose)
+        with interrupt_guard():
+            result = run_sweep(loaded, options, echo=lambda text: click.echo(text, err=True))
+    except EdgeqError as error:
+        _fail(error)
+    for path in result.reports:
+        click.echo(f"  report: {path}")
+    sys.exit(result.exit_code)
+
+
+@main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--budget", help="Hold this budget instead of the one recorded in the manifest.")
 @click.option("--layers", is_flag=True, help="Also localize drift per layer (ONNX, TFLite): needs torch and the model the bundle was converted from; adds `layers` to the bundle's report.json.")
