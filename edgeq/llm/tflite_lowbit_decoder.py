@@ -24,6 +24,29 @@ from edgeq.errors import ConversionError
 TARGET = "tflite decoder"  # what error messages name, as converters name their target
 
 
+def int4_plan(hf_model, token_ids: np.ndarray, *, group_size: int = 32, algorithm: str = "rtn", keep_float: tuple = (),
+              target: str = "tflite"):
+    """The int4-dynamic QuantPlan of `hf_model` on a tflite profile through edgeq's low-bit resolver
+    (targets/resolve_lowbit.py): 4-bit symmetric codes per group along K with bfloat16 scales on every linear
+    layer, 4-bit tables for embeddings. `token_ids` int [n] (or a list of them) are the calibration samples
+    (GPTQ/AWQ fit on them; RTN only runs them to find the executed layers)."""
+    import torch
+
+    from edgeq.scheme import scheme_for
+    from edgeq.targets import Precision
+    from edgeq.targets.profile import load_profile
+    from edgeq.targets.resolve import Calibration
+    from edgeq.targets.resolve_lowbit import resolve_lowbit_plan
+
+    profile = load_profile(target)
+    scheme = scheme_for(Precision.INT4_DYNAMIC, algorithm=algorithm, group_size=group_size,
+                        symmetric=profile.quantization.weight_symmetric)
+    sequences = token_ids if isinstance(token_ids, (list, tuple)) else [token_ids]
+    samples = [{"input_ids": torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]} for ids in sequences]
+    return resolve_lowbit_plan(hf_model.float().eval(), profile, Precision.INT4_DYNAMIC, scheme, list(keep_float),
+                               (samples[0]["input_ids"],), Calibration(samples, ["input_ids"]))
+
+
 def stand_in_model(model, plan):
     """(model with int8 q/dq stand-ins for the planned linear layers and the plan's dequantized tables,
     litert-torch quant_config, stand-in codes -> FQN) after checking every planned layer; refuses all unsupported ones at once."""
