@@ -59,7 +59,8 @@ def main() -> None:
 @click.option("--group-size", metavar="N|channel", help="Low-bit schemes: input channels sharing one scale (32, 64, 128; default 32), or 'channel' for one scale per output channel.")
 @click.option("--device", type=click.Choice(list(DEVICE_NAMES)), help="Low-bit schemes: where calibration runs (default cpu; cuda: a GPU, the same plan in meaning).")
 @click.option("--per-layer", "per_layer", multiple=True, metavar="PATTERN=SCHEME", help="A layer's own scheme in low-bit plans (repeatable; the last match wins): PATTERN is an FQN, a glob or re:REGEX; SCHEME float, int8, int4/int3/int2[:gN|:channel][:rtn|:gptq] or lutN, e.g. 'classifier=float', '*.intermediate.dense=int3:g32'.")
-@click.option("--prune", metavar="SPEC", help="Prune before converting, once for every target: structured:RATIO[:l1|l2|activation|taylor] removes that share of channels/filters (the graph shrinks: smaller and faster on every runtime), heads:RATIO attention heads (Hugging Face encoders), unstructured:RATIO[:global][:sparsegpt] zeros weights, N:M[:sparsegpt] (e.g. 2:4) keeps N of every M; zeros are smaller only where stored sparse (Core ML).")
+@click.option("--prune", metavar="SPEC", help="Prune before converting, once for every target: structured:RATIO[:l1|l2|activation|taylor][:global] removes that share of channels/filters (the graph shrinks: smaller and faster on every runtime), heads:RATIO attention heads (Hugging Face encoders), unstructured:RATIO[:global][:sparsegpt] zeros weights, N:M[:sparsegpt] (e.g. 2:4) keeps N of every M; zeros are smaller only where stored sparse (Core ML).")
+@click.option("--prune-layers", "prune_layers", multiple=True, metavar="PATTERN=RATIO", help="A layer's own --prune ratio (repeatable; the last match wins): PATTERN an FQN, glob or re:REGEX, RATIO in [0, 1), 0 leaves it whole; e.g. 'features.0=0.25', 're:classifier\\..*=0'. A dependency group takes the smallest ratio its layers are given; heads: per attention module; N:M takes only 0; with :global the named layers are pinned and the rest ranked.")
 @click.option("--lowrank", metavar="SPEC", help="Factorize linear and 1x1 conv layers by SVD into two smaller ones: energy:0.95 (keep 95% of the squared singular values), rank:0.5 (half the full rank) or params:0.5 (half the layer's parameters); add :activation for activation-aware SVD on the calibration samples.")
 @click.option("--lowrank-layers", "lowrank_layers", multiple=True, metavar="PATTERN", help="Layers --lowrank factorizes (repeatable): FQN, glob or re:REGEX (default: every linear and 1x1 conv where it saves parameters).")
 @click.option("--recover", metavar="SPEC", help="Recover accuracy after compression on the calibration samples, the original FP32 model as teacher: distill once after --prune/--lowrank, e.g. distill:steps=300,lr=5e-5 (keys: steps lr batch_size temperature feature_weight device checkpoint_dir resume); qat[:...] quantization-aware training per quantized precision on its plan's grid; lora:rank=8[,...] adapters over the quantized base, merged before export.")
@@ -97,7 +98,7 @@ def convert(ctx, source, config, verbose, **options):
 
 # convert's options that are job keys (edgeq.job_keys), and how a command-line value becomes a key's value.
 _LIST_OPTIONS = {"targets", "precisions"}  # -t onnx -t tflite or -t onnx,tflite
-_REPEATED_OPTIONS = {"inputs", "keep_float", "per_layer", "lowrank_layers"}
+_REPEATED_OPTIONS = {"inputs", "keep_float", "per_layer", "prune_layers", "lowrank_layers"}
 _PATH_OPTIONS = {"data", "out"}
 
 

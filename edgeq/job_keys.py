@@ -102,6 +102,9 @@ KEYS: dict[str, Key] = {
     "device": Key(lambda v: v in DEVICE_NAMES, f"one of {', '.join(DEVICE_NAMES)} (where low-bit calibration runs)", "--device"),
     # Specs are parsed by edgeq.compress.spec (make_job), which says what would work; here only the shape.
     "prune": Key(_string, "a pruning spec, e.g. 'structured:0.5', 'unstructured:0.5', '2:4', 'heads:0.33'", "--prune"),
+    "prune_layers": Key(lambda v: isinstance(v, dict) or _strings(v),
+                        'a table of layer patterns and ratios in [0, 1), e.g. { "features.0" = 0.25, "classifier" = 0 }',
+                        "--prune-layers"),
     "lowrank": Key(_string, "a low-rank spec, e.g. 'energy:0.95', 'rank:0.5', 'params:0.5'", "--lowrank"),
     "lowrank_layers": Key(_strings, "a list of layer FQNs, globs or 're:REGEX' patterns", "--lowrank-layers"),
     "recover": Key(_string, "a recovery spec, e.g. 'distill', 'distill:steps=300,lr=5e-5', 'qat', 'lora:rank=8'", "--recover"),

@@ -76,6 +76,10 @@ def convert(model: LoadedModel, options: ConvertOptions, on_step: Callable[[str]
     plans = [(p, x) for p in profiles for x in fp32_first([Precision(x) for x in _precisions(p, options.precisions)])]
     _check_budget(options.budget)
     _check_compression(options.compression, plans)
+    if options.compression.asked:  # --prune-layers patterns name real layers: exit 2 before any data is loaded
+        from edgeq.compress.run import check_patterns
+
+        check_patterns(model, options.compression)
     # Held for the whole run: a second run into OUT/<model> is refused now, not after loading data.
     # edgeq's own computing on one thread unless EDGEQ_THREADS says otherwise (edgeq/threads.py: same bytes on
     # any machine, and no spinning workers on shared cores).

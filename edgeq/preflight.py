@@ -131,11 +131,15 @@ def check_keep_float(patterns: list[str], label: str) -> None:
 
 
 def check_compression(values: dict, label):
-    """The job's --prune / --lowrank (+ --lowrank-layers) / --recover as edgeq.compress.spec.CompressionSpecs,
+    """The job's --prune (+ --prune-layers) / --lowrank (+ --lowrank-layers) / --recover as edgeq.compress.spec.CompressionSpecs,
     and the combinations that cannot mean anything, refused before torch loads. `label(key)` names a key."""
-    from edgeq.compress.spec import CompressionSpecs, parse_lowrank, parse_prune, parse_recover
+    from edgeq.compress.spec import CompressionSpecs, parse_lowrank, parse_prune, parse_recover, with_layers
 
     prune = parse_prune(values["prune"], label("prune")) if "prune" in values else None
+    if "prune_layers" in values:
+        if prune is None:
+            raise UsageError(f"{label('prune_layers')}: sets per-layer ratios of --prune; add --prune, e.g. --prune structured:0.5")
+        prune = with_layers(prune, values["prune_layers"], label("prune_layers"))
     layers = list(values.get("lowrank_layers", []))
     if layers and "lowrank" not in values:
         raise UsageError(f"{label('lowrank_layers')}: chooses the layers --lowrank factorizes; add --lowrank, e.g. --lowrank rank:0.5")

@@ -7,7 +7,9 @@ reads (num_attention_heads / n_heads / num_heads, all_head_size) follow, and the
 that every exporter takes. Transformers' own `prune_heads` helpers are gone from 5.x, so edgeq does not lean on
 them. nn.MultiheadAttention ties its inner width to embed_dim and is refused with the layer named.
 
-Heads are ranked per layer (or across the model with scope "global") by
+Each attention layer loses `spec.ratio` of its heads, or its own ratio from prune_layers (edgeq/compress/
+prune_layers.py: the FQN of the module holding q/k/v or of a module above it, e.g. `*.attention` = 0.5; 0 keeps
+every head). Heads are ranked per layer (or across the model with scope "global") by
 - l1 / l2: the norm of the head's q/k/v rows and output-projection columns;
 - activation: the mean size of the head's contribution to the output projection on the calibration samples;
 - taylor: |sum(context_h * dL/dcontext_h)|, the first-order change of a label-free loss (mean squared output)
@@ -34,6 +36,7 @@ from edgeq.compress.prune_check import (
     sample_tensors,
     verify_pruned,
 )
+from edgeq.compress.prune_layers import entry, heads_ratio, left_whole, note
 from edgeq.compress.stage import StageResult
 from edgeq.errors import ConversionError, UsageError
 
@@ -82,14 +85,15 @@ def prune_heads(module: nn.Module, spec, calibration, input_names, example_input
             "head pruning found no self-attention layer with query/key/value and output projections "
             "(BERT, RoBERTa, DistilBERT, MiniLM style); use structured:RATIO to remove channels instead"
         )
+    ratios = {a.name: heads_ratio(spec, a.name) for a in layers}
     scores = _scores(spec, model, layers, calibration, input_names, examples)
-    removals = _choose(layers, scores, spec)
+    removals = _choose(layers, scores, spec, ratios)
     parameters_before = parameter_count(model)
     result_layers = {}
     for attention in layers:
         removed = removals[attention.name]
         result_layers[attention.name] = {"heads": [attention.heads, attention.heads - len(removed)], "removed": removed,
-                                         "head_size": attention.head_size}
+                                         "head_size": attention.head_size, **entry(spec, *ratios[attention.name])}
         if removed:
             _remove_heads(attention, removed)
     _drop_gradients(model)
@@ -103,9 +107,11 @@ def prune_heads(module: nn.Module, spec, calibration, input_names, example_input
         f"head pruning {spec.ratio:g} ({spec.importance} importance, {scope}): {before} -> {after} heads in "
         f"{len(layers)} attention layers; parameters {parameters_before:,} -> {parameters_after:,}",
         "verified: the pruned module exports with torch.export, its output shapes are unchanged and its outputs finite",
+        *note(spec),
     ]
+    skipped = {name: left_whole(spec, pattern) for name, (ratio, pattern) in ratios.items() if pattern is not None and ratio == 0}
     return StageResult(module=model.eval(), stage="prune", spec=spec.text or f"heads:{spec.ratio:g}", layers=result_layers,
-                       notes=notes, seconds=time.perf_counter() - started)
+                       notes=notes, skipped=skipped, seconds=time.perf_counter() - started)
 
 
 def find_attention(model: nn.Module, names: dict[nn.Module, str]) -> list[Attention]:
@@ -212,11 +218,17 @@ def _contribution(attention: Attention, context: torch.Tensor) -> torch.Tensor:
         return torch.einsum("nhd,ohd->nho", x, w).norm(dim=-1).mean(0)
 
 
-def _choose(layers: list[Attention], scores: dict[str, torch.Tensor], spec) -> dict[str, list[int]]:
-    """Heads to remove per layer: round(ratio * heads) of the least important (at least one head stays), or
-    with scope "global" the least important across the model (scores normalized by their layer's mean)."""
+def _choose(layers: list[Attention], scores: dict[str, torch.Tensor], spec, ratios: dict[str, tuple[float, str | None]]) -> dict[str, list[int]]:
+    """Heads to remove per layer: round(ratio * heads) of the least important (at least one head stays), the
+    ratio the layer's own (prune_layers) or the spec's; or with scope "global" the least important across the
+    model (scores normalized by their layer's mean), the layers prune_layers names pinned at their own ratio."""
+    def own(a: Attention) -> list[int]:
+        return sorted(int(h) for h in torch.argsort(scores[a.name])[: min(round(ratios[a.name][0] * a.heads), a.heads - 1)])
+
     if spec.scope != "global":
-        return {a.name: sorted(int(h) for h in torch.argsort(scores[a.name])[: min(round(spec.ratio * a.heads), a.heads - 1)]) for a in layers}
+        return {a.name: own(a) for a in layers}
+    pinned = {a.name: own(a) for a in layers if ratios[a.name][1] is not None}
+    layers = [a for a in layers if a.name not in pinned]
     ranked = sorted((float(scores[a.name][h] / scores[a.name].mean().clamp_min(1e-12)), a.name, h)
                     for a in layers for h in range(a.heads))
     budget = round(spec.ratio * sum(a.heads for a in layers))
@@ -229,7 +241,7 @@ def _choose(layers: list[Attention], scores: dict[str, torch.Tensor], spec) -> d
             removed[name].append(head)
             left[name] -= 1
             budget -= 1
-    return {name: sorted(heads) for name, heads in removed.items()}
+    return {name: sorted(heads) for name, heads in removed.items()} | pinned
 
 
 def _remove_heads(attention: Attention, removed: list[int]) -> None:

@@ -9,6 +9,10 @@ which channels go, and checks the result:
 - the model's outputs keep their width (a group that reaches an output is left whole), the inputs' channels
   are never pruned (only channels a layer produces are), and attention projections are left to
   `heads:RATIO` (their width is tied to the head count that the forward reads);
+- each group loses `spec.ratio` of its channels, or with prune_layers (edgeq/compress/prune_layers.py) the
+  smallest ratio given to any of the layers whose output channels it removes (root first): coupled channels go
+  together, so no named layer loses more than asked, and 0 keeps the group whole. Scope "global" ranks the
+  unnamed groups together (spec.ratio of their channels) and pins the named ones at their own ratio;
 - channels are ranked by importance within each group (L1/L2 of the group's weights, mean |activation| on the
   calibration samples, or a first-order Taylor score |w * dL/dw| of a label-free loss), and counts stay multiples
   of 8 where a layer has 16 or more (the tile width of the CPU conv/GEMM kernels);
@@ -38,8 +42,9 @@ from edgeq.compress.prune_check import (
     output_shapes,
     output_tensors,
     parameter_count,
-    sample_tensors,
 )
+from edgeq.compress.prune_importance import channel_scorer
+from edgeq.compress.prune_layers import entry, group_ratio, left_whole, note
 from edgeq.compress.stage import StageResult
 from edgeq.errors import ConversionError, UsageError
 
@@ -70,6 +75,8 @@ class _Choice:
     name: str
     idxs: list[int]
     channels: int
+    ratio: float = 0.0  # the group's asked ratio (prune_layers or the spec's)
+    pattern: str | None = None  # the prune_layers pattern that set it
 
 
 def prune_structured(module: nn.Module, spec, calibration, input_names, example_inputs) -> StageResult:
@@ -100,7 +107,7 @@ def prune_structured(module: nn.Module, spec, calibration, input_names, example_
             "prune weights instead (--prune unstructured:0.5)"
         ) from exc
     groups = _prunable_groups(tp, graph, names, protected, skipped)
-    score = _scorer(tp, graph, spec, model, calibration, input_names, examples)
+    score = channel_scorer(tp, graph, spec, model, calibration, input_names, examples)
     choices = _choose(graph, groups, score, spec, names, skipped)
     before = _widths(model, names)
     parameters_before = parameter_count(model)
@@ -123,6 +130,8 @@ def prune_structured(module: nn.Module, spec, calibration, input_names, example_
     _drop_gradients(model)
     keep_requires_grad(module, model)
     layers = _changes(before, _widths(model, names))
+    for choice in pruned:  # with prune_layers, each group root's ratio and the pattern that set it
+        layers.setdefault(choice.name, {}).update(entry(spec, choice.ratio, choice.pattern))
     parameters_after = parameter_count(model)
     scope = "one ranking across the model" if spec.scope == "global" else "per layer"
     notes = [
@@ -131,6 +140,7 @@ def prune_structured(module: nn.Module, spec, calibration, input_names, example_
         f"{len(pruned)} dependency groups shrunk (Torch-Pruning {_version()}); channel counts "
         f"are multiples of {ROUND_TO} in layers of >= {ROUND_FROM} channels",
         "verified: the pruned module exports with torch.export, its output shapes are unchanged and its outputs finite",
+        *note(spec),
     ]
     return StageResult(module=model.eval(), stage="prune", spec=spec.text or f"structured:{spec.ratio:g}", layers=layers,
                        notes=notes, skipped=skipped, seconds=time.perf_counter() - started)
@@ -230,11 +240,16 @@ def kept_channels(channels: int, ratio: float) -> int:
 def _choose(graph, groups, score, spec, names, skipped) -> list[_Choice]:
     """The channels each group loses: the least important, per group (scope layer) or below one threshold
     across the model (scope global), rounded as kept_channels says; the same positions in every block of a
-    grouped conv."""
+    grouped conv. A group named by prune_layers takes its own ratio (prune_layers.group_ratio; with scope
+    global it is pinned there, outside the ranking); 0 leaves it whole."""
     ranked = []
     for group in groups:
         root, handler = group[0].dep.target.module, group[0].dep.handler
         name = names.get(root, str(root))
+        ratio, pattern = group_ratio(spec, _producers(graph, group, names))
+        if pattern is not None and ratio == 0:
+            skipped[name] = left_whole(spec, pattern)
+            continue
         importance = score(group)
         if importance is None:
             skipped[name] = "no weight in the group to rank its channels by"
@@ -244,101 +259,41 @@ def _choose(graph, groups, score, spec, names, skipped) -> list[_Choice]:
             skipped[name] = f"{len(importance)} channels do not split into its {blocks} channel groups"
             continue
         per_block = importance.float().view(blocks, -1).mean(0)
-        ranked.append((root, handler, name, blocks, per_block))
-    if spec.scope == "global" and ranked:
-        everything = torch.cat([imp for *_, imp in ranked])
+        ranked.append((root, handler, name, blocks, per_block, ratio, pattern))
+    together = [imp for *_, imp, _, pattern in ranked if pattern is None]
+    if spec.scope == "global" and together:
+        everything = torch.cat(together)
         removed = int(len(everything) * spec.ratio)
         threshold = torch.kthvalue(everything, removed).values if removed else -math.inf
     choices = []
-    for root, handler, name, blocks, imp in ranked:
+    for root, handler, name, blocks, imp, ratio, pattern in ranked:
         width = len(imp)
-        if spec.scope == "global":
+        if spec.scope == "global" and pattern is None:
             share = float((imp <= threshold).sum()) / width
             keep = max(kept_channels(width, min(share, 1.0 - MIN_KEPT_SHARE)), math.ceil(width * MIN_KEPT_SHARE))
         else:
-            keep = kept_channels(width, spec.ratio)
+            keep = kept_channels(width, ratio)
         if keep >= width:
             continue
         drop = torch.argsort(imp)[: width - keep]
         idxs = sorted(int(i) + block * width for block in range(blocks) for i in drop)
-        choices.append(_Choice(root, handler, name, idxs, width * blocks))
+        choices.append(_Choice(root, handler, name, idxs, width * blocks, ratio, pattern))
     return choices
 
 
-def _scorer(tp, graph, spec, model, calibration, input_names, examples):
-    """group -> importance per channel of the group's root (higher: keep), or None when nothing ranks it."""
-    if spec.importance in ("l1", "l2"):
-        return tp.importance.GroupMagnitudeImportance(p=1 if spec.importance == "l1" else 2)
-    samples = sample_tensors(calibration, input_names, examples)
-    if spec.importance == "taylor":
-        _label_free_gradients(model, samples)
-        return tp.importance.GroupTaylorImportance()
-    if spec.importance == "activation":
-        return _activation_importance(graph, _mean_abs_inputs(model, samples))
-    raise UsageError(f"structured pruning ranks channels by l1, l2, activation or taylor, not {spec.importance!r}")
-
-
-def _label_free_gradients(model: nn.Module, samples) -> None:
-    """Accumulate dL/dw for L = mean squared output over the samples: a first-order Taylor score |w * dL/dw|
-    then says how much each channel moves the outputs, with no labels (Molchanov et al., CVPR 2019)."""
-    model.zero_grad(set_to_none=True)
-    with gradients_on(model):
-        for sample in samples:
-            outputs = [t for t in output_tensors(model(*sample)) if t.is_floating_point()]
-            loss = sum(t.float().pow(2).mean() for t in outputs) / len(samples)
-            loss.backward()
+def _producers(graph, group, names) -> list[str]:
+    """The conv and linear layers whose output channels the group removes, its root first."""
+    found = []
+    for dep, _ in group:
+        layer = dep.target.module
+        if isinstance(layer, ROOT_TYPES) and graph.is_out_channel_pruning_fn(dep.handler) and layer in names:
+            if names[layer] not in found:
+                found.append(names[layer])
+    return found
 
 
 def _drop_gradients(model: nn.Module) -> None:
     model.zero_grad(set_to_none=True)
-
-
-def _mean_abs_inputs(model: nn.Module, samples) -> dict[nn.Module, torch.Tensor]:
-    """Mean |input| per input channel of every conv and linear layer over the samples."""
-    sums: dict[nn.Module, torch.Tensor] = {}
-    counts: dict[nn.Module, int] = {}
-
-    def record(layer, inputs, _output):
-        x = inputs[0].detach().float().abs()
-        per_channel = x.reshape(-1, x.shape[-1]).mean(0) if isinstance(layer, nn.Linear) else x.transpose(0, 1).reshape(x.shape[1], -1).mean(1)
-        sums[layer] = sums.get(layer, 0) + per_channel
-        counts[layer] = counts.get(layer, 0) + 1
-
-    hooks = [layer.register_forward_hook(record) for layer in model.modules() if isinstance(layer, ROOT_TYPES)]
-    try:
-        with torch.no_grad():
-            for sample in samples:
-                model(*sample)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {layer: total / counts[layer] for layer, total in sums.items()}
-
-
-def _activation_importance(graph, mean_abs: dict[nn.Module, torch.Tensor]):
-    """A channel's importance: the mean |activation| its consumers read, averaged over the group's consumers."""
-
-    def score(group):
-        total, seen = None, 0
-        for i, (dep, idxs) in enumerate(group):
-            layer = dep.target.module
-            if layer not in mean_abs or not graph.is_in_channel_pruning_fn(dep.handler):
-                continue
-            root_idxs = group[i].root_idxs
-            if any(r is None for r in root_idxs):
-                continue
-            local = mean_abs[layer][list(idxs)]
-            total = torch.zeros(max(root_idxs) + 1) if total is None else total
-            if len(total) <= max(root_idxs):
-                total = torch.cat([total, torch.zeros(max(root_idxs) + 1 - len(total))])
-            total.index_add_(0, torch.tensor(root_idxs), local)
-            seen += 1
-        if total is None:
-            return None
-        total = total / seen
-        return total / total.mean().clamp_min(1e-12)
-
-    return score
 
 
 def _widths(model: nn.Module, names) -> dict[str, dict[str, int]]:

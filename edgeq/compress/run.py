@@ -40,6 +40,7 @@ def compress_model(model, specs: CompressionSpecs, calibration: list[dict[str, n
 
     if not specs.asked:
         return Compressed(model, [], {})
+    check_patterns(model, specs)
     needing = specs.needing_data()
     if needing and not calibration:
         raise UsageError(
@@ -66,6 +67,15 @@ def compress_model(model, specs: CompressionSpecs, calibration: list[dict[str, n
     for line in summary_lines(figures):
         on_step(line)
     return Compressed(compressed, stages, figures)
+
+
+def check_patterns(model, specs: CompressionSpecs) -> None:
+    """Every prune_layers pattern names a layer of `model` (a LoadedModel), else a UsageError (exit 2): run by
+    the pipeline as soon as the model is loaded, before any data or conversion work."""
+    if specs.prune is not None and specs.prune.layers:
+        from edgeq.compress.prune_layers import check_prune_layers
+
+        check_prune_layers(model.module, specs.prune)
 
 
 def summary_lines(figures: dict) -> list[str]:
@@ -220,4 +230,4 @@ def plan_records(stages: list[StageResult]) -> list[dict]:
     return [stage.to_json() for stage in stages]
 
 
-__all__ = ["Compressed", "compress_model", "compression_section", "model_figures", "plan_records", "summary_lines"]
+__all__ = ["Compressed", "check_patterns", "compress_model", "compression_section", "model_figures", "plan_records", "summary_lines"]

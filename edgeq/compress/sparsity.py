@@ -11,6 +11,10 @@ Which layers: nn.Linear and convolution weights. Embedding tables are lookups (n
 model's last layer (the one that writes its output) is left dense by default, since every error there reaches
 the output unfiltered; both are listed in `skipped` with the reason.
 
+Per-layer ratios (prune_layers, edgeq/compress/prune_layers.py) set a layer's share of zeros; 0 leaves it dense
+(the only value N:M takes: its pattern is the spec's). With one global threshold the named layers are pinned
+at their own ratio and the threshold ranks the others.
+
 N:M keeps n of every m consecutive weights along a layer's input dimension (a conv's flattened
 [C_in * kh * kw] axis, the layout the driver and Core ML's mask use), so 2:4 zeroes exactly half of each group.
 """
@@ -27,6 +31,8 @@ from torch import nn
 
 from edgeq.calibration.lowbit.sparsegpt import nm_mask, smallest_mask
 from edgeq.compress.apply import user_fqn
+from edgeq.compress.prune_layers import entry as layer_entry
+from edgeq.compress.prune_layers import left_whole, note
 from edgeq.compress.stage import StageResult
 from edgeq.errors import UsageError
 
@@ -61,8 +67,20 @@ def prune_sparse(
     if not layers:
         raise UsageError(f"--prune {spec.text or pattern}: no layer of the model can be pruned "
                          f"({'; '.join(f'{k}: {v}' for k, v in skipped.items()) or 'it has no nn.Linear or convolution'})")
-    ratios = _global_ratios(layers, spec.ratio) if spec.kind == "unstructured" and spec.scope == "global" else {
-        fqn: spec.ratio for fqn in layers}
+    asked = {fqn: spec.layer_ratio(fqn) for fqn in layers}  # (ratio, prune_layers pattern or None)
+    for fqn, (ratio, named) in asked.items():
+        if named is not None and ratio == 0:
+            skipped[fqn] = left_whole(spec, named)
+            del layers[fqn]
+    if not layers:
+        raise UsageError(f"{spec.layers_origin}: leaves every prunable layer whole (0); nothing left for --prune {spec.text or pattern}")
+    if spec.kind == "nm":
+        ratios = {fqn: spec.ratio for fqn in layers}
+    elif spec.scope == "global":  # layers prune_layers names are pinned; the threshold ranks the others
+        together = {fqn: layer for fqn, layer in layers.items() if asked[fqn][1] is None}
+        ratios = {fqn: asked[fqn][0] for fqn in layers} | (_global_ratios(together, spec.ratio) if together else {})
+    else:
+        ratios = {fqn: asked[fqn][0] for fqn in layers}
     summaries: dict[str, dict] = {}
     by_magnitude = dict(layers)
     fallback: list[str] = []
@@ -85,7 +103,7 @@ def prune_sparse(
         weight = by_name[fqn].weight.detach()
         share = float((weight == 0).float().mean())
         zeros, total = zeros + int((weight == 0).sum()), total + weight.numel()
-        entry = {"sparsity": round(share, 4), "pattern": pattern}
+        entry = {"sparsity": round(share, 4), "pattern": pattern, **layer_entry(spec, *asked[fqn])}
         if fqn in summaries and summaries[fqn].get("weight"):
             energy = summaries[fqn]["weight"]  # relative output error on the calibration inputs (tr(E H E^T) / tr(W H W^T))
             entry |= {"rel_output_error": round(summaries[fqn]["sparsegpt"] / energy, 6),
@@ -97,6 +115,7 @@ def prune_sparse(
     scope = ", one threshold for the whole model" if spec.kind == "unstructured" and spec.scope == "global" else ""
     result.notes.append(f"{pattern} sparsity by {how}{scope}: {len(result.layers)} layers, {100 * zeros / max(total, 1):.1f}% "
                         "of their weights exactly zero")
+    result.notes.extend(note(spec))
     if fallback:
         result.notes.append(f"pruned by magnitude (SparseGPT cannot lay out their inputs: grouped or 1-d convs): {', '.join(fallback)}")
     result.notes.append("zeros are stored sparse in Core ML (constexpr_sparse_to_dense); ONNX Runtime and LiteRT keep "

@@ -8,6 +8,8 @@ the same spellings in edgeq.toml. Parsed torch-free, so a typo fails in millisec
     --prune unstructured:0.5          zero half of each layer's weights by magnitude (:global: one threshold
                                       for all layers; :sparsegpt: one-shot Hessian-based, on calibration data)
     --prune 2:4                       N:M semi-structured: keep 2 of every 4 weights along the input (:sparsegpt)
+    --prune-layers PATTERN=RATIO      a layer's own ratio (repeatable; edgeq.toml: a [prune_layers] table): FQN, glob
+                                      or re:REGEX = a ratio in [0, 1), 0 leaves it whole; the last matching entry wins
     --lowrank energy:0.95             SVD, keep the smallest rank retaining 95% of the squared singular values
     --lowrank rank:0.5                rank = half the full rank;  params:0.5: the two factors hold half the
                                       layer's parameters;  :activation: activation-aware (on calibration data)
@@ -23,11 +25,13 @@ Every dataclass validates itself (`__post_init__`), so stages may also build one
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgeq.errors import UsageError
+from edgeq.layer_overrides import pattern_matches
 
 PRUNE_KINDS = ("channels", "heads", "unstructured", "nm")
 IMPORTANCES = ("l1", "l2", "activation", "taylor")
@@ -51,6 +55,10 @@ class PruneSpec:
     scope: str = "layer"  # unstructured: one threshold per layer, or one for the whole model (global)
     method: str = "magnitude"  # unstructured and N:M: magnitude, or SparseGPT's one-shot reconstruction
     text: str = ""  # as the user typed it, for the plan and the report
+    # prune_layers: (pattern, ratio) in the order given, each pattern an FQN, glob or re:REGEX; the LAST entry
+    # matching a layer sets its ratio (as per_layer: general patterns first, exceptions after); 0 leaves it whole
+    layers: tuple[tuple[str, float], ...] = ()
+    layers_origin: str = field(default="prune_layers", compare=False)  # the option or file key, for messages
 
     def __post_init__(self):
         _one_of("kind", self.kind, PRUNE_KINDS)
@@ -70,6 +78,36 @@ class PruneSpec:
             raise UsageError("one global ranking applies to unstructured or structured pruning, e.g. unstructured:0.5:global")
         if self.importance != "l2" and self.kind not in ("channels", "heads"):
             raise UsageError(f"importance ({self.importance}) ranks channels or heads (structured, heads), not {self.kind}")
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        if not isinstance(self.layers, tuple):
+            raise UsageError(f"layers must be a tuple of (pattern, ratio) pairs, got {type(self.layers).__name__}")
+        for entry in self.layers:
+            if not (isinstance(entry, tuple) and len(entry) == 2):
+                raise UsageError(f"{self.layers_origin}: {entry!r} is not a (pattern, ratio) pair")
+            pattern, ratio = entry
+            where = f"{self.layers_origin} {pattern!r}"
+            try:
+                check_layer_pattern(pattern)
+            except UsageError as exc:
+                raise UsageError(f"{self.layers_origin}: {exc}") from exc
+            if not (_real(ratio) and 0 <= ratio < 1):
+                raise UsageError(f"{where}: {ratio!r} is not a ratio; expected a number in [0, 1), the share this layer "
+                                 "loses (0 leaves it whole), e.g. 0.25")
+            if self.kind == "nm" and ratio != 0:
+                raise UsageError(f"{where}: {ratio!r}: N:M sparsity is fixed by the spec ({self.n}:{self.m} removes "
+                                 f"{self.ratio:g} of every layer); a layer can only be left dense (0)")
+
+    def layer_ratio(self, *names: str) -> tuple[float, str | None]:
+        """(ratio, pattern) for a layer known by `names`, most specific first (a layer's FQN, then e.g. the
+        modules holding it): the last prune_layers entry matching the first name any entry matches, or the
+        spec's own ratio and None when no entry matches."""
+        for name in names:
+            for pattern, ratio in reversed(self.layers):
+                if pattern_matches(pattern, name):
+                    return float(ratio), pattern
+        return self.ratio, None
 
     @property
     def structured(self) -> bool:
@@ -201,6 +239,38 @@ def parse_prune(text: str, label: str = "--prune") -> PruneSpec:
             if kind == "channels":  # one ranking across the model instead of the same share of every group
                 choices |= {"global": ("scope", "global"), "layer": ("scope", "layer")}
         return PruneSpec(kind, ratio, text=text.strip(), **_options(parts[2:], choices))
+
+
+def parse_prune_layers(value, label: str = "--prune-layers") -> tuple[tuple[str, float], ...]:
+    """prune_layers as (pattern, ratio) pairs in the order given: a table {PATTERN: RATIO} (edgeq.toml) or a
+    list of "PATTERN=RATIO" strings (--prune-layers). Ratios are checked by PruneSpec (with_layers)."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        pairs = []
+        for item in value:
+            pattern, sep, ratio = str(item).rpartition("=")  # a regex may hold '=', a ratio never does
+            if not sep or not pattern.strip():
+                raise UsageError(f"{label}: {item!r}: expected PATTERN=RATIO, e.g. 'features.0=0.25' or 're:classifier\\..*=0'")
+            try:
+                pairs.append((pattern, float(ratio)))
+            except ValueError:
+                raise UsageError(f"{label} {pattern.strip()!r}: {ratio.strip()!r} is not a number; expected a ratio in [0, 1), e.g. 0.25") from None
+    else:
+        raise UsageError(f"{label}: expected a table of layer patterns and ratios, e.g. {{ \"features.0\" = 0.25 }}; found {type(value).__name__}")
+    entries = []
+    for pattern, ratio in pairs:
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise UsageError(f"{label}: an empty layer pattern; give an FQN, a glob such as '*.attention' or 're:REGEX'")
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise UsageError(f"{label} {pattern!r}: {ratio!r} is not a ratio; expected a number in [0, 1), e.g. 0.25")
+        entries.append((pattern.strip(), ratio))
+    return tuple(entries)
+
+
+def with_layers(spec: PruneSpec, value, label: str = "--prune-layers") -> PruneSpec:
+    """`spec` with prune_layers `value` (a table or PATTERN=RATIO strings), checked; messages name `label`."""
+    return dataclasses.replace(spec, layers=parse_prune_layers(value, label), layers_origin=label)
 
 
 def parse_lowrank(text: str, layers=(), label: str = "--lowrank", layers_label: str = "--lowrank-layers") -> LowRankSpec:
@@ -336,4 +406,5 @@ def _example(kind: str) -> str:
     return {"channels": "structured:0.5", "heads": "heads:0.33", "unstructured": "unstructured:0.5"}.get(kind, "2:4")
 
 
-__all__ = ["CompressionSpecs", "LowRankSpec", "PruneSpec", "RecoverSpec", "check_layer_pattern", "parse_lowrank", "parse_prune", "parse_recover"]
+__all__ = ["CompressionSpecs", "LowRankSpec", "PruneSpec", "RecoverSpec", "check_layer_pattern", "parse_lowrank", "parse_prune", "parse_prune_layers",
+           "parse_recover", "with_layers"]
