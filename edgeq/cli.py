@@ -182,6 +182,81 @@ def sweep(config, address, workers, out, no_ray, retries, force, verbose):
 
 
 @main.command()
+@click.argument("source")
+@click.option("-t", "--target", "targets", multiple=True, required=True, help="onnx, tflite, coreml, a profile id or .toml (repeatable or comma-separated).")
+@click.option("--budget", required=True, help="Drift every candidate is held to, in simulation and in the runtime, e.g. 'cosine>=0.99'.")
+@click.option("--objective", default="size", show_default=True, help="size: the smallest artifact holding the budget; latency: the fastest (timed in the runtime here); balanced: the least size x latency.")
+@click.option("-p", "--precision", help="The low-bit scheme the per-layer plan lives in (default per target: int4-weight, else int4-dynamic, else lut4-weight; latency/balanced prefer int4-dynamic).")
+@click.option("--choices", multiple=True, metavar="VALUE,...", help="Per-layer values to choose between (per_layer syntax; default int4:g128,int4:g64,int4:g32,int8,float; palettes: lut4,lut6,int8,float). Each target keeps those it holds.")
+@click.option("--uniform", multiple=True, metavar="SCHEME,...|auto|none", help="Uniform schemes converted beside the tuned plan, e.g. int8-dynamic,int4-weight:g32 (default auto: the 8-bit weight schemes the target lists and the plan's scheme at group 32 and 128).")
+@click.option("--max-candidates", type=click.IntRange(1), default=4, show_default=True, help="Tuned plans converted and validated per target, at most (the runtime may disagree with the simulation).")
+@click.option("--keep-candidates", is_flag=True, help="Keep every candidate's bundle under OUT/<model>/tune-candidates/.")
+@click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE[:DTYPE]", help="Declare an input, as in convert.")
+@click.option("--task", help="For Hugging Face folders, as in convert.")
+@click.option("--factory", metavar="MODULE:CALLABLE", help="Builds the model a state dict belongs to.")
+@click.option("--trust-pickle", is_flag=True, help="As in convert.")
+@click.option("--data", type=click.Path(path_type=Path), help="Calibration and validation data, as in convert.")
+@click.option("--text-column", help="Column of a .csv/.tsv holding the text.")
+@click.option("--preprocess", metavar="KEY=VALUE,...", help="Image preprocessing, as in convert.")
+@click.option("--sample-rate", type=click.IntRange(1), metavar="HZ", help="Sample rate of .wav data.")
+@click.option("--samples", type=click.IntRange(1), default=32, show_default=True, help="Validation samples (every candidate is validated on them).")
+@click.option("--calibration-samples", type=click.IntRange(0), default=32, show_default=True, help="Calibration samples: codes fitted on three quarters, each layer's drift measured on the rest (at most 16).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sample selection and synthetic inputs.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("build/edge"), show_default=True, help="The chosen bundles go to OUT/<model>/<target>/<precision>/; tune.json/.md/.html and tuned.toml to OUT/<model>/.")
+@click.option("--name", help="Model name used for the bundle folder (default: from the source).")
+@click.option("--keep-float", "keep_float", multiple=True, metavar="FQN|re:REGEX", help="Layers every candidate keeps float.")
+@click.option("--algo", type=click.Choice(list(ALGORITHM_NAMES)), help="Low-bit codes: gptq (default), rtn, awq, awq+gptq.")
+@click.option("--group-size", metavar="N|channel", help="Group size of choices written without one (int4) and of the plan's scheme (default 32).")
+@click.option("--device", type=click.Choice(list(DEVICE_NAMES)), help="Where low-bit calibration runs (default cpu).")
+@click.option("-v", "--verbose", is_flag=True, help="Also show the toolchains' own log lines and warnings.")
+@click.pass_context
+def tune(ctx, source, budget, objective, precision, choices, uniform, max_candidates, keep_candidates, verbose, **options):
+    """Search per target the smallest (or fastest) artifact that holds --budget, layer by layer.
+
+    Measures each layer's drift alone at each choice on held-out calibration samples, promotes the most
+    sensitive layers per byte until the budget holds in simulation, then converts and validates that plan in
+    the runtime (promoting more if the runtime disagrees), beside the uniform schemes. The chosen point is
+    bundled like any convert; OUT/<model>/tuned.toml reproduces it (edgeq convert -c tuned.toml), and
+    tune.md/tune.html show the front, the candidates and each layer's choice. Exit 6 when no candidate
+    holds the budget.
+    """
+    try:
+        from edgeq.project import command_line_job
+        from edgeq.tune.options import TuneOptions, check_budget_for_tuning, parse_choices, parse_objective, parse_uniform
+
+        tune_options = TuneOptions(
+            budget=check_budget_for_tuning(budget), objective=parse_objective(objective), precision=_tune_precision(precision),
+            choices=parse_choices(_split_list(choices)), uniform=parse_uniform(_split_list(uniform)),
+            max_candidates=max_candidates, keep_candidates=keep_candidates,
+        )
+        values = {"source": source, "budget": budget, **_job_values(ctx, options, only_given=False)}
+        job = command_line_job(values)
+    except EdgeqError as error:
+        _fail(error)
+    from edgeq.interrupt import interrupt_guard
+    from edgeq.noise import toolchain_output
+    from edgeq.tune.command import run_tune
+
+    with interrupt_guard(), toolchain_output(verbose):
+        try:
+            code = run_tune(job, tune_options, values, click.echo, lambda text: click.echo(f"  {text}", err=True))
+        except EdgeqError as error:
+            _fail(error)
+    sys.exit(code)
+
+
+def _tune_precision(text: str | None) -> str | None:
+    from edgeq.scheme import LOW_BIT
+
+    if text is None:
+        return None
+    names = [p.value for p in LOW_BIT]
+    if text not in names:
+        raise UsageError(f"--precision {text!r}: tune plans per layer inside a low-bit scheme: {', '.join(names)}")
+    return text
+
+
+@main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--budget", help="Hold this budget instead of the one recorded in the manifest.")
 @click.option("--layers", is_flag=True, help="Also localize drift per layer (ONNX, TFLite): needs torch and the model the bundle was converted from; adds `layers` to the bundle's report.json.")

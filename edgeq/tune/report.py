@@ -1,0 +1,167 @@
+"""What `edgeq tune` leaves in OUT/<model>/: tune.json (every candidate evaluated, the search path, each layer's
+figures), tune.md and tune.html (the front per target, the chosen point, each layer's choice and why),
+tuned.toml (the chosen plans as an edgeq.toml: `edgeq convert -c tuned.toml` makes them again without searching),
+and the run's report.html/report.md of the chosen bundles (pipeline.write_run_reports)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgeq.tune.search import front, sensitivity_rank
+
+TOML_NAME = "tuned.toml"
+REPRODUCED_OUT = "reproduced"  # where `edgeq convert -c tuned.toml` puts its bundles, beside the file
+_PATH_KEYS = ("source", "data")
+_NOT_COPIED = {"targets", "precisions", "per_layer", "out", "name", "group_size", "budget", "auto_fallback", "fallback_max"}
+
+
+def layer_rows(target) -> list[dict]:
+    """Per tuned layer of the chosen plan: its choice, size, drift alone, and why it got it."""
+    chosen, measurements = target.chosen, target.measurements
+    if chosen is None or chosen.per_layer is None or measurements is None:
+        return []
+    from edgeq.tune.search import cheapest
+
+    start, ranks = cheapest(measurements), sensitivity_rank(measurements)
+    total = len(measurements.layers)
+    rows = []
+    for fqn, value in chosen.per_layer.items():
+        figures = measurements.layers[fqn]
+        pick, base = figures[value], figures[start[fqn]]
+        elements = max(1, figures["float"].bits // 32) if "float" in figures else None
+        if value == start[fqn]:
+            why = f"cheapest choice held: alone it drifts {base.drift_alone:.2g} (sensitivity rank {ranks[fqn]} of {total})"
+        else:
+            why = (f"promoted from {start[fqn]} (alone {base.drift_alone:.2g}, sensitivity rank {ranks[fqn]} of {total}) "
+                   f"to {value} (alone {pick.drift_alone:.2g}) for {(pick.bits - base.bits) / 8000:.1f} kB more")
+        rows.append({
+            "layer": fqn, "choice": value, "form": pick.form, "bytes": -(-pick.bits // 8),
+            "bits_per_weight": None if not elements else round(pick.bits / elements, 3),
+            "drift_alone": float(f"{pick.drift_alone:.3g}"), "drift_alone_cheapest": float(f"{base.drift_alone:.3g}"),
+            "sensitivity_rank": ranks[fqn], "why": why,
+            "choices": {c.value: {"bytes": -(-c.bits // 8), "drift_alone": float(f"{c.drift_alone:.3g}")} for c in figures.values()},
+        })
+    return rows
+
+
+def target_json(target) -> dict:
+    candidates = target.candidates
+    points = [(c.outcome.size_bytes, 1 - c.cosine) for c in candidates if c.cosine is not None and c.outcome.size_bytes]
+    measured = [c for c in candidates if c.cosine is not None and c.outcome.size_bytes]
+    m = target.measurements
+    return {
+        "target": target.target, "profile": target.profile_id, "runtime": target.runtime, "plan_precision": target.precision,
+        "choices": None if m is None else m.choices, "choices_excluded": None if m is None else m.excluded,
+        "held_out_samples": None if m is None else m.samples,
+        "evaluated_candidates": target.evaluated, "seconds": target.seconds, "notes": target.notes,
+        "chosen": None if target.chosen is None else {**target.chosen.to_json(), "bundle": str(target.chosen.outcome.path)},
+        "candidates": [c.to_json() for c in candidates],
+        "front": [measured[i].label for i in front(points)],
+        "search": [s.to_json() for s in target.steps],
+        "layers": layer_rows(target),
+    }
+
+
+def tune_json(result) -> dict:
+    return {
+        "model": result.model, "budget": result.budget, "objective": result.objective, "seconds": round(result.seconds, 1),
+        "evaluated_candidates": sum(t.evaluated for t in result.targets),
+        "targets": [target_json(t) for t in result.targets],
+    }
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string takes JSON's escapes
+
+
+def tuned_toml(result, job, values: dict) -> str:
+    """The chosen plans as an edgeq.toml: [defaults] from the run's options (paths made absolute), one [[models]]
+    per target with its scheme and, for a tuned plan, its per_layer table, every tuned layer by name."""
+    lines = [
+        f"# edgeq tune: the chosen plan per target for budget {result.budget!r} (objective {result.objective}).",
+        "# Reproduce without searching: edgeq convert -c tuned.toml   (bundles go to ./reproduced/ beside this file)",
+        "[defaults]",
+    ]
+    defaults = {k: v for k, v in values.items() if k not in _NOT_COPIED}
+    for key in _PATH_KEYS:
+        if key in defaults and Path(str(defaults[key])).exists():
+            defaults[key] = str(Path(str(defaults[key])).resolve())
+    defaults |= {"budget": result.budget, "out": REPRODUCED_OUT, "name": result.model}
+    lines += [f"{key} = {_toml_value(value)}" for key, value in defaults.items()]
+    for target in result.targets:
+        chosen = target.chosen
+        if chosen is None or not chosen.passed:
+            lines += ["", f"# {target.target}: no candidate held the budget (see tune.md)"]
+            continue
+        lines += ["", f"# {target.target}: {chosen.label}, {chosen.outcome.size_bytes:,} bytes, mean cosine {chosen.cosine:.5f}",
+                  "[[models]]", f"source = {_toml_value(defaults['source'])}", f"targets = {_toml_value([target.target])}",
+                  f"precisions = {_toml_value([chosen.precision])}"]
+        if chosen.group_size is not None:
+            lines.append(f"group_size = {chosen.group_size}")
+        if chosen.per_layer:
+            lines.append("[models.per_layer]")
+            lines += [f"{_toml_value(fqn)} = {_toml_value(value)}" for fqn, value in chosen.per_layer.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _mb(size) -> str:
+    return "-" if size is None else f"{size / 1e6:.3f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def _num(value, digits=5) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def tune_markdown(result) -> str:
+    lines = [f"# edgeq tune: {result.model}", "",
+             f"Budget `{result.budget}`, objective {result.objective}; {sum(t.evaluated for t in result.targets)} candidate "
+             f"artifacts converted and validated in {result.seconds:.0f} s.", ""]
+    for target in result.targets:
+        chosen = target.chosen
+        lines += [f"## {target.target}", ""]
+        head = f"Per-layer plan inside {target.precision}" if target.precision else "No per-layer plan"
+        lines.append(f"{head}; {target.evaluated} candidates evaluated; seconds: "
+                     + ", ".join(f"{k} {v}" for k, v in target.seconds.items()) + ".")
+        if chosen is None:
+            lines.append("\n**Nothing was converted that could be chosen.**")
+        elif chosen.passed:
+            lines.append(f"\n**Chosen: {chosen.label}**, {_mb(chosen.outcome.size_bytes)}, mean cosine {_num(chosen.cosine)}: `{chosen.outcome.path}`")
+        else:
+            lines.append(f"\n**No candidate holds the budget.** The closest, {chosen.label} (mean cosine {_num(chosen.cosine)}), "
+                         f"is kept at `{chosen.outcome.path}`.")
+        lines += ["", "| candidate | kind | size | mean cosine | predicted cosine | ms | verdict |", "|---|---|---|---|---|---|---|"]
+        for c in target.candidates:
+            lines.append(f"| {c.label} | {c.kind} | {_mb(c.outcome.size_bytes)} | {_num(c.cosine)} | {_num(c.predicted_cosine)} | "
+                         f"{_num(c.latency_ms, 2)} | {c.outcome.verdict.value} |")
+        lines += [f"- {note}" for note in target.notes]
+        rows = layer_rows(target)
+        if rows:
+            lines += ["", "| layer | choice | bits/weight | drift alone | why |", "|---|---|---|---|---|"]
+            lines += [f"| {r['layer']} | {r['choice']} | {r['bits_per_weight']} | {r['drift_alone']:.2g} | {r['why']} |" for r in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_outputs(result, job, values: dict) -> list[Path]:
+    """tune.json, tune.md, tune.html and tuned.toml in OUT/<model>/, then the chosen bundles' report pages."""
+    from edgeq.bundle import write_atomic
+    from edgeq.pipeline import write_run_reports
+    from edgeq.tune.page import tune_html
+
+    folder = result.model_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [
+        write_atomic(folder / "tune.json", json.dumps(tune_json(result), indent=2) + "\n"),
+        write_atomic(folder / "tune.md", tune_markdown(result)),
+        write_atomic(folder / "tune.html", tune_html(result)),
+        write_atomic(folder / TOML_NAME, tuned_toml(result, job, values)),
+    ]
+    chosen = [t.chosen.outcome for t in result.targets if t.chosen is not None]
+    return written + write_run_reports(chosen)
