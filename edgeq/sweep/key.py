@@ -61,9 +61,9 @@ class Hasher:
         path = Path(value)
         if path.exists():
             return sha256_path(path)
-        module = value.split(":", 1)[0]
-        if module.endswith(".py"):  # file.py:callable that does not exist: the task will say so
-            return "missing:" + value
+        module = value.rsplit(":", 1)[0]
+        if module.endswith(".py"):  # file.py:callable: that file's bytes (a missing one: the task will say so)
+            return sha256_file(Path(module)) if Path(module).is_file() else "missing:" + value
         with _importable(self._import_paths):
             try:
                 spec = importlib.util.find_spec(module)
