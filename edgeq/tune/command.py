@@ -10,11 +10,12 @@ from edgeq.tune.options import TuneOptions
 def run_tune(job, options: TuneOptions, values: dict, echo: Callable[[str], None], on_step: Callable[[str], None]) -> int:
     """Tune `job`'s model for its targets; print one summary per target; return the exit code (0: every target
     has a plan holding the budget; 6: some target has none; 4/5 when every candidate failed to convert/run)."""
-    from edgeq.load import load_model
     from edgeq.tune.choices import check_targets
+
+    check_targets(job.targets, options)  # schemes the targets cannot hold: refused before torch and the model load
+    from edgeq.load import load_model
     from edgeq.tune.run import tune
 
-    check_targets(job.targets, options)  # schemes the targets cannot hold: refused before the model loads
     on_step(f"loading {job.source}")
     model = load_model(job.source, inputs=job.inputs, task=job.task, factory=job.factory, trust_pickle=job.trust_pickle, name=job.name)
     result = tune(model, job, options, values, on_step)
