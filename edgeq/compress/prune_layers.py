@@ -9,7 +9,7 @@ loaded, before any data or conversion work).
     "features.0" = 0.25                # ... exceptions after: the LAST matching entry wins (as per_layer)
     "re:classifier\\..*" = 0           # 0 leaves the layer whole (dense)
 
-What a pattern names, per kind (PruneSpec.layer_ratio does the matching):
+What a pattern names, per kind (edgeq/compress/spec.py layer_ratio does the matching):
 - structured (channels): a conv or linear layer; its ratio is the share of its *output* channels removed
   (consumers' inputs follow their producers). Coupled layers lose the same channels, so a dependency group takes
   the smallest ratio given to any of its layers whose outputs it prunes (root first), and the spec's ratio when
@@ -31,6 +31,7 @@ import difflib
 from torch import nn
 
 from edgeq.compress.apply import user_fqn
+from edgeq.compress.spec import layer_ratio
 from edgeq.errors import UsageError
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -76,13 +77,13 @@ def attention_holders(module: nn.Module) -> list[str]:
 
 def heads_ratio(spec, name: str) -> tuple[float, str | None]:
     """An attention module's (ratio, pattern): its own FQN first, then the modules above it, nearest first."""
-    return spec.layer_ratio(*_with_ancestors(name))
+    return layer_ratio(spec, *_with_ancestors(name))
 
 
 def group_ratio(spec, producers: list[str]) -> tuple[float, str | None]:
     """A dependency group's (ratio, pattern): the smallest ratio prune_layers gives any of the layers whose
     output channels it prunes (`producers`, root first; the first of equals decides), else the spec's."""
-    named = [spec.layer_ratio(name) for name in producers]
+    named = [layer_ratio(spec, name) for name in producers]
     named = [(ratio, pattern) for ratio, pattern in named if pattern is not None]
     return min(named, key=lambda entry: entry[0]) if named else (spec.ratio, None)
 
@@ -90,7 +91,7 @@ def group_ratio(spec, producers: list[str]) -> tuple[float, str | None]:
 def entry(spec, ratio: float, pattern: str | None) -> dict:
     """What a pruned layer's StageResult entry adds when prune_layers is given: its ratio, and the pattern that
     set it. Without prune_layers every layer has the spec's ratio, and entries stay as they were."""
-    if not spec.layers:
+    if not getattr(spec, "layers", ()):
         return {}
     return {"ratio": round(float(ratio), 6)} | ({"override": pattern} if pattern is not None else {})
 
@@ -102,7 +103,7 @@ def left_whole(spec, pattern: str) -> str:
 
 def note(spec) -> list[str]:
     """One line for the stage's notes (plan.json, report): the per-layer ratios as given, or none."""
-    if not spec.layers:
+    if not getattr(spec, "layers", ()):
         return []
     table = ", ".join(f"{pattern!r} = {ratio:g}" for pattern, ratio in spec.layers)
     pinned = "; with :global these layers are pinned, the rest ranked together" if spec.scope == "global" else ""

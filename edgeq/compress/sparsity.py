@@ -33,6 +33,7 @@ from edgeq.calibration.lowbit.sparsegpt import nm_mask, smallest_mask
 from edgeq.compress.apply import user_fqn
 from edgeq.compress.prune_layers import entry as layer_entry
 from edgeq.compress.prune_layers import left_whole, note
+from edgeq.compress.spec import layer_ratio
 from edgeq.compress.stage import StageResult
 from edgeq.errors import UsageError
 
@@ -67,13 +68,13 @@ def prune_sparse(
     if not layers:
         raise UsageError(f"--prune {spec.text or pattern}: no layer of the model can be pruned "
                          f"({'; '.join(f'{k}: {v}' for k, v in skipped.items()) or 'it has no nn.Linear or convolution'})")
-    asked = {fqn: spec.layer_ratio(fqn) for fqn in layers}  # (ratio, prune_layers pattern or None)
+    asked = {fqn: layer_ratio(spec, fqn) for fqn in layers}  # (ratio, prune_layers pattern or None)
     for fqn, (ratio, named) in asked.items():
         if named is not None and ratio == 0:
             skipped[fqn] = left_whole(spec, named)
             del layers[fqn]
     if not layers:
-        raise UsageError(f"{spec.layers_origin}: leaves every prunable layer whole (0); nothing left for --prune {spec.text or pattern}")
+        raise UsageError(f"{getattr(spec, 'layers_origin', 'prune_layers')}: leaves every prunable layer whole (0); nothing left for --prune {spec.text or pattern}")
     if spec.kind == "nm":
         ratios = {fqn: spec.ratio for fqn in layers}
     elif spec.scope == "global":  # layers prune_layers names are pinned; the threshold ranks the others

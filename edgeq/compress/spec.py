@@ -100,14 +100,7 @@ class PruneSpec:
                                  f"{self.ratio:g} of every layer); a layer can only be left dense (0)")
 
     def layer_ratio(self, *names: str) -> tuple[float, str | None]:
-        """(ratio, pattern) for a layer known by `names`, most specific first (a layer's FQN, then e.g. the
-        modules holding it): the last prune_layers entry matching the first name any entry matches, or the
-        spec's own ratio and None when no entry matches."""
-        for name in names:
-            for pattern, ratio in reversed(self.layers):
-                if pattern_matches(pattern, name):
-                    return float(ratio), pattern
-        return self.ratio, None
+        return layer_ratio(self, *names)
 
     @property
     def structured(self) -> bool:
@@ -117,6 +110,17 @@ class PruneSpec:
     @property
     def needs_calibration(self) -> bool:
         return self.importance in ("activation", "taylor") or self.method == "sparsegpt"
+
+
+def layer_ratio(spec, *names: str) -> tuple[float, str | None]:
+    """(ratio, pattern) for a layer known by `names`, most specific first (a layer's FQN, then e.g. the modules
+    holding it): the last prune_layers entry matching the first name any entry matches, or the spec's own
+    ratio and None when no entry matches. `spec`: a PruneSpec, or anything with its fields (stages take both)."""
+    for name in names:
+        for pattern, ratio in reversed(getattr(spec, "layers", ())):
+            if pattern_matches(pattern, name):
+                return float(ratio), pattern
+    return spec.ratio, None
 
 
 @dataclass(frozen=True)
@@ -406,5 +410,5 @@ def _example(kind: str) -> str:
     return {"channels": "structured:0.5", "heads": "heads:0.33", "unstructured": "unstructured:0.5"}.get(kind, "2:4")
 
 
-__all__ = ["CompressionSpecs", "LowRankSpec", "PruneSpec", "RecoverSpec", "check_layer_pattern", "parse_lowrank", "parse_prune", "parse_prune_layers",
+__all__ = ["CompressionSpecs", "LowRankSpec", "PruneSpec", "RecoverSpec", "check_layer_pattern", "parse_lowrank", "layer_ratio", "parse_prune", "parse_prune_layers",
            "parse_recover", "with_layers"]
