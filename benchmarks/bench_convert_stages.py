@@ -38,6 +38,7 @@ TIMED = [
     ("edgeq.pipeline", "load_samples", "load data"),
     ("edgeq.pipeline", "reference_outputs", "FP32 reference outputs (PyTorch)"),
     ("edgeq.pipeline", "quantization_plan", "plan: fold, linearize, rest"),
+    ("edgeq.targets.resolve_residual", "residual_linears", "plan: residual-add linears (tflite w8a8)"),
     ("edgeq.targets.resolve", "input_channel_absmax", "plan: SmoothQuant ranges"),
     ("edgeq.targets.resolve", "calibrate_activations", "plan: static ranges (observers)"),
     ("edgeq.targets.resolve", "correct_biases", "plan: bias correction"),

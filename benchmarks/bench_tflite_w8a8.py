@@ -2,8 +2,8 @@
 
 With --build, converts all-MiniLM-L6-v2 with edgeq for `tflite` (validated on STS-B dev sentences, calibrated on
 others): fp32, int8-dynamic, w8a8 with --auto-fallback (int8 FULLY_CONNECTED islands, the layers the sweep finds
-most sensitive moved to the hybrid kernel), and variants of the per-layer choice: w8a8 without fallback (every
-linear an island), the sweep held to cosine>=0.99, and every output projection (`*.output.dense`) hybrid.
+most sensitive moved to the hybrid kernel), and variants of the per-layer choice: w8a8 as planned by default (the
+linears feeding a residual add hybrid, the rest islands), the sweep held to cosine>=0.99, every linear an island.
 Otherwise takes existing edgeq bundles (a folder holding fp32/ w8a8/ [int8-dynamic/]). Unless --skip-aeq, builds
 ai-edge-quantizer's (AEQ) static_wi8_ai8 / static_wi8_ai16 / dynamic_wi8_afp32 from the same FP32 .tflite. Then
 for each artifact prints:
@@ -175,49 +175,38 @@ def kernel_models(out: Path, calibration_count: int) -> dict[str, Path]:
     return paths
 
 
-# (label, precision, QuantizeOptions fields, budget, FQN regex of layers moved to the hybrid kernel before the sweep)
+# (label, precision, QuantizeOptions fields, budget, every linear an int8 island: the plan's default of starting the
+# linears that feed a residual add as the hybrid kernel turned off)
 VARIANTS = [
-    ("fp32", "fp32", {}, None, None),
-    ("int8-dynamic", "int8-dynamic", {}, None, None),
-    ("w8a8 --auto-fallback", "w8a8", {"auto_fallback": True}, None, None),
-    ("w8a8 islands only", "w8a8", {}, "cosine>=0.9", None),  # no fallback: its own budget would fail it
-    ("w8a8 --auto-fallback to cosine>=0.99", "w8a8", {"auto_fallback": True, "fallback_max": 1.0}, "cosine>=0.99", None),
-    # the 12 output projections (attention.output.dense and output.dense: the linears feeding a residual add,
-    # whose outputs carry BERT's outlier channels) hybrid up front, every other linear an int8 island; no sweep
-    ("w8a8 output projections hybrid", "w8a8", {}, None, r".*\.output\.dense"),
+    ("fp32", "fp32", {}, None, False),
+    ("int8-dynamic", "int8-dynamic", {}, None, False),
+    # the default: the 12 linears feeding a residual add (attention.output.dense, output.dense) hybrid, the rest islands
+    ("w8a8", "w8a8", {}, None, False),
+    ("w8a8 --auto-fallback", "w8a8", {"auto_fallback": True}, None, False),
+    ("w8a8 --auto-fallback to cosine>=0.99", "w8a8", {"auto_fallback": True, "fallback_max": 1.0}, "cosine>=0.99", False),
+    ("w8a8 every linear an island", "w8a8", {}, "cosine>=0.9", True),  # its own budget would fail it
 ]
 
 
 def build(model, out: Path, stsb: Path, samples: int) -> dict[str, Path]:
     """edgeq's `tflite` artifacts of VARIANTS, validated on `samples` STS-B dev sentences (label -> model.tflite)."""
+    import contextlib
     import re
     from unittest import mock
 
     from edgeq import quantize
-    from edgeq.calibration.sensitivity import relax
-    from edgeq.compress.apply import quantizable_layers
     from edgeq.pipeline import ConvertOptions, convert
-    from edgeq.plan import QDtype
+    from edgeq.targets import resolve
 
     paths = {}
-    for label, precision, fields, budget, hybrid in VARIANTS:
-        plan_step = quantize._plan
-
-        def planned(model_, profile, *args, hybrid=hybrid, plan_step=plan_step):
-            model_, plan, fallback = plan_step(model_, profile, *args)
-            modules = dict(quantizable_layers(model_.module))
-            for fqn, layer in plan.layers.items():  # the per-layer choice under test, before validation
-                if hybrid and re.fullmatch(hybrid, fqn) and layer.activation is not None:
-                    plan.layers[fqn] = relax(layer, modules[fqn], profile.quantization.scale_dtype, QDtype.INT8)
-            return model_, plan, fallback
-
+    for label, precision, fields, budget, islands in VARIANTS:
         start = time.perf_counter()
         options = ConvertOptions(targets=["tflite"], out=out / re.sub(r"\W+", "_", label), precisions=[precision],
                                  budget=budget, data=stsb, text_column="5", samples=samples,
                                  quantize=quantize.QuantizeOptions(**fields))
-        with mock.patch.object(quantize, "_plan", planned):
+        with mock.patch.object(resolve, "_residual_layers_hybrid", lambda *_: None) if islands else contextlib.nullcontext():
             (outcome,) = convert(model, options)
-        notes = [n for n in outcome.plan_notes if "auto-fallback" in n or "kernels" in n]
+        notes = [n for n in outcome.plan_notes if "auto-fallback" in n or "kernels" in n or "residual" in n]
         print(f"  built {label}: {outcome.verdict} in {time.perf_counter() - start:.0f} s; " + " | ".join(notes), file=sys.stderr)
         if outcome.path is not None:
             paths[f"edgeq {label}"] = outcome.path / "model.tflite"

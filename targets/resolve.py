@@ -14,6 +14,7 @@ from torch import nn
 from edgeq.calibration.bias import correct_biases
 from edgeq.calibration.collect import called_modules, input_channel_absmax
 from edgeq.calibration.smoothquant import shared_factors, shared_input_groups, smoothed_weight
+from edgeq.calibration.smoothquant_select import paying_groups
 from edgeq.calibration.static import calibrate_activations, tensor_points
 from edgeq.calibration.weights import quantize_weight_per_channel
 from edgeq.compress.apply import QUANTIZABLE, quantizable_layers
@@ -160,8 +161,12 @@ def resolve_plan(
                 entry.dynamic_activation = dynamic
             plan.layers[fqn] = entry
             modules[fqn] = layer
+    hybrid = dynamic_fallback(profile, precision) if activation_dtype is not None else None
+    if hybrid is not None and example_inputs is not None:
+        _residual_layers_hybrid(module, plan, modules, example_inputs, hybrid)
     activated = {fqn: plan.layers[fqn] for fqn in modules if plan.layers[fqn].dynamic_activation or activation_dtype}
     activated = {fqn: layer for fqn, layer in activated.items() if layer.op != OpKind.EMBEDDING}
+    static = {fqn: layer for fqn, layer in activated.items() if layer.dynamic_activation is None}  # static ranges
     if calibration is not None and calibration.samples and activated:
         alpha = calibration.smooth_alpha if calibration.smooth_alpha is not None else DEFAULT_SMOOTH_ALPHA.get(precision)
         linears = {fqn for fqn, layer in activated.items() if layer.op == OpKind.LINEAR}
@@ -174,21 +179,42 @@ def resolve_plan(
             # Full-integer targets: the model inputs and the leaf modules between layers get points of their own.
             points = tensor_points(module, example_inputs, calibration.input_names) if caps.integer_io and example_inputs is not None else []
             plan.tensors = calibrate_activations(
-                module, activated, calibration.samples, calibration.input_names,
+                module, static, calibration.samples, calibration.input_names,
                 dtype=activation_dtype, symmetric=caps.activation_symmetric or activation_dtype in (QDtype.INT16,),
                 observer=calibration.observer, quantize_outputs=quantizes_outputs(profile, precision), scale_dtype=caps.scale_dtype,
                 tensors=points,
             )
             plan.inputs = list(calibration.input_names) if plan.tensors else []
             if calibration.bias_correction:
-                corrected = correct_biases(module, activated, modules, calibration.samples, calibration.input_names)
-                plan.notes.append(f"bias correction on {len(corrected)} of {len(activated)} layers (where it removes >= 5% of the error)")
+                corrected = correct_biases(module, static, modules, calibration.samples, calibration.input_names)
+                plan.notes.append(f"bias correction on {len(corrected)} of {len(static)} layers (where it removes >= 5% of the error)")
             plan.notes.append(
                 f"activations: {activation_dtype} per tensor, {calibration.observer} ranges from "
                 f"{len(calibration.samples)} calibration samples"
                 + (f"; also {len(plan.tensors)} tensor point(s) for integer-only ops: {', '.join(plan.tensors)}" if plan.tensors else "")
             )
     return plan
+
+
+# Why a linear starts as the hybrid kernel on an integer-island target: the reason in plan.json and the plan note.
+RESIDUAL_HYBRID = "hybrid (dynamic) by default: feeds a residual add"
+
+
+def _residual_layers_hybrid(module, plan: QuantPlan, modules: dict, example_inputs: tuple, dynamic: QDtype) -> None:
+    """On a target whose static layers are integer islands (TFLite w8a8), the linears whose output feeds a residual
+    add start as the hybrid kernel (int8 weights, input rows quantized per call, no static ranges): their int8
+    output range would have to hold the residual stream's outlier channels. MiniLM: every linear an island 0.949
+    mean cosine to FP32; these 12 hybrid 0.994, both 2.6x FP32 (docs/research/tflite-w8a8-speed.md, §6)."""
+    from edgeq.targets.resolve_residual import residual_linears
+
+    linears = {fqn: layer for fqn, layer in modules.items() if plan.layers[fqn].op == OpKind.LINEAR}
+    residual = residual_linears(module, linears, example_inputs) if linears else []
+    for fqn in residual:
+        plan.layers[fqn].dynamic_activation = dynamic
+        plan.layers[fqn].reason = RESIDUAL_HYBRID
+    if residual:
+        named = ", ".join(residual) if len(residual) <= 4 else f"{', '.join(residual[:2])} and {len(residual) - 2} more: each layer's reason in plan.json"
+        plan.notes.append(f"{RESIDUAL_HYBRID}: {len(residual)} of {len(linears)} linear layers ({named})")
 
 
 def _static_dtype(profile: TargetProfile, precision: Precision) -> QDtype:
@@ -206,11 +232,17 @@ def _smooth(module, plan: QuantPlan, modules: dict, linears: set[str], calibrati
     maxima = input_channel_absmax(module, linears, calibration.samples, calibration.input_names)
     # Layers reading the same tensor (q, k, v) share one set of factors, so the artifact quantizes it once.
     groups = shared_input_groups(module, linears & set(maxima), calibration.samples[0], calibration.input_names)
+    candidates = {}
     for group in groups:
         factors = shared_factors(maxima[group[0]], [modules[fqn].weight for fqn in group], alpha)
         for fqn in group:
             quant, codes = quantize_weight_per_channel(smoothed_weight(modules[fqn].weight, factors), QDtype.INT8, 0, scale_dtype)
+            candidates[fqn] = (quant, codes, factors)
+    # Dynamic schemes: only where smoothing lowers the error (its x / s is a runtime Mul; calibration/smoothquant_select.py)
+    groups = paying_groups(module, plan, groups, candidates, calibration.samples, calibration.input_names)
+    for group in groups:
+        for fqn in group:
             layer = plan.layers[fqn]
-            layer.weight, layer.weight_codes, layer.smooth = quant, codes, factors
+            layer.weight, layer.weight_codes, layer.smooth = candidates[fqn]
     shared = sum(len(group) for group in groups if len(group) > 1)
     plan.notes.append(f"SmoothQuant alpha {alpha} on {len(maxima)} linear layers" + (f" ({shared} share factors with the layers reading the same input)" if shared else ""))
