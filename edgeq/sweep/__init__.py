@@ -22,7 +22,7 @@ from pathlib import Path
 from edgeq import __version__
 from edgeq.errors import UsageError
 from edgeq.sweep.report import exit_code, print_table, write_reports
-from edgeq.sweep.run import Planned, elapsed, plan, ray_available, run_ray, run_serial
+from edgeq.sweep.run import Planned, check_address, elapsed, plan, ray_available, run_ray, run_serial
 from edgeq.sweep.spec import Sweep, SweepTask, load_sweep
 from edgeq.sweep.task import TaskResult
 
@@ -53,6 +53,8 @@ def run_sweep(sweep: Sweep, options: SweepOptions, echo: Callable[[str], None] =
             f"--address {options.address}: needs Ray, which is not installed (pip install 'edgeq[ray]')"
             if options.use_ray else "--address and --no-ray contradict each other; drop one"
         )
+    if options.address is not None:
+        check_address(options.address)  # ray.init waits on an address nobody answers at for minutes, retrying
     started, stamp = time.monotonic(), datetime.now(timezone.utc).isoformat(timespec="seconds")
     planned = plan(sweep, force=options.force)
     order = {item.task.id: index for index, item in enumerate(planned)}

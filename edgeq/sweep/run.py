@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,7 +87,12 @@ def run_ray(planned: list[Planned], import_paths: list[str], on_result: Callable
             where = f"Ray at {address}"
     except (ConnectionError, ValueError, RuntimeError) as exc:
         ray.shutdown()
-        raise UsageError(f"--address {address}: cannot connect to a Ray cluster there ({exc})" if address else f"cannot start a local Ray instance: {exc}") from exc
+        if address is None:
+            raise UsageError(f"cannot start a local Ray instance: {exc}") from exc
+        raise UsageError(
+            f"--address {address}: cannot connect to a Ray cluster there ({exc}). A cluster started with token "
+            "authentication (Ray's default) wants RAY_AUTH_MODE=token here, and its token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
+        ) from exc
     try:
         remote = ray.remote(num_cpus=1, max_retries=retries)(run_task)
         pending = {}
@@ -108,6 +115,22 @@ def run_ray(planned: list[Planned], import_paths: list[str], on_result: Callable
     return where
 
 
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """A `host:port` or `ray://host:port` address must accept a TCP connection within `timeout_s`; other forms
+    ("auto", a bare host) are left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?(?P<host>\[[^\]]+\]|[^:/]+):(?P<port>\d+)/?", address.strip())
+    if match is None:
+        return
+    host = match["host"].strip("[]")
+    try:
+        socket.create_connection((host, int(match["port"])), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UsageError(
+            f"--address {address}: nothing answers there ({exc.strerror or exc}); start the cluster (ray start --head on "
+            "its head node) or give its address, e.g. ray://head:10001 (Ray Client) or head:6379 from one of its nodes"
+        ) from None
+
+
 def _prepare(task: SweepTask) -> None:
     """Before a task is sent: its attempts count from now, and a stale record cannot outlive a failed run."""
     clear_attempts(task.folder)
@@ -123,4 +146,4 @@ def elapsed(since: float) -> float:
     return round(time.monotonic() - since, 2)
 
 
-__all__ = ["Planned", "plan", "ray_available", "run_ray", "run_serial"]
+__all__ = ["Planned", "check_address", "plan", "ray_available", "run_ray", "run_serial"]

@@ -89,3 +89,12 @@ def test_missing_file_and_contradicting_options_exit_2(tmp_path):
     assert result.exit_code == 2 and "--workers" in result.output
     result = runner.invoke(main, ["sweep", "-c", str(path), "--address", "127.0.0.1:1", "--no-ray"])
     assert result.exit_code == 2 and "--no-ray" in result.output
+
+
+def test_unreachable_cluster_address_exits_2_at_once(tmp_path):
+    """Nothing listens on port 1: refused in seconds, not after Ray's minutes of retries."""
+    path = tmp_path / "sweep.toml"
+    path.write_text(GOOD)
+    result = CliRunner().invoke(main, ["sweep", "-c", str(path), "--address", "127.0.0.1:1"])
+    assert result.exit_code == 2 and "--address 127.0.0.1:1" in result.output, result.output
+    assert not (tmp_path / "build").exists()
