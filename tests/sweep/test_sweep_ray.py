@@ -56,10 +56,13 @@ class WorkerKiller(threading.Thread):
         while not self.stop.wait(0.05):
             for attempts in self.out.glob(f"*/*/*/*/{ATTEMPTS}"):
                 folder = attempts.parent
-                lines = attempts.read_text().splitlines()
-                if len(lines) != 1 or (folder / SIDECAR).exists() or time.time() - json.loads(lines[0])["started"] < self.after_s:
+                try:
+                    lines = [json.loads(line) for line in attempts.read_text().splitlines()]
+                except ValueError:  # a line being written: read it on the next round
                     continue
-                pid = json.loads(lines[0])["pid"]
+                if len(lines) != 1 or (folder / SIDECAR).exists() or time.time() - lines[0]["started"] < self.after_s:
+                    continue
+                pid = lines[0]["pid"]
                 os.kill(pid, signal.SIGKILL)
                 self.killed = (folder.relative_to(self.out).as_posix(), pid)
                 return
