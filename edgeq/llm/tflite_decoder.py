@@ -44,7 +44,11 @@ def export_decoder(hf_model, max_context: int, dest: Path, *, plan=None) -> Path
     plan's codes and scales. Returns `dest`. The caller's model is not modified."""
     if max_context < 2:
         raise UsageError(f"max context {max_context}: a decoder needs at least 2 positions")
-    model = copy.deepcopy(hf_model).float().eval()
+    import torch
+
+    # nn.Module.float, not the HF override: transformers refuses .float() on a model loaded from a GGUF file
+    # (flagged quantized), although its weights are already dequantized to float.
+    model = torch.nn.Module.float(copy.deepcopy(hf_model)).eval()
     _check_model(model, max_context)
     quant_config = strict = owners = None
     if plan is not None:

@@ -43,7 +43,7 @@ def int4_plan(hf_model, token_ids: np.ndarray, *, group_size: int = 32, algorith
                         symmetric=profile.quantization.weight_symmetric)
     sequences = token_ids if isinstance(token_ids, (list, tuple)) else [token_ids]
     samples = [{"input_ids": torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]} for ids in sequences]
-    return resolve_lowbit_plan(hf_model.float().eval(), profile, Precision.INT4_DYNAMIC, scheme, list(keep_float),
+    return resolve_lowbit_plan(torch.nn.Module.float(hf_model).eval(), profile, Precision.INT4_DYNAMIC, scheme, list(keep_float),
                                (samples[0]["input_ids"],), Calibration(samples, ["input_ids"]))
 
 
