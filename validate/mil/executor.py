@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.validate.mil.ops import CONSTEXPR, OPS, Args, UnsupportedOp
+from edgeq.validate.mil.ops_state import StateBuffer
 from edgeq.validate.mil.program import Const, MILError, Program, ValueType, read_program
 
 _FLOATS = ("float16", "float32")
@@ -47,6 +48,8 @@ class MILExecutor:
             + ("fp16 emulated: float32 arithmetic rounded to float16 per op" if self.fp16 else "fp32")
             + "), not Apple's Core ML runtime"
         )
+        # state<tensor> inputs (stateful models): held here across runs, zero-filled as MLModel.make_state() does
+        self.states = {name: StateBuffer(name, vtype) for name, vtype in self.function.inputs if vtype.state}
         self.constants: dict[str, object] = {}  # const and constexpr outputs, in compute form
         self._steps = []
         for op in self.function.ops:
@@ -72,9 +75,20 @@ class MILExecutor:
         """A constant or constexpr output (e.g. a dequantized weight) in its declared dtype."""
         return _declared(self.constants[name], self.types[name])
 
+    def reset_states(self) -> None:
+        """Zero every state, as a fresh MLModel.make_state() is."""
+        for buffer in self.states.values():
+            buffer.reset()
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One prediction; a stateful program reads and updates `self.states` (Core ML: predict(..., state=))."""
         values = dict(self.constants)
         for name, vtype in self.function.inputs:
+            if vtype.state:
+                if name in feeds:
+                    raise MILError(f"{name!r} is a state of the program, held by the executor; it is not fed")
+                values[name] = self.states[name]
+                continue
             if name not in feeds:
                 raise MILError(f"input {name!r} is missing; the program takes {[n for n, _ in self.function.inputs]}")
             array = np.asarray(feeds[name])

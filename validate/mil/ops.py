@@ -22,6 +22,7 @@ from edgeq.validate.mil import ops_linalg as linalg
 from edgeq.validate.mil import ops_quant as quant
 from edgeq.validate.mil import ops_recurrent as recurrent
 from edgeq.validate.mil import ops_resize as resize
+from edgeq.validate.mil import ops_state as state
 from edgeq.validate.mil import ops_tensor as tensor
 from edgeq.validate.mil.args import Args, UnsupportedOp
 from edgeq.validate.mil.decompress import DECOMPRESSION_OPS
@@ -32,7 +33,7 @@ OPS = {
     "add": ew._binary(np.add),
     "sub": ew._binary(np.subtract),
     "mul": ew._binary(np.multiply),
-    "real_div": ew._binary(np.divide),
+    "real_div": ew._binary(state.real_div),
     "maximum": ew._binary(np.maximum),
     "minimum": ew._binary(np.minimum),
     "greater_equal": ew._binary(np.greater_equal),
@@ -83,6 +84,7 @@ OPS = {
     **resize.RESIZE_OPS,
     **recurrent.RECURRENT_OPS,
     **DECOMPRESSION_OPS,
+    **state.STATE_OPS,
 }
 # compile-time ops: evaluated once when the program is loaded, as Core ML materializes them
 CONSTEXPR = frozenset({"constexpr_affine_dequantize", *DECOMPRESSION_OPS})

@@ -48,7 +48,10 @@ def squeeze(a: Args):
 def concat(a: Args):
     if a.scalar("interleave", False):
         raise a.unsupported("interleave=True")
-    return np.concatenate([np.asarray(v) for v in a.many("values")], axis=int(a.scalar("axis")))
+    values = [np.asarray(v) for v in a.many("values")]
+    if values and all(v.ndim == 0 for v in values):  # scalars (shape arithmetic of flexible inputs): a vector, as Core ML
+        return np.stack(values)
+    return np.concatenate(values, axis=int(a.scalar("axis")))
 
 
 def split(a: Args):

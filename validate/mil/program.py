@@ -54,6 +54,7 @@ class ValueType:
 
     dtype: str
     shape: tuple[int | None, ...] | None  # () for scalars; None for an unknown rank
+    state: bool = False  # a function input of MIL type state<tensor> (iOS18 stateful models): the executor holds it
 
     @property
     def bits(self) -> int | None:
@@ -205,6 +206,9 @@ class Const:
 
 def _value_type(spec) -> ValueType:
     kind = spec.WhichOneof("type")
+    if kind == "stateType":  # state<tensor>: the wrapped tensor's type, marked (ops_state.py reads and writes it)
+        wrapped = _value_type(spec.stateType.wrappedType)
+        return ValueType(wrapped.dtype, wrapped.shape, state=True)
     if kind != "tensorType":
         raise MILError(f"MIL value type {kind!r} is not supported (only tensors and scalars)")
     tensor = spec.tensorType
