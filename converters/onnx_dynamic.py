@@ -110,3 +110,57 @@ def _attribute(node, name):
         if attribute.name == name:
             return attribute.i
     return None
+
+
+def fold_constant_tables(proto) -> list[str]:
+    """Gathers of int8 tables at constant indices (a position-embedding table read at positions 0..L-1) written
+    as Gather(codes) -> Cast -> Mul(Gather(row scales)): standard ops over constants, which ORT's constant folding
+    turns into one float tensor at load. The exporter's DequantizeLinear -> Gather stays a runtime op (ORT never
+    constant-folds DequantizeLinear) and so does GatherBlockQuantized (a contrib op ORT does not fold either):
+    measured on all-MiniLM-L6-v2, that table was a runtime GatherBlockQuantized (docs/research/ort-kernels-cpus.md).
+    Parity reads the codes from the Gather and the scales from `<fqn>.weight.scale`. Returns the codes rewritten."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    tensors = onnx_tensors(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    replaced, added, folded = {}, [], []
+    for node in graph.node:
+        dequant = producer.get(node.input[0]) if node.op_type == "Gather" else None
+        if dequant is None or dequant.op_type != "DequantizeLinear" or not dequant.input[0].endswith(CODES_SUFFIX):
+            continue
+        if node.input[1] not in tensors or _attribute(node, "axis") not in (None, 0) or _attribute(dequant, "axis") not in (None, 0):
+            continue  # indices computed at run time (token ids): GatherBlockQuantized's job (onnx_graph_shape.py)
+        codes, scale = numpy_helper.to_array(tensors[dequant.input[0]]), numpy_helper.to_array(tensors[dequant.input[1]])
+        zero = numpy_helper.to_array(tensors[dequant.input[2]]) if len(dequant.input) > 2 and dequant.input[2] else None
+        if codes.dtype != np.int8 or codes.ndim != 2 or scale.shape != (codes.shape[0],) or (zero is not None and zero.any()):
+            continue  # only int8 symmetric per-row tables, the form int8 plans give tables
+        stem = dequant.input[0].removesuffix(".codes")
+        scale_name = f"{stem}.scale"
+        if scale_name not in tensors and not any(i.name == scale_name for i in added):
+            added.append(numpy_helper.from_array(scale.astype(np.float32), scale_name))
+        base = node.name or node.output[0]
+        axis = f"{base}/last_axis"
+        added.append(numpy_helper.from_array(np.array([-1], np.int64), axis))
+        replaced[id(node)] = [
+            helper.make_node("Gather", [dequant.input[0], node.input[1]], [f"{base}/codes"], axis=0),
+            helper.make_node("Cast", [f"{base}/codes"], [f"{base}/codes_float"], to=TensorProto.FLOAT),
+            helper.make_node("Gather", [scale_name, node.input[1]], [f"{base}/row_scale"], axis=0),
+            helper.make_node("Unsqueeze", [f"{base}/row_scale", axis], [f"{base}/row_scale_column"]),
+            helper.make_node("Mul", [f"{base}/codes_float", f"{base}/row_scale_column"], [node.output[0]]),
+        ]
+        folded.append(dequant.input[0])
+    if folded:
+        nodes = [new for node in graph.node for new in replaced.get(id(node), [node])]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(added)
+        used = {name for node in graph.node for name in node.input}
+        kept = [node for node in graph.node if node.op_type != "DequantizeLinear" or any(out in used for out in node.output)]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return folded

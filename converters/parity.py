@@ -63,6 +63,12 @@ def onnx_weights(path: Path) -> StoredWeights:
             codes = numpy_helper.to_array(tensors[node.input[1]]).T
             scale = numpy_helper.to_array(tensors[f"{stem}.scale"])
             found[stem.removesuffix(".weight").removeprefix("inner.")] = (codes, scale)
+    for node in graph.node:  # int8 tables at constant indices (converters/onnx_dynamic.py fold_constant_tables)
+        if node.op_type == "Gather" and node.input[0].endswith(".weight.codes") and node.input[0] in tensors:
+            stem = node.input[0].removesuffix(".codes")
+            if f"{stem}.scale" in tensors:
+                scale = numpy_helper.to_array(tensors[f"{stem}.scale"])
+                found[stem.removesuffix(".weight").removeprefix("inner.")] = (numpy_helper.to_array(tensors[node.input[0]]), scale)
     zero_points = {}
     if any(node.op_type in ("MatMulNBits", "GatherBlockQuantized") for node in graph.node):  # low-bit: converters/onnx_lowbit.py
         from edgeq.converters.onnx_lowbit import read_matmul_nbits
