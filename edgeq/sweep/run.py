@@ -19,7 +19,7 @@ from pathlib import Path
 from edgeq.errors import UsageError
 from edgeq.sweep.key import Hasher, changed, task_key
 from edgeq.sweep.spec import Sweep, SweepTask
-from edgeq.sweep.task import FAILED, SIDECAR, TaskResult, clear_attempts, count_attempts, failed, read_sidecar, run_task
+from edgeq.sweep.task import FAILED, SIDECAR, TaskResult, clear_attempts, count_attempts, failed, read_sidecar, run_task, write_sidecar
 
 LOST_EXIT_CODE = 1  # a worker lost beyond its retries: nothing edgeq could name went wrong in the model
 
@@ -109,6 +109,7 @@ def run_ray(planned: list[Planned], import_paths: list[str], on_result: Callable
                 except ray.exceptions.RayError as exc:  # the worker died more often than max_retries allows
                     result = failed(task, f"lost after {count_attempts(task.folder)} attempt(s): {_first_lines(exc)}", LOST_EXIT_CODE)
                     result.key, result.attempts = item.key, count_attempts(task.folder)
+                    write_sidecar(task.folder, item.key, item.inputs, result)  # on disk too: what became of it
                 on_result(result)
     finally:
         ray.shutdown()

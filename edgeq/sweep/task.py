@@ -159,4 +159,4 @@ def read_sidecar(folder: Path) -> dict | None:
     return record
 
 
-__all__ = ["FAILED", "TaskResult", "clear_attempts", "failed", "read_sidecar", "run_task"]
+__all__ = ["FAILED", "TaskResult", "clear_attempts", "count_attempts", "failed", "read_sidecar", "run_task", "write_sidecar"]
