@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import re
 import socket
 import time
@@ -79,6 +80,8 @@ def run_ray(planned: list[Planned], import_paths: list[str], on_result: Callable
     options = {"include_dashboard": False, "log_to_driver": False}
     try:
         if address is None:
+            # The instance is edgeq's doing, not the user's: it reports no usage statistics unless they said so.
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             # "local": a fresh instance even when `ray start` or RAY_ADDRESS points elsewhere (use --address for those)
             ray.init(address="local", num_cpus=workers, logging_level=logging.ERROR, **options)
             where = f"local Ray, {workers} worker{'s' if workers != 1 else ''}"

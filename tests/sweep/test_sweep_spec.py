@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from click.testing import CliRunner
 
@@ -98,3 +101,16 @@ def test_unreachable_cluster_address_exits_2_at_once(tmp_path):
     result = CliRunner().invoke(main, ["sweep", "-c", str(path), "--address", "127.0.0.1:1"])
     assert result.exit_code == 2 and "--address 127.0.0.1:1" in result.output, result.output
     assert not (tmp_path / "build").exists()
+
+
+def test_checking_and_planning_a_sweep_loads_no_toolchain_nor_ray(tmp_path):
+    """A typo costs milliseconds: load_sweep and the content keys need neither torch nor Ray."""
+    path = tmp_path / "sweep.toml"
+    path.write_text(GOOD)
+    code = (
+        "import sys; from edgeq.sweep import load_sweep; from edgeq.sweep.run import plan;"
+        f"planned = plan(load_sweep({str(path)!r})); assert len(planned) == 16 and not any(p.reused for p in planned);"
+        "print(sorted({'torch', 'ray', 'onnx', 'tensorflow', 'coremltools', 'litert_torch'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
