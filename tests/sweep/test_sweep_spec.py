@@ -114,3 +114,15 @@ def test_checking_and_planning_a_sweep_loads_no_toolchain_nor_ray(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_address_without_ray_installed_exits_2(tmp_path, monkeypatch):
+    """Where Ray is not installed, --address cannot mean anything: said at once (the same tasks run without
+    it only when no cluster was asked for)."""
+    import edgeq.sweep
+
+    monkeypatch.setattr(edgeq.sweep, "ray_available", lambda: False)
+    path = tmp_path / "sweep.toml"
+    path.write_text(GOOD)
+    result = CliRunner().invoke(main, ["sweep", "-c", str(path), "--address", "127.0.0.1:1"])
+    assert result.exit_code == 2 and "pip install 'edgeq[ray]'" in result.output, result.output
