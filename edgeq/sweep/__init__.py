@@ -79,7 +79,7 @@ def run_sweep(sweep: Sweep, options: SweepOptions, echo: Callable[[str], None] =
         from edgeq.noise import toolchain_output
 
         with toolchain_output(options.verbose):
-            run_serial(todo, sweep.import_paths, on_result)
+            run_serial(todo, sweep.import_paths, on_result, on_step=lambda text: echo(f"    {text}"))
         runner = "this process, one task at a time"
     results.sort(key=lambda r: order[r.id])
     meta = {"edgeq": __version__, "config": str(sweep.path), "out": str(sweep.out), "started": stamp,

@@ -64,11 +64,13 @@ def plan(sweep: Sweep, force: bool = False) -> list[Planned]:
     return planned
 
 
-def run_serial(planned: list[Planned], import_paths: list[str], on_result: Callable[[TaskResult], None]) -> None:
-    """The same tasks, one by one in this process (no Ray, or --no-ray)."""
+def run_serial(planned: list[Planned], import_paths: list[str], on_result: Callable[[TaskResult], None],
+               on_step: Callable[[str], None] = lambda _: None) -> None:
+    """The same tasks, one by one in this process (no Ray, or --no-ray); `on_step` hears convert's progress."""
     for item in planned:
         _prepare(item.task)
-        on_result(TaskResult.from_json(run_task(item.task, item.key, item.inputs, import_paths)))
+        step = lambda text, name=item.task.id: on_step(f"{name}: {text}")  # noqa: E731
+        on_result(TaskResult.from_json(run_task(item.task, item.key, item.inputs, import_paths, step)))
 
 
 def run_ray(planned: list[Planned], import_paths: list[str], on_result: Callable[[TaskResult], None], *,

@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,16 +60,17 @@ class TaskResult:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
-def run_task(task: SweepTask, key: str, inputs: dict, import_paths: list[str]) -> dict:
+def run_task(task: SweepTask, key: str, inputs: dict, import_paths: list[str], on_step: Callable[[str], None] | None = None) -> dict:
     """Convert the task's cell and return its TaskResult as JSON. Ray calls this in a worker; without Ray the
-    sweep calls it in-process. Runs anywhere the task's folder is reachable (a cluster needs shared storage)."""
+    sweep calls it in-process (`on_step`: convert's progress lines). Runs anywhere the task's folder is
+    reachable (a cluster needs shared storage)."""
     for path in reversed(import_paths):  # `module:callable` sources next to sweep.toml or in the driver's cwd
         if path not in sys.path:
             sys.path.insert(0, path)
     attempt = record_attempt(task.folder)
     started = time.monotonic()
     try:
-        result = _convert(task)
+        result = _convert(task, on_step or (lambda _: None))
     except Exception as exc:  # the task's failure is its result; only the worker's death is Ray's to handle
         from edgeq.errors import EdgeqError
 
@@ -81,11 +83,11 @@ def run_task(task: SweepTask, key: str, inputs: dict, import_paths: list[str]) -
     return result.to_json()
 
 
-def _convert(task: SweepTask) -> TaskResult:
+def _convert(task: SweepTask, on_step: Callable[[str], None]) -> TaskResult:
     from edgeq.pipeline import write_run_reports
     from edgeq.project import run_job
 
-    outcomes = run_job(task.job)
+    outcomes = run_job(task.job, on_step)
     reports = write_run_reports(outcomes)
     outcome = outcomes[-1]  # one target and one scheme: one outcome
     report = outcome.report
