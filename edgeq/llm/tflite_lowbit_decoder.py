@@ -116,10 +116,11 @@ def pack_decoder(flatbuffer: bytes, plan, owners: dict) -> bytes:
             layer = linear[fqn]
             tensor_type, bits = storage(layer)
             tensor = subgraph.tensors[layer_uses[0].tensor]
+            first = tensor.buffer not in packed_buffers  # else an earlier subgraph rewrote the shared buffer
             if packed_buffers.setdefault(tensor.buffer, fqn) != fqn:
                 raise ConversionError(f"target {TARGET}: layers {packed_buffers[tensor.buffer]} and {fqn} share one weight buffer; keep one float")
-            buffer = tflite.buffers[tensor.buffer]
-            if tensor.type == INT8:  # not yet rewritten by an earlier subgraph
+            if first:
+                buffer = tflite.buffers[tensor.buffer]
                 buffer.data, buffer.offset, buffer.size = _packed(layer.weight_codes, bits), 0, 0
             tensor.type = tensor_type
             tensor.name = (fqn + WEIGHT_SUFFIX).encode()
