@@ -16,7 +16,7 @@ for each artifact prints:
 and a kernel table: one FULLY_CONNECTED [128x384] x [384->1536] and one attention block's float ops, float vs
 int8 (static) vs hybrid, built the same way (litert-torch FP32, then AEQ), to show which kernels pay.
 
-Run:  .venv/bin/python benchmarks/bench_tflite_w8a8.py --build DIR [--skip-aeq] [--skip-kernels] [--rounds 40]
+Run:  .venv/bin/python benchmarks/bench_tflite_w8a8.py --build DIR [--variants fp32,w8a8,...] [--skip-aeq] [--skip-kernels] [--rounds 40]
       .venv/bin/python benchmarks/bench_tflite_w8a8.py BUNDLES [--rounds 40] [--calibration 8] [--out DIR]
 """
 
@@ -188,8 +188,9 @@ VARIANTS = [
 ]
 
 
-def build(model, out: Path, stsb: Path, samples: int) -> dict[str, Path]:
-    """edgeq's `tflite` artifacts of VARIANTS, validated on `samples` STS-B dev sentences (label -> model.tflite)."""
+def build(model, out: Path, stsb: Path, samples: int, only: set[str] | None = None) -> dict[str, Path]:
+    """edgeq's `tflite` artifacts of VARIANTS (those labelled in `only`, if given), validated on `samples` STS-B dev
+    sentences (label -> model.tflite)."""
     import contextlib
     import re
     from unittest import mock
@@ -200,6 +201,8 @@ def build(model, out: Path, stsb: Path, samples: int) -> dict[str, Path]:
 
     paths = {}
     for label, precision, fields, budget, islands in VARIANTS:
+        if only and label not in only:
+            continue
         start = time.perf_counter()
         options = ConvertOptions(targets=["tflite"], out=out / re.sub(r"\W+", "_", label), precisions=[precision],
                                  budget=budget, data=stsb, text_column="5", samples=samples,
@@ -235,6 +238,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--skip-aeq", action="store_true")
+    parser.add_argument("--variants", default="", help="with --build: comma-separated VARIANTS labels to build (default all)")
     args = parser.parse_args()
     if (args.bundles is None) == (args.build is None):
         parser.error("give BUNDLES or --build DIR")
@@ -247,7 +251,11 @@ def main() -> None:
     model = load_minilm()
     samples = tokenize(SENTENCES, model.inputs, model.tokenizer)
     if args.build:
-        paths = build(model, args.build, STSB_DIR / "sts-dev.csv", 64)
+        only = {v.strip() for v in args.variants.split(",") if v.strip()} or None
+        unknown = (only or set()) - {v[0] for v in VARIANTS}
+        if unknown or (only and "fp32" not in only):
+            parser.error(f"--variants: unknown {sorted(unknown)} or no fp32; labels: {[v[0] for v in VARIANTS]}")
+        paths = build(model, args.build, STSB_DIR / "sts-dev.csv", 64, only)
     else:
         paths = {f"edgeq {p.name}": p / "model.tflite" for p in sorted(args.bundles.iterdir()) if (p / "model.tflite").is_file()}
     fp32 = paths["edgeq fp32"]

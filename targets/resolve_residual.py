@@ -13,10 +13,13 @@ Two linear outputs added to each other (a recurrent cell's input and hidden term
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 _ADDS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__}
 # Calls whose output holds the values of their first argument (eval mode), so a linear's output keeps its origin.
@@ -28,19 +31,28 @@ _SCALES = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmu
 
 
 class _Lineage(TorchFunctionMode):
-    """Per tensor seen in the forward (by object; every one is kept alive so an id is never reused): the ids of
-    the tensors it derives from, and the linear layer whose output it is, if any."""
+    """Per tensor seen in the forward: the serial numbers of the tensors it derives from, and the linear layer whose
+    output it is, if any. Tensors are numbered through a weak map, so none is kept alive for this (a large model's
+    activations would be) and a freed tensor's number is never given to another."""
 
     def __init__(self):
         super().__init__()
-        self.alive: list[torch.Tensor] = []
+        self.serials = WeakIdKeyDictionary()
+        self.numbers = itertools.count(1)
         self.ancestors: dict[int, frozenset[int]] = {}
-        self.origin: dict[int, str] = {}  # tensor id -> FQN of the linear whose output it holds
-        self.inputs: dict[str, list[int]] = {}  # FQN -> ids of the tensors it was called on
+        self.origin: dict[int, str] = {}  # serial -> FQN of the linear whose output the tensor holds
+        self.inputs: dict[str, list[int]] = {}  # FQN -> serials of the tensors it was called on
         self.residual: set[str] = set()
 
+    def serial(self, tensor: torch.Tensor) -> int:
+        if tensor not in self.serials:
+            self.serials[tensor] = next(self.numbers)
+            self.ancestors[self.serials[tensor]] = frozenset()
+        return self.serials[tensor]
+
     def lineage(self, tensor: torch.Tensor) -> frozenset[int]:
-        return self.ancestors.get(id(tensor), frozenset()) | {id(tensor)}  # the tensor and what it derives from
+        number = self.serial(tensor)
+        return self.ancestors[number] | {number}  # the tensor and what it derives from
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -50,11 +62,12 @@ class _Lineage(TorchFunctionMode):
             self._check_residual(*operands)
         derived = frozenset().union(*(self.lineage(t) for t in operands)) if operands else frozenset()
         source = self._value_source(func, operands)
+        origin = self.origin.get(self.serial(source)) if source is not None else None
         for out in (t for t in tree_leaves(result) if isinstance(t, torch.Tensor)):
-            self.alive.append(out)
-            self.ancestors[id(out)] = derived
-            if source is not None and id(source) in self.origin:
-                self.origin[id(out)] = self.origin[id(source)]
+            number = self.serial(out)
+            self.ancestors[number] = derived - {number}  # an in-place op's output is one of its operands
+            if origin is not None:
+                self.origin[number] = origin
         return result
 
     @staticmethod
@@ -69,18 +82,18 @@ class _Lineage(TorchFunctionMode):
         if a.shape != b.shape:
             return
         for out, other in ((a, b), (b, a)):
-            fqn = self.origin.get(id(out))
-            if fqn is None or id(other) in self.origin:  # two linear outputs summed: not a skip path
+            fqn = self.origin.get(self.serial(out))
+            if fqn is None or self.serial(other) in self.origin:  # two linear outputs summed: not a skip path
                 continue
-            if any(id(other) in self.ancestors.get(i, frozenset()) | {i} for i in self.inputs.get(fqn, [])):
+            skip = self.serial(other)
+            if any(skip in self.ancestors.get(i, frozenset()) | {i} for i in self.inputs.get(fqn, [])):
                 self.residual.add(fqn)
 
     def hook(self, fqn: str):
         def record(_module, args, output):
             if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                self.alive += [args[0], output]
-                self.inputs.setdefault(fqn, []).append(id(args[0]))
-                self.origin[id(output)] = fqn
+                self.inputs.setdefault(fqn, []).append(self.serial(args[0]))
+                self.origin[self.serial(output)] = fqn
         return record
 
 
