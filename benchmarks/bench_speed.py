@@ -20,6 +20,10 @@ The machine's load average is printed beside the table: on a shared machine the 
 
 Run:  .venv/bin/python benchmarks/bench_speed.py [--sentences 400] [--rounds 60] [--out DIR [--reuse]] [--no-fallback]
       [--skip-tflite]   (ONNX rows only, for quick runs while developing)
+      [--profile RUNS]  (after the table: ORT's profiler on the ONNX int8-dynamic rows, ms per run by op type)
+      python3 benchmarks/bench_speed.py --files A.onnx B.onnx ... [--rounds N] [--profile RUNS]
+                        (numpy + onnxruntime only, for a machine without edgeq, e.g. the lent VNNI machine: the
+                        given MiniLM files timed interleaved on one fixed 128-token input, ratios to the first)
 """
 
 from __future__ import annotations
@@ -185,6 +189,75 @@ def print_table(rows: list[Row], sentences: int, rounds: int, loads: tuple[float
         print(f"| {row.label} | {median:.2f} | {wording} | {row.cosine:.5f} | {row.path.stat().st_size / 1e6:.1f} |")
 
 
+def profile_onnx(rows: list[Row], sample: dict, runs: int) -> None:
+    """ORT's profiler on each ONNX row: ms per run by op type (kernel time, one thread), the kernel-level view of
+    where two graphs differ."""
+    import json
+    from collections import defaultdict
+
+    import onnxruntime as ort
+
+    tables = {}
+    for row in rows:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.enable_profiling = 1, True
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in row.settings.get("session_config", {}).items():
+            options.add_session_config_entry(key, str(value))
+        session = ort.InferenceSession(str(row.path), options, providers=["CPUExecutionProvider"])
+        feed = {i.name: sample[i.name] for i in session.get_inputs()}
+        for _ in range(5):
+            session.run(None, feed)
+        path = session.end_profiling()  # warm-up runs out of the profile: restart it
+        options.profile_file_prefix = str(Path(path).with_suffix(""))
+        session = ort.InferenceSession(str(row.path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        totals = defaultdict(float)
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                totals[event["args"]["op_name"]] += event["dur"] / 1e3 / runs
+        tables[row.label] = totals
+    ops = sorted({op for t in tables.values() for op in t}, key=lambda op: -max(t.get(op, 0) for t in tables.values()))
+    print(f"\nORT profiler, ms per run by op type ({runs} runs, one thread):\n")
+    print("| op | " + " | ".join(tables) + " |\n|---|" + "---|" * len(tables))
+    for op in ops:
+        print(f"| {op} | " + " | ".join(f"{t.get(op, 0):.3f}" for t in tables.values()) + " |")
+    print("| all kernels | " + " | ".join(f"{sum(t.values()):.3f}" for t in tables.values()) + " |")
+
+
+def compare_files(paths: list[Path], rounds: int, runs: int) -> None:
+    """Standalone mode (numpy + onnxruntime): MiniLM ONNX files on one fixed 128-token input, interleaved."""
+    import platform
+
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([[101], rng.integers(1000, 20000, 20), [102], np.zeros(106, np.int64)]).reshape(1, 128)
+    sample = {"input_ids": ids.astype(np.int64), "attention_mask": (ids > 0).astype(np.int64), "token_type_ids": np.zeros_like(ids)}
+    rows, runners = [Row(path.name, path, "onnx") for path in paths], {}
+    for row in rows:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(row.path), options, providers=["CPUExecutionProvider"])
+        runners[row.label] = type("Runner", (), {"run": lambda self, s, session=session: session.run(None, {i.name: s[i.name] for i in session.get_inputs()})})()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    before = os.getloadavg()[0]
+    time_interleaved(rows, runners, sample, rounds)
+    print(f"\n{cpu}, {os.cpu_count()} CPUs, VNNI: {'avx512_vnni' in flags or 'avx_vnni' in flags}, AMX: {'amx_int8' in flags}; "
+          f"onnxruntime {ort.__version__}; load {before:.1f} -> {os.getloadavg()[0]:.1f}; {rounds} interleaved rounds, one thread\n")
+    first = statistics.median(rows[0].times_ms)
+    print("| file | median ms | first / it |\n|---|---|---|")
+    for row in rows:
+        median = statistics.median(row.times_ms)
+        print(f"| {row.label} | {median:.2f} | {first / median:.3f}x |")
+    if runs:
+        profile_onnx(rows, sample, runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=400, help="STS-B dev sentences for the cosine (default 400)")
@@ -193,7 +266,12 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="use the bundles already in --out instead of converting")
     parser.add_argument("--no-fallback", action="store_true", help="w8a8 without --auto-fallback (converts faster)")
     parser.add_argument("--skip-tflite", action="store_true", help="ONNX rows only")
+    parser.add_argument("--profile", type=int, default=0, metavar="RUNS", help="ORT profiler over RUNS runs of the ONNX int8-dynamic rows")
+    parser.add_argument("--files", type=Path, nargs="+", help="standalone: time these MiniLM ONNX files (numpy + onnxruntime only)")
     args = parser.parse_args()
+    if args.files:
+        compare_files(args.files, args.rounds, args.profile)
+        return
     if not (STSB_DIR / "sts-dev.csv").is_file():
         sys.exit(f"needs the STS-B data at {STSB_DIR}")
     out = args.out or Path(tempfile.mkdtemp(prefix="edgeq-speed-"))
@@ -210,6 +288,8 @@ def main() -> None:
     before = os.getloadavg()[0]
     time_interleaved(rows, runners, sample, args.rounds)
     print_table(rows, args.sentences, args.rounds, (before, os.getloadavg()[0]))
+    if args.profile:
+        profile_onnx([row for row in rows if row.runtime == "onnx" and ("int8-dynamic" in row.label or "quantize_dynamic" in row.label)], sample, args.profile)
     print(f"\nartifacts: {out}")
 
 
