@@ -115,7 +115,7 @@ def export_decoder(hf_model, max_context: int, dest: Path, *, plan=None) -> Path
     if max_context < 2:
         raise UsageError(f"max context {max_context}: a decoder needs at least 2 positions")
     dest = Path(dest)
-    model = copy.deepcopy(hf_model).float().eval()
+    model = as_float32(copy.deepcopy(hf_model)).eval()
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if limit is not None and max_context > limit:
         raise UsageError(f"max context {max_context} exceeds the model's {limit} positions (max_position_embeddings)")
@@ -132,6 +132,16 @@ def export_decoder(hf_model, max_context: int, dest: Path, *, plan=None) -> Path
     mlmodel = _convert(program, max_context, fp16=plan is not None)
     _finish(mlmodel, dest, max_context, plan, notes)
     return dest
+
+
+def as_float32(model):
+    """The model in float32. A GGUF checkpoint loads as float32 but is flagged quantized, and transformers then
+    refuses `.float()`; it is only called where a parameter is not float32 already."""
+    import torch
+
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = model.float()
+    return model
 
 
 def _export(module, max_context: int):

@@ -23,6 +23,7 @@ def int4_plan(hf_model, token_ids, *, group_size: int = 32, algorithm: str = "rt
     [n] or a list of them: calibration samples (GPTQ/AWQ fit on them; RTN runs them to find the executed layers)."""
     import torch
 
+    from edgeq.llm.coreml_decoder import as_float32
     from edgeq.scheme import scheme_for
     from edgeq.targets import Precision
     from edgeq.targets.profile import load_profile
@@ -34,7 +35,7 @@ def int4_plan(hf_model, token_ids, *, group_size: int = 32, algorithm: str = "rt
                         symmetric=profile.quantization.weight_symmetric)
     sequences = token_ids if isinstance(token_ids, (list, tuple)) else [token_ids]
     samples = [{"input_ids": torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]} for ids in sequences]
-    return resolve_lowbit_plan(hf_model.float().eval(), profile, Precision.INT4_WEIGHT, scheme, [],
+    return resolve_lowbit_plan(as_float32(hf_model).eval(), profile, Precision.INT4_WEIGHT, scheme, [],
                                (samples[0]["input_ids"],), Calibration(samples, ["input_ids"]))
 
 
