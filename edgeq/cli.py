@@ -67,13 +67,16 @@ def main() -> None:
 @click.option("--layers", is_flag=True, help="Also localize drift per layer (ONNX and TFLite): each layer's output in the runtime against FP32 PyTorch, worst offenders first.")
 @click.option("-c", "--config", type=click.Path(path_type=Path), help="edgeq.toml: convert every model x target it declares. Options given beside it override the file for every model.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show the toolchains' own log lines and warnings.")
+@click.option("--max-context", type=click.IntRange(2), help="--task text-generation: the decoder's KV cache length in tokens (default 256).")
 @click.pass_context
-def convert(ctx, source, config, verbose, **options):
+def convert(ctx, source, config, verbose, max_context, **options):
     """Convert SOURCE and validate every artifact in its runtime.
 
     SOURCE is package.module:callable, a TorchScript file, a torch.export .pt2 program, a Hugging Face
     model folder (with --task), or a state dict (.pt/.safetensors) with --factory.
     """
+    if options.get("task") == "text-generation" or max_context is not None:
+        sys.exit(_convert_decoder(source, config, verbose, max_context, options))  # edgeq/llm/pipeline.py
     try:
         # Every option and the project file are checked here, before torch or a model loads.
         from edgeq.project import command_line_job, load_project
@@ -94,6 +97,30 @@ def convert(ctx, source, config, verbose, **options):
     with interrupt_guard(), toolchain_output(verbose):  # Ctrl-C: exit 130, one line, nothing published
         code = _run_jobs(jobs)
     sys.exit(code)
+
+
+def _convert_decoder(source, config, verbose, max_context, options) -> int:
+    """convert --task text-generation: a causal LM with its KV cache per runtime (edgeq/llm/pipeline.py)."""
+    from edgeq.noise import toolchain_output
+
+    try:
+        if options.get("task") != "text-generation":
+            raise UsageError("--max-context belongs to --task text-generation")
+        if config or not source:
+            raise UsageError("--task text-generation takes SOURCE (a CausalLM folder or a .gguf file), not --config")
+        from edgeq.llm.pipeline import DEFAULT_MAX_CONTEXT, Options, run
+
+        group = options.get("group_size") or "32"
+        if not group.isdigit():
+            raise UsageError(f"--group-size {group}: text-generation takes a group size (32, 64, 128)")
+        job = Options(source, _split_list(options["targets"]), _split_list(options["precisions"]), options["out"],
+                      max_context or DEFAULT_MAX_CONTEXT, options.get("data"), options.get("text_column"),
+                      options["samples"], options["calibration_samples"], options.get("algo"), int(group),
+                      options.get("budget"), options.get("name"), options["seed"], list(options.get("keep_float") or ()))
+        with toolchain_output(verbose):
+            return run(job, echo=lambda text: click.echo(f"  {text}", err=True))
+    except EdgeqError as error:
+        _fail(error)
 
 
 # convert's options that are job keys (edgeq.job_keys), and how a command-line value becomes a key's value.

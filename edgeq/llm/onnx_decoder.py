@@ -109,7 +109,7 @@ def export_with_notes(hf_model, max_context: int, dest: Path, *, plan=None, prec
     from edgeq.converters.tracing import quiet
 
     check_decoder(hf_model, max_context)
-    model = copy.deepcopy(hf_model).float().eval()
+    model = torch.nn.Module.float(copy.deepcopy(hf_model)).eval()  # GGUF models refuse their own .float()
     layers, kv_heads, head_dim = cache_shape(model.config)
     lowbit = {}
     if plan is not None:

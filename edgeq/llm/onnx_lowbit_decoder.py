@@ -41,7 +41,7 @@ def int4_plan(hf_model, token_ids, *, group_size: int = 32, algorithm: str = "rt
     sequences = token_ids if isinstance(token_ids, (list, tuple)) else [token_ids]
     samples = [{"input_ids": torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]} for ids in sequences]
     # a copy: untying and AWQ's folds change the module in place, and the caller's model is the reference
-    return resolve_lowbit_plan(untied(copy.deepcopy(hf_model).float().eval()), profile, precision, scheme, list(keep_float),
+    return resolve_lowbit_plan(untied(torch.nn.Module.float(copy.deepcopy(hf_model)).eval()), profile, precision, scheme, list(keep_float),
                                (samples[0]["input_ids"],), Calibration(samples, ["input_ids"]))
 
 
@@ -81,7 +81,9 @@ def simulated(hf_model, plan):
     computes (its own reference: the artifact's logits against it are the export's error, apart from the plan's)."""
     import copy
 
-    model, _ = prepare_lowbit(copy.deepcopy(hf_model).float().eval(), plan)
+    import torch
+
+    model, _ = prepare_lowbit(torch.nn.Module.float(copy.deepcopy(hf_model)).eval(), plan)
     return model
 
 

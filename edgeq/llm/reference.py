@@ -21,7 +21,10 @@ class TorchStepRunner:
     def __init__(self, hf_model, max_context: int):
         if max_context < 1:
             raise UsageError(f"max context {max_context}: a decoder needs at least one position")
-        self.model = hf_model.float().eval()
+        import torch
+
+        # nn.Module.float: a model read from GGUF is flagged quantized and refuses its own .float()
+        self.model = torch.nn.Module.float(hf_model).eval()
         self.max_context = int(max_context)
         self.reset()
 

@@ -85,3 +85,26 @@ def token_sequences(count: int = 4, length: int = 24, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     return [rng.integers(0, VOCAB, size=length, dtype=np.int64) for _ in range(count)]
+
+
+def save_folder(model, folder):
+    """`model` saved as a Hugging Face folder with a word-level tokenizer over its VOCAB ids ("w0".."w255";
+    words outside it read as id 0), so text data and chat-free prompts go through a real tokenizer."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    model.save_pretrained(str(folder))
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0").save_pretrained(str(folder))
+    return folder
+
+
+def word_texts(count: int, length: int = 12, seed: int = 0) -> list[str]:
+    """`count` lines of `length` in-vocabulary words, seeded (text data for save_folder's tokenizer)."""
+    return [" ".join(f"w{t}" for t in ids) for ids in token_sequences(count, length, seed)]

@@ -1,0 +1,236 @@
+"""`edgeq convert SRC --task text-generation`: a causal LM exported per runtime with its KV cache, each
+artifact checked token by token against FP32 PyTorch (validate/generation.py), one bundle per target x precision.
+
+Per-runtime modules plug in by name: edgeq/llm/<runtime>_decoder.py exposing
+    export_decoder(hf_model, max_context, dest, *, plan=None) -> Path
+    open_runner(path, max_context) -> StepRunner
+A runtime whose module is not there is refused before any work ("not yet").
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeq.errors import EdgeqError, SourceError, UsageError
+
+RUNTIMES = {"onnx": "onnx_decoder", "tflite": "tflite_decoder", "coreml": "coreml_decoder"}
+FILENAMES = {"onnx": "model.onnx", "tflite": "model.tflite", "coreml": "model.mlpackage"}
+# The 4-bit scheme each runtime runs (ONNX: MatMulNBits at fp32 math; TFLite: XNNPACK's int8-activation kernel).
+LOWBIT = {"onnx": ("int4-weight", "int4-dynamic"), "tflite": ("int4-dynamic",), "coreml": ("int4-weight",)}
+DEFAULT_MAX_CONTEXT = 256
+GREEDY_STEPS = 20            # tokens decoded per prompt: enough for a sentence, and for drift to compound
+PROMPT_TOKENS = 32           # a prompt's length at most (the rest of max_context is for its continuation)
+SEQUENCE_TOKENS = 128        # a teacher-forced sequence's length at most
+BUDGET_METRICS = {"token_agreement": ">=", "greedy_agreement": ">=", "logit_cosine_min": ">=",
+                  "step_cosine_min": ">=", "ppl_delta": "<="}
+
+
+@dataclass
+class Options:
+    source: str
+    targets: list[str]
+    precisions: list[str]
+    out: Path
+    max_context: int = DEFAULT_MAX_CONTEXT
+    data: Path | None = None
+    text_column: str | None = None
+    samples: int = 16
+    calibration_samples: int = 16
+    algo: str | None = None
+    group_size: int = 32
+    budget: str | None = None
+    name: str | None = None
+    seed: int = 0
+    keep_float: list[str] = field(default_factory=list)
+
+
+def check_options(options: Options) -> list[tuple[str, str, object]]:
+    """(runtime, precision, module) for every requested pair, refusing any unknown or not-yet one first."""
+    if options.max_context < 2:
+        raise UsageError(f"--max-context {options.max_context}: a decoder needs at least 2 positions")
+    parse_budget(options.budget)
+    jobs = []
+    for runtime in options.targets or ["onnx"]:
+        if runtime not in RUNTIMES:
+            raise UsageError(f"-t {runtime}: --task text-generation exports to {', '.join(RUNTIMES)}")
+        name = f"edgeq.llm.{RUNTIMES[runtime]}"
+        if importlib.util.find_spec(name) is None:
+            raise UsageError(f"-t {runtime}: the {runtime} decoder export is not yet available (no {name})")
+        for precision in options.precisions or ["fp32"]:
+            if precision != "fp32" and precision not in LOWBIT[runtime]:
+                raise UsageError(f"-p {precision}: text-generation on {runtime} takes fp32 or {', '.join(LOWBIT[runtime])}")
+            jobs.append((runtime, precision, name))
+    return jobs
+
+
+def parse_budget(text: str | None) -> list[tuple[str, str, float]]:
+    """'token_agreement>=0.98,ppl_delta<=0.5' -> [(metric, op, limit)]; 'none' or None -> []."""
+    import re
+
+    if not text or text.strip() == "none":
+        return []
+    bounds = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*([a-z_]+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", part)
+        if not match or match[1] not in BUDGET_METRICS or BUDGET_METRICS[match[1]] != match[2]:
+            allowed = ", ".join(f"{m}{op}" for m, op in BUDGET_METRICS.items())
+            raise UsageError(f"--budget {part.strip()!r}: text-generation budgets are {allowed} a number")
+        bounds.append((match[1], match[2], float(match[3])))
+    return bounds
+
+
+def run(options: Options, echo=print) -> int:
+    """Convert and validate every target x precision; returns the exit code (0, or 6 when over budget)."""
+    jobs = check_options(options)
+    from edgeq.llm.reference import TorchStepRunner
+    from edgeq.llm.source import load_decoder
+    from edgeq.validate import generation
+
+    echo(f"loading {options.source}")
+    source = load_decoder(options.source)
+    sequences, prompts, calibration = token_data(source, options)
+    reference = TorchStepRunner(source.model, options.max_context)
+    bounds = parse_budget(options.budget)
+    code = 0
+    for runtime, precision, module_name in jobs:
+        module = importlib.import_module(module_name)
+        bundle = options.out / (options.name or source.name) / runtime / precision
+        if bundle.exists():
+            shutil.rmtree(bundle)
+        bundle.mkdir(parents=True)
+        started = time.perf_counter()
+        plan, notes = None, []
+        if precision != "fp32":
+            echo(f"{runtime} {precision}: resolving the plan ({options.algo or 'rtn'}, group {options.group_size})")
+            plan = lowbit_plan(runtime, source.model, calibration, precision, options)
+        echo(f"{runtime} {precision}: exporting the decoder (max context {options.max_context})")
+        dest = bundle / FILENAMES[runtime]
+        if runtime == "onnx":
+            from edgeq.targets import Precision
+
+            dest, notes = module.export_with_notes(source.model, options.max_context, dest, plan=plan,
+                                                   precision=Precision(precision))
+        else:
+            dest = module.export_decoder(source.model, options.max_context, dest, plan=plan)
+        seconds = time.perf_counter() - started
+        echo(f"{runtime} {precision}: validating on {len(sequences)} sequences and {len(prompts)} prompts")
+        candidate = module.open_runner(dest, options.max_context)
+        report = generation.compare(reference, candidate, sequences, prompts, GREEDY_STEPS)
+        metrics = report.metrics()
+        violations = [f"{m}{op}{limit:g} (got {metrics[m]:.4g})" for m, op, limit in bounds
+                      if not (metrics[m] >= limit if op == ">=" else metrics[m] <= limit)]
+        write_bundle(bundle, dest, source, options, runtime, precision, plan, notes, report, violations, seconds)
+        verdict = "over budget: " + "; ".join(violations) if violations else "ok"
+        echo(f"{runtime} {precision}: token agreement {metrics['token_agreement']:.4f}, ppl delta "
+             f"{metrics['ppl_delta']:+.4g}, greedy {metrics['greedy_agreement']:.3f} -> {bundle} ({verdict})")
+        if violations:
+            code = 6
+    return code
+
+
+def token_data(source, options: Options):
+    """(teacher-forced sequences, greedy prompts, calibration sequences) as int64 arrays, disjoint sets."""
+    texts = read_texts(options.data, options.text_column) if options.data else None
+    tokenizer = source.tokenizer
+    if texts is not None and tokenizer is None:
+        raise SourceError(f"{options.source}: the model has no tokenizer to read the text in {options.data}")
+    if texts is None:
+        if tokenizer is not None:
+            texts = list(DEFAULT_TEXTS)
+        else:  # no tokenizer, no data: seeded random ids (the figures then say nothing about language)
+            rng = np.random.default_rng(options.seed)
+            vocab = source.model.config.vocab_size
+            texts = [rng.integers(0, vocab, size=24, dtype=np.int64) for _ in range(options.samples + options.calibration_samples)]
+    limit = min(SEQUENCE_TOKENS, options.max_context)
+    encoded = [np.asarray(t if tokenizer is None or not isinstance(t, str) else tokenizer(t)["input_ids"], np.int64)[:limit]
+               for t in texts]
+    encoded = [e for e in encoded if e.size >= 2]
+    if not encoded:
+        raise SourceError(f"{options.data}: no text of two tokens or more")
+    validation = encoded[:options.samples]
+    calibration = encoded[options.samples:options.samples + options.calibration_samples] or validation
+    prompt_len = max(1, min(PROMPT_TOKENS, options.max_context - GREEDY_STEPS))
+    prompts = [e[:prompt_len] for e in validation]
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None) and texts and isinstance(texts[0], str):
+        # a chat model answers a user turn: the prompts are the texts as user messages
+        prompts = [np.asarray(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                            tokenize=True, return_dict=True)["input_ids"], np.int64)[:prompt_len]
+                   for t in texts[:options.samples]]
+    return validation, prompts, calibration
+
+
+DEFAULT_TEXTS = (
+    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one sentence.",
+    "List three primary colors.", "How many legs does a spider have?", "Translate 'good morning' into Spanish.",
+    "What is 12 times 12?", "Name a famous painting by Leonardo da Vinci.",
+)
+
+
+def read_texts(path: Path, column: str | None) -> list[str]:
+    """Lines of a .txt, or one column of a .csv/.tsv (`column` an index or header name; default the last)."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"{path}: no such text file")
+    if path.suffix.lower() in (".csv", ".tsv"):
+        delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in path.read_text(errors="replace")[:4096] else ","
+        rows = list(csv.reader(path.open(newline="", errors="replace"), delimiter=delimiter, quoting=csv.QUOTE_NONE))
+        if column is None:
+            index = -1
+        elif column.lstrip("-").isdigit():
+            index = int(column)
+        elif rows and column in rows[0]:
+            index, rows = rows[0].index(column), rows[1:]
+        else:
+            raise UsageError(f"--text-column {column}: not an index or a header of {path}")
+        return [row[index].strip() for row in rows if len(row) > abs(index) - (index < 0) and row[index].strip()]
+    return [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+
+
+def lowbit_plan(runtime: str, model, calibration, precision: str, options: Options):
+    """The runtime's low-bit plan: its own `int4_plan` (edgeq/llm/<runtime>_lowbit_decoder.py) where it has one."""
+    from edgeq.llm.onnx_lowbit_decoder import int4_plan
+    from edgeq.targets import Precision
+
+    name = f"edgeq.llm.{runtime}_lowbit_decoder"
+    if runtime != "onnx" and importlib.util.find_spec(name) is not None and hasattr(importlib.import_module(name), "int4_plan"):
+        return importlib.import_module(name).int4_plan(model, calibration, group_size=options.group_size,
+                                                       algorithm=options.algo or "rtn", keep_float=tuple(options.keep_float))
+    return int4_plan(model, calibration, group_size=options.group_size, algorithm=options.algo or "rtn",
+                     keep_float=tuple(options.keep_float), precision=Precision(precision), target=runtime)
+
+
+def write_bundle(bundle, artifact, source, options, runtime, precision, plan, notes, report, violations, seconds) -> None:
+    from edgeq.llm.report import manifest, markdown
+
+    if source.tokenizer is not None:
+        try:
+            source.tokenizer.save_pretrained(str(bundle / "tokenizer"))  # the bundle decodes its own golden tokens
+        except (OSError, ValueError, TypeError) as exc:
+            notes = [*notes, f"tokenizer not saved: {exc}"]
+    data = manifest(artifact, source, options, runtime, precision, plan, notes, report, violations, seconds)
+    (bundle / "manifest.json").write_text(json.dumps(data, indent=2) + "\n")
+    full = report.to_dict()
+    for entry in full["prompts"]:
+        entry["reference_text"] = _decode(source.tokenizer, entry["reference_tokens"])
+        entry["candidate_text"] = _decode(source.tokenizer, entry["candidate_tokens"])
+    (bundle / "report.json").write_text(json.dumps(full, indent=2) + "\n")
+    (bundle / "report.md").write_text(markdown(data, full))
+
+
+def _decode(tokenizer, tokens) -> str | None:
+    if tokenizer is None or tokens is None:
+        return None
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+__all__ = ["Options", "run", "check_options", "parse_budget", "EdgeqError"]

@@ -1,0 +1,66 @@
+"""The text-generation bundle's manifest.json and report.md (greedy continuations side by side)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _size(path: Path) -> int:
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def manifest(artifact, source, options, runtime, precision, plan, notes, report, violations, seconds) -> dict:
+    import edgeq
+
+    planned = [layer for layer in plan.layers.values() if layer.weight is not None] if plan is not None else []
+    return {
+        "edgeq": getattr(edgeq, "__version__", "0.1.0"),
+        "task": "text-generation",
+        "source": source.origin,
+        "model": type(source.model).__name__,
+        "target": runtime,
+        "precision": precision,
+        "max_context": options.max_context,
+        "artifact": {"file": Path(artifact).name, "size_bytes": _size(artifact)},
+        "plan": None if plan is None else {
+            "scheme": plan.scheme, "algorithm": options.algo or "rtn", "group_size": options.group_size,
+            "layers": len(planned), "keep_float": list(options.keep_float)},
+        "notes": list(notes),
+        "validation": {"reference": "FP32 PyTorch (transformers, its own KV cache)", "data": str(options.data or "built-in prompts"),
+                       "sequences": report.teacher_forced.tokens, "prompts": len(report.greedy.prompts)},
+        "metrics": report.metrics(),
+        "budget": options.budget,
+        "violations": violations,
+        "verdict": "over-budget" if violations else "ok",
+        "export_seconds": round(seconds, 1),
+    }
+
+
+def markdown(data: dict, full: dict) -> str:
+    m = data["metrics"]
+    lines = [
+        f"# {data['model']} -> {data['target']} {data['precision']} (max context {data['max_context']})", "",
+        f"Source: `{data['source']}`; artifact `{data['artifact']['file']}`, {data['artifact']['size_bytes'] / 1e6:.2f} MB.", "",
+        "| metric | value |", "|---|---|",
+        f"| teacher-forced top-1 agreement | {m['token_agreement']:.4f} over {full['teacher_forced']['tokens']} tokens |",
+        f"| perplexity FP32 / artifact (delta) | {m['ppl_reference']:.3f} / {m['ppl_candidate']:.3f} ({m['ppl_delta']:+.4f}) |",
+        f"| greedy agreement (tokens before divergence / decoded) | {m['greedy_agreement']:.3f} |",
+        f"| worst logit cosine, teacher-forced / along the decode | {m['logit_cosine_min']:.6f} / {m['step_cosine_min']:.6f} |",
+        f"| verdict | {data['verdict']}{': ' + '; '.join(data['violations']) if data['violations'] else ''} |", "",
+    ]
+    if data["notes"]:
+        lines += ["Notes:", *[f"- {n}" for n in data["notes"]], ""]
+    lines += ["## Drift along the decode", "", "| step | cosine mean | cosine min | max abs |", "|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['cosine_mean']:.6f} | {r['cosine_min']:.6f} | {r['max_abs']:.4g} |" for r in full["drift_by_step"]]
+    lines += ["", "## Greedy continuations (FP32 PyTorch | artifact)", "",
+              "| # | matched | FP32 PyTorch | artifact |", "|---|---|---|---|"]
+    for i, p in enumerate(full["prompts"]):
+        ref = p.get("reference_text") if p.get("reference_text") is not None else " ".join(map(str, p["reference_tokens"]))
+        cand = p.get("candidate_text") if p.get("candidate_text") is not None else " ".join(map(str, p["candidate_tokens"] or []))
+        lines.append(f"| {i} | {p['matched']}/{p['steps']} | {_cell(ref)} | {_cell(cand)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ⏎ ").strip()
