@@ -245,4 +245,4 @@ def _smooth(module, plan: QuantPlan, modules: dict, linears: set[str], calibrati
             layer = plan.layers[fqn]
             layer.weight, layer.weight_codes, layer.smooth = candidates[fqn]
     shared = sum(len(group) for group in groups if len(group) > 1)
-    plan.notes.append(f"SmoothQuant alpha {alpha} on {len(maxima)} linear layers" + (f" ({shared} share factors with the layers reading the same input)" if shared else ""))
+    plan.notes.append(f"SmoothQuant alpha {alpha} on {sum(len(group) for group in groups)} of {len(maxima)} linear layers" + (f" ({shared} share factors with the layers reading the same input)" if shared else ""))
