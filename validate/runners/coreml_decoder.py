@@ -62,7 +62,7 @@ class CoreMLDecoderRunner:
                 raise RunnerError(f"{path}: the ML program has no state {sorted(missing)}")
             self.name = "coreml-mil-executor"
             why = "asked for" if on_macos else f"Core ML prediction exists only on macOS; this is {platform.system()}"
-            self.executor = f"{self.program.label}; states held in numpy ({why})"
+            self.executor = f"{self.program.label}; {_precision(self.program)}; states held in numpy ({why})"
         elif on_macos:  # untested here: needs macOS 15 (MLState)
             try:
                 self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
@@ -103,6 +103,14 @@ class CoreMLDecoderRunner:
             raise RunnerError(f"{self.name} failed to run the decoder at position {self.position}: {exc}") from exc
         self.position += ids.size
         return np.asarray(logits[0], dtype=np.float32)
+
+
+def _precision(program) -> str:
+    """What is fp16 in the program: an fp32 artifact's only fp16 values are its states and their casts."""
+    fp16 = {op.type for op in program.function.ops for _, vtype in op.outputs if vtype.dtype == "float16"}
+    if fp16 <= {"read_state", "cast", "coreml_update_state"}:
+        return "fp32 compute, KV cache stored in fp16 states (Core ML states are fp16)"
+    return "fp16 compute"
 
 
 def step_inputs(ids: np.ndarray, position: int, max_context: int) -> dict[str, np.ndarray]:
