@@ -87,3 +87,23 @@ def test_export_refusals(tmp_path):
     with pytest.raises(ConversionError, match="not a transformers causal LM"):
         export_decoder(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                             intermediate_size=64)), 16, tmp_path / "b.onnx")
+
+
+def test_onnxruntime_genai_generates_the_reference_continuation(llama_fp32):
+    """ONNX Runtime GenAI's own generate loop (genai_config.json beside the graph) decodes what PyTorch does."""
+    og = pytest.importorskip("onnxruntime_genai")
+    model, path = llama_fp32
+    prompt = token_sequences(1, 6, seed=3)[0]
+    params = og.GeneratorParams(og.Model(str(path.parent)))
+    params.set_search_options(do_sample=False, max_length=30)
+    generator = og.Generator(og.Model(str(path.parent)), params)
+    generator.append_tokens(prompt.astype(np.int32))
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    reference = TorchStepRunner(model, CONTEXT)
+    expected = [int(reference.prefill(prompt)[-1].argmax())]
+    while len(expected) < len(tokens):
+        expected.append(int(reference.decode(expected[-1]).argmax()))
+    assert len(tokens) == 24 and tokens == expected
