@@ -37,7 +37,7 @@ def main() -> None:
 @click.option("-t", "--target", "targets", multiple=True, help="onnx, tflite, coreml, all, or a profile .toml (repeatable or comma-separated).")
 @click.option("-p", "--precision", "precisions", multiple=True, help="fp32, fp16, int8-weight, int8-dynamic, w8a8, w8a16, int4-weight, int3-weight, int2-weight, int4-dynamic (repeatable or comma-separated; default: the target's default).")
 @click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE[:DTYPE]", help="Declare an input, e.g. pixels:1x3x224x224:float32; batch=1x... marks a dynamic axis.")
-@click.option("--task", help="For Hugging Face folders: feature-extraction, sentence-embedding, text-classification, image-classification.")
+@click.option("--task", help="For Hugging Face folders: feature-extraction, sentence-embedding, text-classification, image-classification; text-generation (a CausalLM folder or a .gguf file: the decoder with its KV cache, validated token by token).")
 @click.option("--factory", metavar="MODULE:CALLABLE", help="Builds the model a state dict (.pt/.safetensors) belongs to.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading that can run code from the source: pickled models and weights, pickles inside .pt2, Hugging Face auto_map code in the folder (never downloaded).")
 @click.option("--data", type=click.Path(path_type=Path), help="Validation data: .npz/.npy, a folder of .npz, .npy, images or .wav files, .txt/.csv/.tsv text for text models, or module:function (or file.py:function) returning samples.")

@@ -95,6 +95,9 @@ def run(options: Options, echo=print) -> int:
     from edgeq.validate import generation
 
     echo(f"loading {options.source}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the GGUF dequantization bar; edgeq prints its own steps
     source = load_decoder(options.source)
     sequences, prompts, calibration = token_data(source, options)
     reference = TorchStepRunner(source.model, options.max_context)
