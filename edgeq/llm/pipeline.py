@@ -206,8 +206,15 @@ def lowbit_plan(runtime: str, model, calibration, precision: str, options: Optio
 
     name = f"edgeq.llm.{runtime}_lowbit_decoder"
     if runtime != "onnx" and importlib.util.find_spec(name) is not None and hasattr(importlib.import_module(name), "int4_plan"):
-        return importlib.import_module(name).int4_plan(model, calibration, group_size=options.group_size,
-                                                       algorithm=options.algo or "rtn", keep_float=tuple(options.keep_float))
+        import inspect
+
+        planner = importlib.import_module(name).int4_plan
+        extra = {}
+        if options.keep_float:
+            if "keep_float" not in inspect.signature(planner).parameters:
+                raise UsageError(f"--keep-float: the {runtime} decoder's plan does not take it yet")
+            extra["keep_float"] = tuple(options.keep_float)
+        return planner(model, calibration, group_size=options.group_size, algorithm=options.algo or "rtn", **extra)
     return int4_plan(model, calibration, group_size=options.group_size, algorithm=options.algo or "rtn",
                      keep_float=tuple(options.keep_float), precision=Precision(precision), target=runtime)
 
