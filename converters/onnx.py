@@ -82,7 +82,7 @@ class OnnxConverter(Converter):
 
             notes += lower_lowbit(proto, lowbit, request.precision, profile.id, model, profile)
         if request.precision == Precision.INT8_DYNAMIC:
-            from edgeq.converters.onnx_dynamic import fold_constant_tables, rewrite_dynamic_matmuls
+            from edgeq.converters.onnx_dynamic import gather_int8_tables, rewrite_dynamic_matmuls
 
             rewritten = {name.removeprefix("inner.").removesuffix(".weight.codes") for name in rewrite_dynamic_matmuls(proto)}
             planned = {fqn for fqn, layer in request.plan.layers.items() if layer.dynamic_activation is not None}
@@ -94,9 +94,9 @@ class OnnxConverter(Converter):
                     "(their weights are shared or not a MatMul/Gemm); keep them float with --keep-float"
                 )
             notes.append(f"{len(rewritten)} linear layers run as dynamic int8 (DynamicQuantizeLinear + MatMulInteger)")
-            constant = fold_constant_tables(proto)
-            if constant:
-                notes.append(f"{len(constant)} int8 table(s) read at constant indices as Gather -> Cast -> Mul, which ORT folds at load")
+            tables = gather_int8_tables(proto)
+            if tables:
+                notes.append(f"{len(tables)} int8 table(s) gathered as int8 rows -> Cast -> Mul by row scale (constant indices: folded by ORT at load)")
         from edgeq.converters.onnx_graph_shape import shape_for_ort
 
         int8 = request.precision in (Precision.INT8_WEIGHT, Precision.INT8_DYNAMIC, Precision.W8A8, Precision.W8A16)

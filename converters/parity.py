@@ -63,7 +63,7 @@ def onnx_weights(path: Path) -> StoredWeights:
             codes = numpy_helper.to_array(tensors[node.input[1]]).T
             scale = numpy_helper.to_array(tensors[f"{stem}.scale"])
             found[stem.removesuffix(".weight").removeprefix("inner.")] = (codes, scale)
-    for node in graph.node:  # int8 tables at constant indices (converters/onnx_dynamic.py fold_constant_tables)
+    for node in graph.node:  # int8 tables gathered as codes (converters/onnx_dynamic.py gather_int8_tables)
         if node.op_type == "Gather" and node.input[0].endswith(".weight.codes") and node.input[0] in tensors:
             stem = node.input[0].removesuffix(".codes")
             if f"{stem}.scale" in tensors:

@@ -1,6 +1,6 @@
-"""int8 tables read at constant indices (a position-embedding table) fold into a constant in ONNX Runtime
-(converters/onnx_dynamic.py fold_constant_tables): same values as DequantizeLinear -> Gather, no runtime op left,
-and weight parity still reads the plan's codes and scales."""
+"""int8 per-row tables gathered as int8 rows -> Cast -> Mul by row scale (converters/onnx_dynamic.py
+gather_int8_tables): the same values as DequantizeLinear -> Gather; at constant indices (a position-embedding table)
+ORT folds them into a constant at load; weight parity still reads the plan's codes and scales."""
 
 from __future__ import annotations
 
@@ -44,13 +44,13 @@ def _run(model, feeds, optimized=None):
 def test_constant_index_table_folds_at_load_with_the_same_values_and_parity(tmp_path):
     import onnx
 
-    from edgeq.converters.onnx_dynamic import fold_constant_tables
+    from edgeq.converters.onnx_dynamic import gather_int8_tables
     from edgeq.converters.parity import onnx_weights
 
     model, _ = _graph(ids_constant=True)
     x = np.random.default_rng(1).normal(size=(1, 12, 16)).astype(np.float32)
     expected = _run(model, {"x": x})
-    assert fold_constant_tables(model) == ["inner.pos.weight.codes"]
+    assert gather_int8_tables(model) == ["inner.pos.weight.codes"]
     onnx.checker.check_model(model)
     assert "DequantizeLinear" not in [n.op_type for n in model.graph.node]
     assert np.array_equal(_run(model, {"x": x}, tmp_path / "optimized.onnx"), expected)  # bit-exact
@@ -64,9 +64,13 @@ def test_constant_index_table_folds_at_load_with_the_same_values_and_parity(tmp_
     assert np.array_equal(codes, tensors["inner.pos.weight.codes"]) and np.array_equal(scale, tensors["pos_scale"])
 
 
-def test_table_read_at_runtime_indices_is_left_alone():
-    from edgeq.converters.onnx_dynamic import fold_constant_tables
+def test_table_read_at_runtime_indices_gathers_int8_rows_first():
+    from edgeq.converters.onnx_dynamic import gather_int8_tables
 
-    model, _ = _graph(ids_constant=False)
-    assert fold_constant_tables(model) == []
-    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "Gather", "Add"]
+    model, ids = _graph(ids_constant=False)
+    feeds = {"x": np.zeros((1, 12, 16), np.float32), "ids": (ids * 5) % 64}
+    expected = _run(model, feeds)
+    assert gather_int8_tables(model) == ["inner.pos.weight.codes"]
+    ops = [n.op_type for n in model.graph.node]
+    assert "DequantizeLinear" not in ops and ops.count("Gather") == 2
+    assert np.array_equal(_run(model, feeds), expected)
