@@ -94,7 +94,7 @@ class OnnxConverter(Converter):
                     "(their weights are shared or not a MatMul/Gemm); keep them float with --keep-float"
                 )
             notes.append(f"{len(rewritten)} linear layers run as dynamic int8 (DynamicQuantizeLinear + MatMulInteger)")
-            tables = gather_int8_tables(proto)
+            tables = gather_int8_tables(proto, request.plan.layers)
             if tables:
                 notes.append(f"{len(tables)} int8 table(s) gathered as int8 rows -> Cast -> Mul by row scale (constant indices: folded by ORT at load)")
         from edgeq.converters.onnx_graph_shape import shape_for_ort

@@ -112,7 +112,7 @@ def _attribute(node, name):
     return None
 
 
-def gather_int8_tables(proto) -> list[str]:
+def gather_int8_tables(proto, layers: dict | None = None) -> list[str]:
     """int8 per-row embedding tables gathered as Gather(codes) -> Cast -> Mul(Gather(row scales)), standard ops:
       - at constant indices (a position table read at positions 0..L-1) ORT's constant folding turns them into
         one float tensor at load; the exporter's DequantizeLinear -> Gather stays a runtime op (ORT never
@@ -139,8 +139,17 @@ def gather_int8_tables(proto) -> list[str]:
             continue
         if _attribute(node, "axis") not in (None, 0) or _attribute(dequant, "axis") not in (None, 0):
             continue
-        codes, scale = numpy_helper.to_array(tensors[dequant.input[0]]), numpy_helper.to_array(tensors[dequant.input[1]])
-        zero = numpy_helper.to_array(tensors[dequant.input[2]]) if len(dequant.input) > 2 and dequant.input[2] else None
+        layer = (layers or {}).get(dequant.input[0].removesuffix(CODES_SUFFIX).removeprefix("inner."))
+        if dequant.input[0] not in tensors or (layer is None and any(n and n not in tensors for n in dequant.input[1:])):
+            continue
+        codes = numpy_helper.to_array(tensors[dequant.input[0]])
+        if layer is not None and layer.weight is not None:  # the plan's numbers (the exporter may compute the scale)
+            scale, zero = np.asarray(layer.weight.scale, np.float32), np.asarray(layer.weight.zero_point)
+        elif layer is not None:
+            continue
+        else:
+            scale = numpy_helper.to_array(tensors[dequant.input[1]])
+            zero = numpy_helper.to_array(tensors[dequant.input[2]]) if len(dequant.input) > 2 and dequant.input[2] else None
         if codes.dtype != np.int8 or codes.ndim != 2 or scale.shape != (codes.shape[0],) or (zero is not None and zero.any()):
             continue  # only int8 symmetric per-row tables, the form int8 plans give tables
         stem = dequant.input[0].removesuffix(".codes")
@@ -163,8 +172,7 @@ def gather_int8_tables(proto) -> list[str]:
         del graph.node[:]
         graph.node.extend(nodes)
         graph.initializer.extend(added)
-        used = {name for node in graph.node for name in node.input}
-        kept = [node for node in graph.node if node.op_type != "DequantizeLinear" or any(out in used for out in node.output)]
-        del graph.node[:]
-        graph.node.extend(kept)
+        from edgeq.converters.onnx_graph_shape import remove_dead_nodes
+
+        remove_dead_nodes(graph)  # the table DequantizeLinear nodes and whatever computed their inputs
     return folded
