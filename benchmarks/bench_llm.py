@@ -77,7 +77,7 @@ def main() -> None:
         if args.gptq:
             build(args.out, args.sentences, "gptq", "int4-weight")
     rows = []
-    for manifest in sorted(args.out.glob("*/smollm2/onnx/*/manifest.json")):
+    for manifest in sorted(args.out.glob("**/onnx/*/manifest.json")):  # bench builds, or edgeq convert bundles
         data = json.loads(manifest.read_text())
         m = data["metrics"]
         label = data["precision"] + ("" if data["plan"] is None else f" {data['plan']['algorithm']}")
