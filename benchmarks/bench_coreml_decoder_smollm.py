@@ -7,6 +7,11 @@ are the reference). Texts: STS-B dev sentence pairs spread over the file (../sha
 prefill of its first half and one decode step per remaining token (teacher forced), so the state-held KV cache
 is on the path; plus a greedy answer to a chat prompt from both. The executor is numpy: slow, and its speed
 says nothing about a device.
+
+Measured (2026-12-03, this 2-core machine at load ~18, coremltools 9.0, torch 2.13, max context 96, 6 texts):
+  fp32 (fp32 compute, fp16 KV cache states): export 358 s; teacher-forced top-1 179/179 = 1.0000, logits cosine
+  min 0.999999, perplexity 65.057 (PyTorch) vs 65.050 (Core ML, delta -0.007); 5.1 s per executor call; greedy
+  answer "The capital of France is Paris.<|im_end|>" token for token as PyTorch's generate.
 """
 
 from __future__ import annotations
