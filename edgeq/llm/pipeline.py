@@ -90,6 +90,15 @@ def parse_budget(text: str | None) -> list[tuple[str, str, float]]:
 def run(options: Options, echo=print) -> int:
     """Convert and validate every target x precision; returns the exit code (0, or 6 when over budget)."""
     jobs = check_options(options)
+    from edgeq.threads import limited_threads
+
+    # edgeq's own torch work on one thread (edgeq/threads.py: workers spinning on a shared machine cost
+    # several times the CPU); the runtimes' sessions keep their own settings
+    with limited_threads():
+        return _run(options, jobs, echo)
+
+
+def _run(options: Options, jobs, echo) -> int:
     from edgeq.llm.reference import TorchStepRunner
     from edgeq.llm.source import load_decoder
     from edgeq.validate import generation
