@@ -132,6 +132,7 @@ def pack_decoder(flatbuffer: bytes, plan, owners: dict) -> bytes:
         _unfuse_activations(tflite, subgraph, [positions[id(op)] for op in blockwise], TARGET)
         rewritten = {id(op) for ops in fc_ops.values() for op in ops}
         low_bit_ops[subgraph.name.decode()] = {index for index, op in enumerate(subgraph.operators) if id(op) in rewritten}
+    _share_packed_tables(tflite)
     missing = sorted(set(linear) - found)
     if missing:
         raise ConversionError(f"target {TARGET}: no int8 stand-in weight found for layer(s) {', '.join(missing[:5])} in the converted decoder")
@@ -145,6 +146,30 @@ def pack_decoder(flatbuffer: bytes, plan, owners: dict) -> bytes:
         raise ConversionError(f"target {TARGET}: XNNPACK did not take every low-bit FULLY_CONNECTED ({where}); "
                               "LiteRT's builtin kernel for them is a reference loop, so the artifact is not usable")
     return packed
+
+
+def _share_packed_tables(tflite) -> None:
+    """One buffer per packed table: pack_tables gives a table read by both signatures a buffer per signature
+    (SmolLM2-135M: 16 MB of int4 embedding twice); tensors over equal packed bytes are pointed at one buffer
+    (constant buffers are read-only, and TFLite lets tensors share them), the others emptied."""
+    from edgeq.converters.parity_tflite import WEIGHT_SUFFIX, tensor_name
+
+    first: dict[bytes, int] = {}
+    moved: set[int] = set()
+    for subgraph in tflite.subgraphs:
+        for tensor in subgraph.tensors:
+            name = tensor_name(tensor)
+            buffer = tflite.buffers[tensor.buffer]
+            if not name.endswith((WEIGHT_SUFFIX, ".weight.scales")) or buffer.data is None or not len(buffer.data):
+                continue
+            key = bytes(name, "utf-8") + b"\0" + np.asarray(buffer.data).tobytes()
+            keep = first.setdefault(key, tensor.buffer)
+            if keep != tensor.buffer:
+                moved.add(tensor.buffer)
+                tensor.buffer = keep
+    referenced = {tensor.buffer for subgraph in tflite.subgraphs for tensor in subgraph.tensors}
+    for index in moved - referenced:
+        tflite.buffers[index].data = None
 
 
 def _same_plan(a, b) -> bool:
