@@ -172,9 +172,12 @@ def token_data(source, options: Options):
     prompt_len = max(1, min(PROMPT_TOKENS, options.max_context - GREEDY_STEPS))
     prompts = [e[:prompt_len] for e in validation]
     if tokenizer is not None and getattr(tokenizer, "chat_template", None) and texts and isinstance(texts[0], str):
-        # a chat model answers a user turn: the prompts are the texts as user messages
+        # a chat model answers a user turn: the prompts are the texts as user messages, whole (a template's system
+        # turn makes them longer than PROMPT_TOKENS; cut, the model would go on writing the user's text), or their
+        # last tokens, which hold the assistant's turn, where the context is too short
+        room = max(1, options.max_context - GREEDY_STEPS)
         prompts = [np.asarray(tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                            tokenize=True, return_dict=True)["input_ids"], np.int64)[:prompt_len]
+                                                            tokenize=True, return_dict=True)["input_ids"], np.int64)[-room:]
                    for t in texts[:options.samples]]
     return validation, prompts, calibration
 
