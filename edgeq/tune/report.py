@@ -59,6 +59,7 @@ def target_json(target) -> dict:
         "candidates": [c.to_json() for c in candidates],
         "front": [measured[i].label for i in front(points)],
         "search": [s.to_json() for s in target.steps],
+        "converted_plans": [s.to_json() for s in target.trimmed],
         "layers": layer_rows(target),
     }
 

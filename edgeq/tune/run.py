@@ -78,6 +78,7 @@ class TargetTune:
     precision: str | None  # the scheme the per-layer plan lives in; None: the profile lists no low-bit scheme
     measurements: object | None = None  # edgeq.tune.measure.Measurements
     steps: list = field(default_factory=list)  # edgeq.tune.search.Step, in search order
+    trimmed: list = field(default_factory=list)  # the steps converted, after trim (edgeq.tune.search.trim)
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Candidate | None = None
     notes: list[str] = field(default_factory=list)
@@ -193,8 +194,8 @@ def _tune_target(model, job, options: TuneOptions, target: str, profile, calibra
 
 def _search(model, job, options: TuneOptions, target: str, result: TargetTune, budget, on_step) -> None:
     """Walk the greedy path; convert the first step that holds in simulation (and clears `required`); when the
-    runtime misses the budget, demand the prediction clear it by the margin the runtime fell short."""
-    from edgeq.tune.search import greedy_path
+    runtime misses the budget, demand a prediction that clears it by the factor the runtime drifted more (_required_cosine)."""
+    from edgeq.tune.search import greedy_path, trim
 
     measurements, started = result.measurements, time.perf_counter()
     converting = 0.0
@@ -209,7 +210,10 @@ def _search(model, job, options: TuneOptions, target: str, result: TargetTune, b
             continue
         if not step.holds or step.cosine < required:
             continue
-        on_step(f"{result.profile_id}: converting tuned plan {len(tuned) + 1} (search step {step.index}, predicted cosine {step.cosine:.5f})")
+        step = trim(measurements, step, budget, required)
+        result.trimmed.append(step)
+        on_step(f"{result.profile_id}: converting tuned plan {len(tuned) + 1} (search step {step.index}, {len(step.demoted)} layers "
+                f"trimmed back, predicted cosine {step.cosine:.5f})")
         candidate = _convert_tuned(model, job, target, result, step, len(tuned) + 1)
         converting += candidate.seconds
         tuned.append(candidate)

@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 from edgeq.tune.measure import LayerChoice, Measurements
 from edgeq.tune.run import _required_cosine
-from edgeq.tune.search import cheapest, front, greedy_path, promotion, sensitivity_rank
+from edgeq.tune.search import cheapest, front, greedy_path, promotion, sensitivity_rank, trim
 from edgeq.validate.budget import parse_budget
 
 
-def _measurements() -> Measurements:
-    layers = {
+def _measurements(layers: dict | None = None) -> Measurements:
+    layers = layers or {
         # a sensitive layer: int4 costs it a lot, int8 almost nothing
         "a": {"int4": LayerChoice("int4", 100, 0.95, "int4"), "int8": LayerChoice("int8", 200, 0.9999, "int8"),
               "float": LayerChoice("float", 800, 1.0, "float")},
@@ -56,3 +56,20 @@ def test_a_runtime_miss_asks_the_next_plan_to_clear_the_budget_by_the_runtimes_f
     # a runtime that drifts less than simulated still asks for a tenth less drift than the plan that missed
     assert _required_cosine(0.995, 0.996, budget) == 1 - 0.9 * 0.005
     assert _required_cosine(0.999, 0.998, parse_budget("sqnr_db>=40")) == 1 - 0.0005  # other budgets: half the drift
+
+
+def test_trim_demotes_what_a_later_promotion_made_unnecessary():
+    layers = {
+        # p is promoted first (the most drift per bit), q only after; once q is int8, p's int4 fits the budget again
+        "p": {"int4": LayerChoice("int4", 100, 0.996, "int4"), "int8": LayerChoice("int8", 200, 1.0, "int8")},
+        "q": {"int4": LayerChoice("int4", 1000, 0.98, "int4"), "int8": LayerChoice("int8", 2000, 1.0, "int8")},
+    }
+    m = _measurements(layers)
+    budget = parse_budget("cosine>=0.99")
+    steps = list(greedy_path(m, budget))
+    held = next(s for s in steps if s.holds)
+    assert held.assignment == {"p": "int8", "q": "int8"}
+    trimmed = trim(m, held, budget)
+    assert trimmed.assignment == {"p": "int4", "q": "int8"} and trimmed.holds
+    assert trimmed.demoted == [("p", "int8", "int4")] and trimmed.size_bits == held.size_bits - 100
+    assert trim(m, held, budget, required=0.999).assignment == held.assignment  # a stricter prediction keeps it
