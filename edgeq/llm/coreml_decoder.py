@@ -27,7 +27,7 @@ Where this differs from Apple's example, and why (measured, torch 2.13 + coremlt
 
 Low-bit (`plan`): the plan's linear layers become converters/coreml_lowbit.py's packed weights
 (constexpr_blockwise_shift_scale with the plan's codes and fp16 scales verbatim, or palettes), computed in fp16
-as the Core ML low-bit artifacts are (edgeq/llm/coreml_lowbit_decoder.py). Runner: validate/runners/coreml_decoder.py.
+as the Core ML low-bit artifacts are, except RMSNorm's statistics (fp32: `_fp16_except_norms`) (edgeq/llm/coreml_lowbit_decoder.py). Runner: validate/runners/coreml_decoder.py.
 """
 
 from __future__ import annotations
@@ -178,11 +178,30 @@ def _convert(program, max_context: int, fp16: bool):
     try:
         with quiet():
             return ct.convert(program, convert_to="mlprogram", states=states,
-                              compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
+                              compute_precision=_fp16_except_norms(ct) if fp16 else ct.precision.FLOAT32,
                               minimum_deployment_target=getattr(ct.target, MIN_TARGET))
     except Exception as exc:
         raise ConversionError(f"coremltools could not convert the stateful decoder: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0][:300]}") from exc
+
+
+_NORM_OPS = frozenset({"pow", "reduce_mean", "rsqrt"})
+
+
+def _fp16_except_norms(ct):
+    """fp16 compute with RMSNorm's statistics in fp32: x^2 and its mean overflow fp16 (65504) once |x| > 256,
+    and SmolLM2-135M's hidden states do (measured: inf, then NaN logits, with everything fp16). transformers
+    upcasts the norm to float32 for the same reason."""
+
+    def keep_fp16(op) -> bool:
+        if op.op_type in _NORM_OPS:
+            return False
+        if op.op_type == "add":  # the mean of squares + eps, feeding rsqrt
+            producers = [getattr(v, "op", None) for v in (op.x, op.y)]
+            return not any(p is not None and p.op_type == "reduce_mean" for p in producers)
+        return True
+
+    return ct.transform.FP16ComputePrecision(op_selector=keep_fp16)
 
 
 def _finish(mlmodel, dest: Path, max_context: int, plan, notes: list[str]) -> None:

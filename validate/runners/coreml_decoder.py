@@ -110,7 +110,8 @@ def _precision(program) -> str:
     fp16 = {op.type for op in program.function.ops for _, vtype in op.outputs if vtype.dtype == "float16"}
     if fp16 <= {"read_state", "cast", "coreml_update_state"}:
         return "fp32 compute, KV cache stored in fp16 states (Core ML states are fp16)"
-    return "fp16 compute"
+    return "fp16 compute" + (" (norm statistics fp32)" if any(
+        op.type == "reduce_mean" and op.outputs[0][1].dtype == "float32" for op in program.function.ops) else "")
 
 
 def step_inputs(ids: np.ndarray, position: int, max_context: int) -> dict[str, np.ndarray]:
