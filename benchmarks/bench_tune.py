@@ -16,7 +16,16 @@ candidate artifact is run in its runtime on the first --pairs STS-B dev pairs (b
 Run:  .venv/bin/python benchmarks/bench_tune.py [--targets onnx,tflite] [--budget "cosine>=0.99"] [--calibration 64]
           [--samples 32] [--pairs 250] [--choices int4:g128,int4:g32,int8,float] [--out DIR]
 
-Measured (see the README's Tuning section for the table): filled in from the run below.
+Measured 2026-12-03 (--calibration 32 --choices int4:g128,int4:g32,int8,float, --samples 32, 250 dev pairs, FP32
+Spearman 93.78; 2-core machine at load 8-19; the README's Tuning section has the full table):
+  ONNX    tuned (int4-weight plan, 24 g128 / 6 g32 / 9 int8 / 1 float)  14.92 MB  validation 0.99026  dev 0.99265  passed
+          best uniform holding it: int8-weight 23.06 MB (dev 0.99935): tuned 0.65x; int4 g32 14.41 MB dev 0.98515 and
+          g128 12.32 MB dev 0.97871 miss the budget (those two by `edgeq convert` with the same options: the run's
+          own uniform step met a half-edited converter in the shared tree)
+  TFLite  tuned (int4-dynamic plan 2, 7 g128 / 21 g32 / 11 int8 / 1 float) 14.28 MB  validation 0.99161  dev 0.99348
+          best uniform holding it: int8-weight 23.54 MB (dev 0.99954): tuned 0.61x; int4-dynamic g32 13.15 MB (dev
+          0.98491), g128 12.10 MB (0.97862) miss; search 3,187 s, 6 candidate plans converted and validated
+  (both runs predate the trim step of edgeq/tune/search.py)
 """
 
 from __future__ import annotations
@@ -77,6 +86,7 @@ def main() -> None:
     parser.add_argument("--max-candidates", type=int, default=4)
     parser.add_argument("--choices", default=None, help="per-layer choices (default: tune's, int4:g128,int4:g64,int4:g32,int8,float)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--evaluate", type=Path, nargs="*", help="only evaluate these bundle folders on the dev pairs (no tuning)")
     args = parser.parse_args()
     if not (STSB_DIR / "sts-dev.csv").is_file():
         sys.exit(f"needs the STS-B data at {STSB_DIR}")
@@ -99,6 +109,16 @@ def main() -> None:
         reference = np.stack([model.module(*(torch.from_numpy(s[n]) for n in model.input_names))[0].numpy()[0] for s in samples])
     fp32_spearman = spearman(pair_cosines(reference[: len(first)], reference[len(first):]), gold)
 
+    if args.evaluate:
+        from types import SimpleNamespace
+
+        for bundle in args.evaluate:
+            target = bundle.parent.name
+            row = evaluate(SimpleNamespace(outcome=SimpleNamespace(path=bundle, target=target)), samples, reference, len(first), gold,
+                           fp32_spearman, model.outputs[0])
+            print(f"{str(bundle):<90} {row['size'] / 1e6:8.2f} MB  dev cos {row['cosine']:.5f} ({row['min']:.3f})  Spearman {row['spearman']:+.2f}")
+            sys.stdout.flush()
+        return
     lines = []
     for target in args.targets.split(","):
         result, seconds = run_tune(model, model_path, target, args, out / target)
