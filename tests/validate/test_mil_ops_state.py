@@ -11,9 +11,30 @@ import numpy as np
 import pytest
 import torch
 
-from tests.validate.test_mil_ops import _np, _randn, _t, run_op
+from tests.validate.test_mil_ops import Case, _check, _np, _randn, _t, program, run_op
 
 I32 = np.int32
+
+
+def _slice_update_cases() -> list[Case]:
+    x, update = _randn(2, 6, 4), _randn(2, 3, 4)
+    want = _t(x).clone()
+    want[:, 1:4, :] = _t(update)
+    return [Case("slice_update_middle", "slice_update",
+                 {"x": x, "update": update, "begin": np.array([0, 1, 0], I32), "end": np.array([2, 4, 4], I32)},
+                 _np(want), exact=True)]
+
+
+CASES = _slice_update_cases()
+# State ops read and write a state<tensor> input, which a one-op program without inputs cannot hold: each is run
+# in a stateful program below (a coremltools-saved one for read_state/write_state, an in-memory one for
+# coreml_update_state) against the same arithmetic in numpy. The meta-test in test_mil_ops.py counts these.
+COVERED_IN_PROGRAMS = {"read_state", "write_state", "coreml_update_state"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_op_matches_pytorch(case):
+    _check(case, run_op(case.op, case.params, case.dtype), case.expected)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +75,20 @@ def test_state_carried_between_runs(accumulator):
         np.testing.assert_array_equal(executor.states["acc"].value, acc.astype(np.float32))
     executor.reset_states()
     np.testing.assert_array_equal(executor.run({"x": feeds[0]})["y"], (feeds[0].astype(np.float32) * 2).astype(np.float16))
+
+
+def test_coreml_update_state_in_memory_writes_and_returns_the_rounded_value():
+    """The dialect op as an in-memory program holds it (saved programs store write_state + read_state instead)."""
+    from edgeq.validate.mil import MILExecutor
+    from edgeq.validate.mil.program import Const, Op, ValueType
+
+    state_type = ValueType("float16", (2, 3), state=True)
+    update = Op("coreml_update_state", "update", {"state": ["acc"], "value": [Const(np.full((2, 3), 1 / 3, np.float32))]}, {},
+                [("stored", ValueType("float16", (2, 3)))])
+    executor = MILExecutor(program([update], ["stored"], inputs=[("acc", state_type)]))
+    third = np.float32(np.float16(1 / 3))
+    np.testing.assert_array_equal(executor.run({})["stored"], np.full((2, 3), third, np.float16))
+    np.testing.assert_array_equal(executor.states["acc"].value, np.full((2, 3), third, np.float32))
 
 
 def test_fed_state_is_refused(accumulator):
