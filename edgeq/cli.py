@@ -68,14 +68,16 @@ def main() -> None:
 @click.option("-c", "--config", type=click.Path(path_type=Path), help="edgeq.toml: convert every model x target it declares. Options given beside it override the file for every model.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show the toolchains' own log lines and warnings.")
 @click.option("--max-context", type=click.IntRange(2), help="--task text-generation: the decoder's KV cache length in tokens (default 256).")
+@click.option("--source-grid", type=click.Choice(["keep", "requantize"]), help="--task text-generation at 4 bits: keep the 4-bit codes a source already holds (a GGUF Q4_1 linear: exact, the default) or quantize its float weights again.")
 @click.pass_context
-def convert(ctx, source, config, verbose, max_context, **options):
+def convert(ctx, source, config, verbose, max_context, source_grid, **options):
     """Convert SOURCE and validate every artifact in its runtime.
 
     SOURCE is package.module:callable, a TorchScript file, a torch.export .pt2 program, a Hugging Face
     model folder (with --task), or a state dict (.pt/.safetensors) with --factory.
     """
-    if options.get("task") == "text-generation" or max_context is not None:
+    if options.get("task") == "text-generation" or max_context is not None or source_grid is not None:
+        options["source_grid"] = source_grid
         sys.exit(_convert_decoder(source, config, verbose, max_context, options))  # edgeq/llm/pipeline.py
     try:
         # Every option and the project file are checked here, before torch or a model loads.
@@ -105,7 +107,7 @@ def _convert_decoder(source, config, verbose, max_context, options) -> int:
 
     try:
         if options.get("task") != "text-generation":
-            raise UsageError("--max-context belongs to --task text-generation")
+            raise UsageError(f"--{'max-context' if max_context is not None else 'source-grid'} belongs to --task text-generation")
         if config or not source:
             raise UsageError("--task text-generation takes SOURCE (a CausalLM folder or a .gguf file), not --config")
         from edgeq.llm.pipeline import DEFAULT_MAX_CONTEXT, Options, run
@@ -117,6 +119,7 @@ def _convert_decoder(source, config, verbose, max_context, options) -> int:
                       max_context or DEFAULT_MAX_CONTEXT, options.get("data"), options.get("text_column"),
                       options["samples"], options["calibration_samples"], options.get("algo"), int(group),
                       options.get("budget"), options.get("name"), options["seed"], list(options.get("keep_float") or ()))
+        job.source_grid = options.get("source_grid") or "keep"
         with toolchain_output(verbose):
             return run(job, echo=lambda text: click.echo(f"  {text}", err=True))
     except EdgeqError as error:

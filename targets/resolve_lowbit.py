@@ -62,7 +62,7 @@ def resolve_lowbit_plan(
     exact (calibration/lowbit/awq_fold.py): the caller passes a copy and converts that (edgeq.quantize).
     `device`: where calibration runs ("cpu" or "cuda")."""
     from edgeq.calibration.lowbit.awq import awq_clip_solver
-    from edgeq.calibration.lowbit.driver import gptq_solver, quantize_layers, rtn_solver
+    from edgeq.calibration.lowbit.driver import gptq_solver, known_codes_solver, quantize_layers, rtn_solver
     from edgeq.targets.layer_schemes import decided_tables, int8_layer, layer_schemes, overrides_note, quantized_reasons
 
     grid = check_lowbit(profile, precision, scheme)
@@ -76,7 +76,9 @@ def resolve_lowbit_plan(
         kind, kept = op_kind(layer), matches(fqn, list(keep_float))
         decision = decided.get(fqn)
         layer_scheme, by = (decision.scheme, f" (per_layer {decision.entry.describe()})") if decision else (scheme, "")
-        if kept:
+        if getattr(layer, "edgeq_float_reason", None):  # a part the model's own rewrite computes in float
+            plan.layers[fqn] = LayerPlan(fqn, kind, reason=layer.edgeq_float_reason)
+        elif kept:
             plan.layers[fqn] = LayerPlan(fqn, kind, reason=f"kept float: --keep-float {kept}")
         elif layer_scheme is None:
             plan.layers[fqn] = LayerPlan(fqn, kind, reason=decision.reason("kept float"))
@@ -118,6 +120,7 @@ def resolve_lowbit_plan(
             solvers[layer_scheme] = awq_clip_solver(grids[layer_scheme])  # s = 1 now: the scales are in the weights
         else:
             solvers[layer_scheme] = rtn_solver(grids[layer_scheme], clip="mse")
+        solvers[layer_scheme] = known_codes_solver(grids[layer_scheme], solvers[layer_scheme])
     with _tables_as_planned(module, plan):  # the layers after a table are solved on what the artifact's lookups give
         result = quantize_layers(module, samples or [_example_sample(example_inputs, input_names)], list(affine),
                                  lambda fqn, layer: solvers[affine[fqn]](fqn, layer),

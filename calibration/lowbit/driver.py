@@ -95,6 +95,47 @@ def rtn_solver(grid: Grid, clip: str = "minmax", weighted: bool = False) -> Solv
     return lambda fqn, module: RTN(layer_weight(module), grid, clip=clip, weighted=weighted)
 
 
+class KnownCodes:
+    """A layer whose weight already lies on the plan's grid (a source's own 4-bit codes, edgeq/llm/source_grid.py):
+    its codes verbatim, its scales made representable in the grid's scale dtype (a float16 scale on a bfloat16
+    grid is rounded up; the codes then round back to themselves since |code| * 2^-7 < 1/2, and the weight moves
+    by at most |code| * (rounded - scale)). Needs no calibration pass."""
+
+    needs_inputs = False
+
+    def __init__(self, weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, grid: Grid):
+        self.W, self.codes, self.scale, self.grid = weight.detach().float(), codes, scale.float(), grid
+
+    def add_batch(self, rows: torch.Tensor) -> None:
+        return None
+
+    def solve(self) -> LowBitWeight:
+        if self.codes.shape != self.W.shape or self.scale.shape != (self.W.shape[0], self.grid.groups(self.W.shape[1])):
+            raise ValueError(f"source codes {tuple(self.codes.shape)} / scales {tuple(self.scale.shape)} do not fit "
+                             f"the weight {tuple(self.W.shape)} on {self.grid}")
+        scale = self.grid.representable(self.scale)
+        zero = torch.zeros_like(scale)
+        codes = self.grid.quantize(self.W, scale, zero)
+        if not torch.equal(codes, self.codes.float()):
+            raise ValueError("source codes do not round back to themselves on the grid's scales")
+        return LowBitWeight(codes.to(torch.int8), scale, zero, self.grid)
+
+
+def known_codes_solver(grid: Grid, fallback: SolverFactory) -> SolverFactory:
+    """`fallback`, except for layers carrying their own symmetric codes and scales (`edgeq_source_codes`) whose
+    group size and bits are the grid's: those keep them (KnownCodes)."""
+
+    def make(fqn: str, module: nn.Module) -> Solver:
+        known = getattr(module, "edgeq_source_codes", None)
+        if known is not None and grid.symmetric and grid.bits == 4 and grid.group_size is not None:
+            codes, scale = known
+            if scale.shape[1] * grid.group_size == codes.shape[1]:
+                return KnownCodes(layer_weight(module), codes, scale, grid)
+        return fallback(fqn, module)
+
+    return make
+
+
 def gptq_solver(grid: Grid, **options) -> SolverFactory:
     """GPTQ on `grid`; `options` are GPTQ.solve's (percdamp, blocksize, actorder, static_groups, clip)."""
     from edgeq.calibration.lowbit.gptq import GPTQ

@@ -50,6 +50,7 @@ class Options:
     name: str | None = None
     seed: int = 0
     keep_float: list[str] = field(default_factory=list)
+    source_grid: str = "keep"  # keep | requantize: a source's own 4-bit grid (edgeq/llm/source_grid.py)
 
 
 def check_options(options: Options) -> list[tuple[str, str, object]]:
@@ -119,19 +120,21 @@ def _run(options: Options, jobs, echo) -> int:
             shutil.rmtree(bundle)
         bundle.mkdir(parents=True)
         started = time.perf_counter()
-        plan, notes = None, []
+        plan, notes, exported = None, [], source.model
         if precision != "fp32":
+            exported, grid_notes = source_grid_model(source.model, options, echo)
             echo(f"{runtime} {precision}: resolving the plan ({options.algo or 'rtn'}, group {options.group_size})")
-            plan = lowbit_plan(runtime, source.model, calibration, precision, options)
+            plan = lowbit_plan(runtime, exported, calibration, precision, options)
+            plan.notes[:0] = grid_notes
         echo(f"{runtime} {precision}: exporting the decoder (max context {options.max_context})")
         dest = bundle / FILENAMES[runtime]
         if runtime == "onnx":
             from edgeq.targets import Precision
 
-            dest, notes = module.export_with_notes(source.model, options.max_context, dest, plan=plan,
+            dest, notes = module.export_with_notes(exported, options.max_context, dest, plan=plan,
                                                    precision=Precision(precision))
         else:
-            dest = module.export_decoder(source.model, options.max_context, dest, plan=plan)
+            dest = module.export_decoder(exported, options.max_context, dest, plan=plan)
         seconds = time.perf_counter() - started
         echo(f"{runtime} {precision}: validating on {len(sequences)} sequences and {len(prompts)} prompts")
         candidate = module.open_runner(dest, options.max_context)
@@ -146,6 +149,38 @@ def _run(options: Options, jobs, echo) -> int:
         if violations:
             code = 6
     return code
+
+
+_SPLIT_CACHE: dict = {}
+
+
+def source_grid_model(model, options: Options, echo):
+    """(the model the low-bit plan and export take, notes): with `--source-grid keep` (the default), a copy whose
+    linears already on an affine 4-bit grid of 32 inputs (a GGUF Q4_1 source) are split into symmetric codes plus
+    float group offsets and keep their codes (edgeq/llm/source_grid.py); otherwise `model` itself."""
+    import copy
+
+    from edgeq.llm.source_grid import GROUP, split_source_grids
+
+    if options.source_grid == "requantize":
+        return model, ["--source-grid requantize: every linear quantized again from its float weights"]
+    if options.algo not in (None, "rtn") or options.group_size != GROUP:
+        why = f"--algo {options.algo}" if options.algo not in (None, "rtn") else f"--group-size {options.group_size}"
+        return model, [f"{why}: linears quantized again from their float weights (a source grid is kept only at "
+                       f"group {GROUP} without --algo; --source-grid requantize says so explicitly)"]
+    key = id(model)
+    if key not in _SPLIT_CACHE:  # one split per run, shared by the runtimes
+        split = copy.deepcopy(model)
+        _SPLIT_CACHE.clear()
+        _SPLIT_CACHE[key] = (split, split_source_grids(split))
+    split, names = _SPLIT_CACHE[key]
+    if not names:
+        return model, []
+    echo(f"source grid: {len(names)} linears already hold 4-bit codes per group of {GROUP}: kept verbatim")
+    return split, [f"{len(names)} linears keep the source's own 4-bit grid (per group of {GROUP} inputs, w = d * q + m, "
+                   f"as GGUF Q4_1 stores it): symmetric codes q - 8 with scale d verbatim, plus the float offsets "
+                   f"m + 8 d over the group sums (exact; edgeq/llm/source_grid.py). --source-grid requantize "
+                   f"quantizes them again instead"]
 
 
 def token_data(source, options: Options):
