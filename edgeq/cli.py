@@ -68,6 +68,7 @@ def main() -> None:
 @click.option("-c", "--config", type=click.Path(path_type=Path), help="edgeq.toml: convert every model x target it declares. Options given beside it override the file for every model.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show the toolchains' own log lines and warnings.")
 @click.option("--max-context", type=click.IntRange(2), help="--task text-generation: the decoder's KV cache length in tokens (default 256).")
+@click.option("--kv-cache", "kv_cache", type=click.Choice(["float", "int8"]), help="--task text-generation: the KV cache's dtype (default float); int8: per-channel scales from the calibration text, onnx only, its own drift reported apart from the weights'.")
 @click.option("--source-grid", type=click.Choice(["keep", "requantize"]), help="--task text-generation at 4 bits: keep the 4-bit codes a source already holds (a GGUF Q4_1 linear: exact, the default) or quantize its float weights again.")
 @click.pass_context
 def convert(ctx, source, config, verbose, max_context, source_grid, **options):
@@ -76,6 +77,8 @@ def convert(ctx, source, config, verbose, max_context, source_grid, **options):
     SOURCE is package.module:callable, a TorchScript file, a torch.export .pt2 program, a Hugging Face
     model folder (with --task), or a state dict (.pt/.safetensors) with --factory.
     """
+    if options.get("task") != "text-generation" and options.pop("kv_cache") is not None:
+        _fail(UsageError("--kv-cache belongs to --task text-generation"))
     if options.get("task") == "text-generation" or max_context is not None or source_grid is not None:
         options["source_grid"] = source_grid
         sys.exit(_convert_decoder(source, config, verbose, max_context, options))  # edgeq/llm/pipeline.py
@@ -120,6 +123,7 @@ def _convert_decoder(source, config, verbose, max_context, options) -> int:
                       options["samples"], options["calibration_samples"], options.get("algo"), int(group),
                       options.get("budget"), options.get("name"), options["seed"], list(options.get("keep_float") or ()))
         job.source_grid = options.get("source_grid") or "keep"
+        job.kv_cache = options.get("kv_cache") or "float"
         with toolchain_output(verbose):
             return run(job, echo=lambda text: click.echo(f"  {text}", err=True))
     except EdgeqError as error:

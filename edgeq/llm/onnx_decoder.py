@@ -18,6 +18,10 @@ graph's logits equal PyTorch's to ~3e-6 at prefill and along a decode (tests/llm
 
 4-bit: with a low-bit plan (edgeq/llm/onnx_lowbit_decoder.py) the planned linears export as the plan's
 dequantized floats and converters/onnx_lowbit.py rewrites them into MatMulNBits with the plan's codes.
+
+int8 KV cache: with a KVCachePlan (edgeq/llm/kv_cache.py) the wrapper is `int8_decoder_module`: past and present
+are int8 codes under the same names and shapes; inside, the past is dequantized (Cast, Mul by the per-channel
+scale constants), the new keys/values quantized (Div, Round, Clip, Cast) and appended to the past codes.
 """
 
 from __future__ import annotations
@@ -92,16 +96,18 @@ def decoder_module(hf_model):
     return DecoderWithPast(hf_model).eval()
 
 
-def export_decoder(hf_model, max_context: int, dest: Path, *, plan=None, precision=None) -> Path:
+def export_decoder(hf_model, max_context: int, dest: Path, *, plan=None, precision=None, kv_cache=None) -> Path:
     """`export_with_notes` without the notes: the per-runtime function the pipeline dispatches to."""
-    return export_with_notes(hf_model, max_context, dest, plan=plan, precision=precision)[0]
+    return export_with_notes(hf_model, max_context, dest, plan=plan, precision=precision, kv_cache=kv_cache)[0]
 
 
-def export_with_notes(hf_model, max_context: int, dest: Path, *, plan=None, precision=None) -> tuple[Path, list[str]]:
+def export_with_notes(hf_model, max_context: int, dest: Path, *, plan=None, precision=None,
+                      kv_cache=None) -> tuple[Path, list[str]]:
     """Write `hf_model` (a transformers CausalLM) to `dest` (.onnx) as one prefill/decode graph with a KV cache
     of up to `max_context` positions, and genai_config.json beside it. With `plan` (a low-bit QuantPlan) its
     linear layers become MatMulNBits holding the plan's codes; `precision` (default int4-weight) sets the
-    kernel's accuracy level. Returns (`dest`, the manifest's notes); the caller's model is not modified."""
+    kernel's accuracy level. With `kv_cache` (a kv_cache.KVCachePlan) the cache is int8 and its scales are
+    written beside the graph too. Returns (`dest`, the manifest's notes); the caller's model is not modified."""
     import onnx
     import torch
 
@@ -116,8 +122,13 @@ def export_with_notes(hf_model, max_context: int, dest: Path, *, plan=None, prec
         from edgeq.llm.onnx_lowbit_decoder import prepare_lowbit
 
         model, lowbit = prepare_lowbit(model, plan)
-    module = decoder_module(model)
-    past = [torch.zeros(1, kv_heads, EXAMPLE_PAST, head_dim) for _ in range(2 * layers)]
+    if kv_cache is None:
+        module, cache_dtype = decoder_module(model), torch.float32
+    else:
+        from edgeq.llm.kv_cache import int8_decoder_module
+
+        module, cache_dtype = int8_decoder_module(model, kv_cache), torch.int8
+    past = [torch.zeros(1, kv_heads, EXAMPLE_PAST, head_dim, dtype=cache_dtype) for _ in range(2 * layers)]
     total = EXAMPLE_PAST + EXAMPLE_SEQUENCE
     examples = (torch.zeros(1, EXAMPLE_SEQUENCE, dtype=torch.long), torch.ones(1, total, dtype=torch.long),
                 torch.arange(EXAMPLE_PAST, total).unsqueeze(0), *past)
@@ -150,6 +161,11 @@ def export_with_notes(hf_model, max_context: int, dest: Path, *, plan=None, prec
     dest.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(proto, str(dest))
     write_genai_config(hf_model, max_context, dest)
+    if kv_cache is not None:
+        from edgeq.llm.kv_cache import GENAI_NOTE, SCALES_FILE
+
+        kv_cache.save(dest.with_name(SCALES_FILE))
+        notes = [*notes, GENAI_NOTE]
     return dest, notes
 
 

@@ -50,6 +50,7 @@ class Options:
     name: str | None = None
     seed: int = 0
     keep_float: list[str] = field(default_factory=list)
+    kv_cache: str = "float"  # float | int8 (edgeq/llm/kv_cache.py; onnx only)
     source_grid: str = "keep"  # keep | requantize: a source's own 4-bit grid (edgeq/llm/source_grid.py)
 
 
@@ -58,6 +59,9 @@ def check_options(options: Options) -> list[tuple[str, str, object]]:
     if options.max_context < 2:
         raise UsageError(f"--max-context {options.max_context}: a decoder needs at least 2 positions")
     parse_budget(options.budget)
+    from edgeq.llm.kv_cache import check_runtimes
+
+    check_runtimes(options.kv_cache, options.targets or ["onnx"])
     jobs = []
     for runtime in options.targets or ["onnx"]:
         if runtime not in RUNTIMES:
@@ -112,6 +116,12 @@ def _run(options: Options, jobs, echo) -> int:
     sequences, prompts, calibration = token_data(source, options)
     reference = TorchStepRunner(source.model, options.max_context)
     bounds = parse_budget(options.budget)
+    kv_plan = kv_block = None
+    if options.kv_cache == "int8":
+        from edgeq.llm import kv_cache
+
+        kv_plan, kv_block = kv_cache.prepare(source.model, options.max_context, reference, calibration, sequences,
+                                             prompts, GREEDY_STEPS, echo)
     code = 0
     for runtime, precision, module_name in jobs:
         module = importlib.import_module(module_name)
@@ -132,7 +142,7 @@ def _run(options: Options, jobs, echo) -> int:
             from edgeq.targets import Precision
 
             dest, notes = module.export_with_notes(exported, options.max_context, dest, plan=plan,
-                                                   precision=Precision(precision))
+                                                   precision=Precision(precision), kv_cache=kv_plan)
         else:
             dest = module.export_decoder(exported, options.max_context, dest, plan=plan)
         seconds = time.perf_counter() - started
@@ -142,10 +152,12 @@ def _run(options: Options, jobs, echo) -> int:
         metrics = report.metrics()
         violations = [f"{m}{op}{limit:g} (got {metrics[m]:.4g})" for m, op, limit in bounds
                       if not (metrics[m] >= limit if op == ">=" else metrics[m] <= limit)]
-        write_bundle(bundle, dest, source, options, runtime, precision, plan, notes, report, violations, seconds)
+        write_bundle(bundle, dest, source, options, runtime, precision, plan, notes, report, violations, seconds,
+                     kv=kv_block)
         verdict = "over budget: " + "; ".join(violations) if violations else "ok"
         echo(f"{runtime} {precision}: token agreement {metrics['token_agreement']:.4f}, ppl delta "
-             f"{metrics['ppl_delta']:+.4g}, greedy {metrics['greedy_agreement']:.3f} -> {bundle} ({verdict})")
+             f"{metrics['ppl_delta']:+.4g}, greedy {metrics['greedy_agreement']:.3f} -> {bundle} ({verdict})"
+             + (f"; int8 KV cache alone: {kv_cache.summary(kv_block['cache_only_drift'])}" if kv_block else ""))
         if violations:
             code = 6
     return code
@@ -266,7 +278,8 @@ def lowbit_plan(runtime: str, model, calibration, precision: str, options: Optio
                      keep_float=tuple(options.keep_float), precision=Precision(precision), target=runtime)
 
 
-def write_bundle(bundle, artifact, source, options, runtime, precision, plan, notes, report, violations, seconds) -> None:
+def write_bundle(bundle, artifact, source, options, runtime, precision, plan, notes, report, violations, seconds,
+                 kv=None) -> None:
     from edgeq.llm.report import manifest, markdown
 
     if source.tokenizer is not None:
@@ -274,7 +287,7 @@ def write_bundle(bundle, artifact, source, options, runtime, precision, plan, no
             source.tokenizer.save_pretrained(str(bundle / "tokenizer"))  # the bundle decodes its own golden tokens
         except (OSError, ValueError, TypeError) as exc:
             notes = [*notes, f"tokenizer not saved: {exc}"]
-    data = manifest(artifact, source, options, runtime, precision, plan, notes, report, violations, seconds)
+    data = manifest(artifact, source, options, runtime, precision, plan, notes, report, violations, seconds, kv=kv)
     (bundle / "manifest.json").write_text(json.dumps(data, indent=2) + "\n")
     full = report.to_dict()
     for entry in full["prompts"]:

@@ -10,7 +10,9 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def manifest(artifact, source, options, runtime, precision, plan, notes, report, violations, seconds) -> dict:
+def manifest(artifact, source, options, runtime, precision, plan, notes, report, violations, seconds, kv=None) -> dict:
+    """The bundle's manifest. `kv`: the int8 KV cache's block (edgeq/llm/kv_cache.py `prepare`: scales, bytes,
+    and the cache's own drift with FP32 weights), or None for the model's float cache."""
     import edgeq
 
     planned = [layer for layer in plan.layers.values() if layer.weight is not None] if plan is not None else []
@@ -26,6 +28,7 @@ def manifest(artifact, source, options, runtime, precision, plan, notes, report,
         "plan": None if plan is None else {
             "scheme": plan.scheme, "algorithm": options.algo or "rtn", "group_size": options.group_size,
             "layers": len(planned), "keep_float": list(options.keep_float)},
+        "kv_cache": kv if kv is not None else {"dtype": "float32"},
         "notes": list(notes),
         "validation": {"reference": "FP32 PyTorch (transformers, its own KV cache)", "data": str(options.data or "built-in prompts"),
                        "teacher_forced_tokens": report.teacher_forced.tokens, "prompts": len(report.greedy.prompts),
@@ -50,6 +53,7 @@ def markdown(data: dict, full: dict) -> str:
         f"| worst logit cosine, teacher-forced / along the decode | {m['logit_cosine_min']:.6f} / {m['step_cosine_min']:.6f} |",
         f"| verdict | {data['verdict']}{': ' + '; '.join(data['violations']) if data['violations'] else ''} |", "",
     ]
+    lines += _kv_cache(data.get("kv_cache") or {}, m)
     if data["notes"]:
         lines += ["Notes:", *[f"- {n}" for n in data["notes"]], ""]
     lines += ["## Drift along the decode", "", "| step | cosine mean | cosine min | max abs |", "|---|---|---|---|"]
@@ -61,6 +65,24 @@ def markdown(data: dict, full: dict) -> str:
         cand = p.get("candidate_text") if p.get("candidate_text") is not None else " ".join(map(str, p["candidate_tokens"] or []))
         lines.append(f"| {i} | {p['matched']}/{p['steps']} | {_cell(ref)} | {_cell(cand)} |")
     return "\n".join(lines) + "\n"
+
+
+def _kv_cache(kv: dict, artifact: dict) -> list[str]:
+    """The int8 KV cache's section: its own drift (FP32 weights) beside the artifact's (weights and cache)."""
+    if kv.get("dtype") != "int8":
+        return []
+    c, size = kv["cache_only_drift"], kv["cache_bytes_at_max_context"]
+    return [
+        "## int8 KV cache", "",
+        f"Scales {kv['granularity']}: {kv['computed']} (`{kv['scales_file']}`). Cache at max context "
+        f"{size['int8'] / 2**20:.2f} MiB (float32 {size['float32'] / 2**20:.2f} MiB).", "",
+        "| against FP32 PyTorch | token agreement | ppl delta | greedy agreement | worst logit cosine (teacher-forced / decode) |",
+        "|---|---|---|---|---|",
+        f"| int8 KV cache alone (FP32 weights, PyTorch simulation) | {c['token_agreement']:.4f} | {c['ppl_delta']:+.4f} "
+        f"| {c['greedy_agreement']:.3f} | {c['logit_cosine_min']:.6f} / {c['step_cosine_min']:.6f} |",
+        f"| this artifact (its weights + int8 KV cache) | {artifact['token_agreement']:.4f} | {artifact['ppl_delta']:+.4f} "
+        f"| {artifact['greedy_agreement']:.3f} | {artifact['logit_cosine_min']:.6f} / {artifact['step_cosine_min']:.6f} |", "",
+    ]
 
 
 def _cell(text: str) -> str:

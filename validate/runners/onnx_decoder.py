@@ -1,7 +1,8 @@
 """Run a decoder .onnx (edgeq/llm/onnx_decoder.py layout) step by step in onnxruntime: a torch-free StepRunner.
 
 The cache lives here as numpy: each call feeds the previous call's presents as the past and keeps the new
-presents (past + sequence long), as onnxruntime-genai does without a shared past/present buffer.
+presents (past + sequence long), as onnxruntime-genai does without a shared past/present buffer. The cache's
+dtype is the graph's: float32, or int8 codes for an int8-cache decoder (edgeq/llm/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from edgeq.llm.steps import check_prefill_ids
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
 class OnnxDecoderRunner:
@@ -39,8 +41,12 @@ class OnnxDecoderRunner:
                                  key=lambda n: (int(_PAST.match(n)[1]), _PAST.match(n)[2] != "key"))
         if missing or not self.past_names:
             raise RunnerError(f"{path}: not a decoder with a KV cache (inputs {sorted(inputs)})")
-        shape = inputs[self.past_names[0]].shape  # [batch, kv_heads, past_sequence, head_dim]
-        self._empty = np.zeros((1, int(shape[1]), 0, int(shape[3])), np.float32)
+        past = inputs[self.past_names[0]]
+        if past.type not in _CACHE_DTYPES:
+            raise RunnerError(f"{path}: KV cache of {past.type}; this runner carries {', '.join(_CACHE_DTYPES)}")
+        self.cache_dtype = np.dtype(_CACHE_DTYPES[past.type])
+        shape = past.shape  # [batch, kv_heads, past_sequence, head_dim]
+        self._empty = np.zeros((1, int(shape[1]), 0, int(shape[3])), self.cache_dtype)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.max_context = int(max_context)
         self.path = Path(path)
