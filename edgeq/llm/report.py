@@ -27,7 +27,8 @@ def manifest(artifact, source, options, runtime, precision, plan, notes, report,
         "artifact": {"file": Path(artifact).name, "size_bytes": _size(artifact)},
         "plan": None if plan is None else {
             "scheme": plan.scheme, "algorithm": options.algo or "rtn", "group_size": options.group_size,
-            "layers": len(planned), "keep_float": list(options.keep_float)},
+            "layers": len(planned), "keep_float": list(options.keep_float), **coverage(plan, source.model),
+            "notes": list(plan.notes)},
         "kv_cache": kv if kv is not None else {"dtype": "float32"},
         "notes": list(notes),
         "validation": {"reference": "FP32 PyTorch (transformers, its own KV cache)", "data": str(options.data or "built-in prompts"),
@@ -39,6 +40,17 @@ def manifest(artifact, source, options, runtime, precision, plan, notes, report,
         "verdict": "over-budget" if violations else "ok",
         "export_seconds": round(seconds, 1),
     }
+
+
+def coverage(plan, model) -> dict:
+    """What the plan quantized and what it left float: per layer (float ones with their reason) and as a share of
+    the model's weight elements (a tied table counted once)."""
+    import numpy as np
+
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
+    quantized = {fqn: int(np.prod(layer.weight_codes.shape)) for fqn, layer in plan.layers.items() if layer.weight is not None}
+    return {"quantized_weight_share": round(min(1.0, sum(quantized.values()) / max(total, 1)), 4),
+            "float_layers": {fqn: layer.reason for fqn, layer in plan.layers.items() if layer.weight is None}}
 
 
 def markdown(data: dict, full: dict) -> str:
@@ -54,6 +66,13 @@ def markdown(data: dict, full: dict) -> str:
         f"| verdict | {data['verdict']}{': ' + '; '.join(data['violations']) if data['violations'] else ''} |", "",
     ]
     lines += _kv_cache(data.get("kv_cache") or {}, m)
+    plan = data.get("plan")
+    if plan:
+        lines += [f"Plan: {plan['scheme']}, {plan['layers']} layers quantized ({plan['quantized_weight_share']:.1%} of the "
+                  f"weight elements), {len(plan['float_layers'])} float:", *[f"- {n}" for n in plan["notes"]],
+                  *[f"- `{fqn}` float: {why}" for fqn, why in list(plan["float_layers"].items())[:12]],
+                  *([f"- ... {len(plan['float_layers']) - 12} more float layers in manifest.json"]
+                    if len(plan["float_layers"]) > 12 else []), ""]
     if data["notes"]:
         lines += ["Notes:", *[f"- {n}" for n in data["notes"]], ""]
     lines += ["## Drift along the decode", "", "| step | cosine mean | cosine min | max abs |", "|---|---|---|---|"]

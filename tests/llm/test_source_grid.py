@@ -110,3 +110,31 @@ def test_onnx_int4_artifact_is_the_fp32_model(split_llama, tmp_path):
     requantized = int4_plan(model, token_sequences(2, 24, seed=3), keep_float=KEEP)
     again, _ = export_with_notes(model, CONTEXT, tmp_path / "again.onnx", plan=requantized)
     assert _agreement(model, open_runner(again, CONTEXT))["logit_cosine_min"] < 0.9999
+
+
+def test_tflite_int4_artifact_keeps_the_source_codes(split_llama, tmp_path):
+    """LiteRT's blockwise scales are bfloat16: d (float16) is rounded up to it, the codes stay the source's, and the
+    artifact (int8 input rows at run time, XNNPACK qd8-f32-qb4w) stays within a hair of the FP32 model."""
+    pytest.importorskip("ai_edge_litert")
+    pytest.importorskip("litert_torch")
+    from edgeq.llm.tflite_decoder import export_decoder, open_runner
+    from edgeq.llm.tflite_lowbit_decoder import int4_plan
+
+    model, split = split_llama
+    plan = int4_plan(split, token_sequences(2, 24, seed=3), keep_float=KEEP)
+    _check_plan(plan, split)
+    metrics = _agreement(model, open_runner(export_decoder(split, CONTEXT, tmp_path / "m.tflite", plan=plan), CONTEXT))
+    assert metrics["token_agreement"] >= 0.95 and metrics["logit_cosine_min"] >= 0.999, metrics
+
+
+def test_coreml_int4_artifact_keeps_the_source_codes(split_llama, tmp_path):
+    """Core ML holds float16 scales: d verbatim; the MIL executor's fp16 compute is the only difference."""
+    pytest.importorskip("coremltools")
+    from edgeq.llm.coreml_decoder import export_decoder, open_runner
+    from edgeq.llm.coreml_lowbit_decoder import int4_plan
+
+    model, split = split_llama
+    plan = int4_plan(split, token_sequences(2, 24, seed=3), keep_float=KEEP)
+    _check_plan(plan, split)
+    metrics = _agreement(model, open_runner(export_decoder(split, CONTEXT, tmp_path / "m.mlpackage", plan=plan), CONTEXT))
+    assert metrics["token_agreement"] >= 0.95 and metrics["logit_cosine_min"] >= 0.999, metrics
