@@ -25,10 +25,11 @@ def run_tune(job, options: TuneOptions, values: dict, echo: Callable[[str], None
             size = "-" if candidate.outcome.size_bytes is None else f"{candidate.outcome.size_bytes / 1e6:.3f} MB"
             cosine = "-" if candidate.cosine is None else f"{candidate.cosine:.5f}"
             mark = "*" if candidate is target.chosen else " "
-            echo(f" {mark} {candidate.label:<22} {candidate.kind:<8} {size:>11}  cosine {cosine}  {candidate.outcome.verdict.value}")
+            ms = "" if candidate.latency_ms is None else f"  {candidate.latency_ms:.3g} ms {candidate.latency_source.split(' ', 1)[0]}"
+            echo(f" {mark} {candidate.label:<22} {candidate.kind:<8} {size:>11}  cosine {cosine}{ms}  {candidate.outcome.verdict.value}")
         chosen = target.chosen
         if chosen is not None and chosen.passed:
-            echo(f"  chosen: {chosen.label} -> {chosen.outcome.path}")
+            echo(f"  chosen by {target.objective_used}: {chosen.label} -> {chosen.outcome.path}")
         else:
             closest = "" if chosen is None else f"; the closest ({chosen.label}, cosine {chosen.cosine:.5f}) is kept at {chosen.outcome.path}"
             echo(f"  no candidate holds the budget {options.budget!r} on {target.target}{closest}")

@@ -47,6 +47,7 @@ class Measurements:
     simulate: object = field(repr=False, default=None)  # entries -> DriftReport (held-out calibration samples)
     samples: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, int] = field(default_factory=dict)  # tuned layer -> its weight's elements (bits per weight)
 
     def size_bits(self, assignment: dict[str, str]) -> int:
         return self.rest_bits + sum(self.layers[fqn][value].bits for fqn, value in assignment.items())
@@ -121,9 +122,11 @@ def measure(model, profile, precision, quantize, keep_float: list[str], fitted: 
 
     layers: dict[str, dict[str, LayerChoice]] = {}
     entries: dict[str, dict[str, object]] = {}
+    weights: dict[str, int] = {}
     for fqn in tuned:
         layers[fqn], entries[fqn] = {}, {}
         elements = max(storages[v][fqn].weights for v in plans if fqn in storages[v])
+        weights[fqn] = elements
         for value in held:
             if value == FLOAT:
                 entry = LayerPlan(fqn, next(p.layers[fqn].op for p in plans.values() if fqn in p.layers), reason="kept float by edgeq tune")
@@ -138,4 +141,4 @@ def measure(model, profile, precision, quantize, keep_float: list[str], fitted: 
             layers[fqn][value] = LayerChoice(value, storages[value][fqn].bits, cosine, describe_entry(entry))
             entries[fqn][value] = entry
     seconds["sensitivity"] = round(time.perf_counter() - started, 1)
-    return Measurements(precision, held, excluded, layers, rest_bits, entries, simulate, len(held_out), seconds)
+    return Measurements(precision, held, excluded, layers, rest_bits, entries, simulate, len(held_out), seconds, weights)

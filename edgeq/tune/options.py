@@ -16,7 +16,7 @@ from edgeq.errors import UsageError
 
 class Objective(StrEnum):
     SIZE = "size"  # the smallest artifact that holds the budget
-    LATENCY = "latency"  # the fastest, timed in the runtime on this machine (size where it cannot run)
+    LATENCY = "latency"  # the fastest: timed in the runtime here, else estimated by the profile's cost model (tune/cost.py)
     BALANCED = "balanced"  # the least product of size and latency, each relative to the best candidate's
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from edgeq.tune.report import _mb, _num, layer_rows
+from edgeq.tune.report import _mb, _ms, _num, latency_header, layer_rows, validated_by
 
 _W, _H, _PAD = 640, 320, 56
 _FLOOR = 1e-6  # drift plotted on a log axis: exact FP32 agreement sits on the floor
@@ -89,20 +89,26 @@ def tune_html(result) -> str:
             state = "Chosen" if chosen.passed else "No candidate holds the budget; closest kept (rejected)"
             out.append(f"<p><b>{state}: {escape(chosen.label)}</b>, {_mb(chosen.outcome.size_bytes)}, mean cosine "
                        f"{_num(chosen.cosine)}: <code>{escape(str(chosen.outcome.path))}</code></p>")
+        if target.objective_used:
+            out.append(f"<p>Chosen by {escape(target.objective_used)}.</p>")
+        if validated_by(target):
+            out.append(f"<p>Validated by: {escape(validated_by(target))}.</p>")
+        if target.latency_method:
+            out.append(f"<p>Latency: {escape(target.latency_method)}.</p>")
         out.append(front_svg(target, result.budget))
         out.append("<p>Grey: the search's steps as predicted (simulation on held-out calibration samples; weight bytes plus what "
                    "the file of a converted tuned plan adds); "
                    "blue circles: tuned plans converted and validated; orange squares: uniform schemes; ringed: chosen; "
                    "dashed: the budget.</p>")
         out.append("<table><tr><th>candidate</th><th>kind</th><th>size</th><th>mean cosine</th><th>predicted</th>"
-                   "<th>ms</th><th>verdict</th></tr>")
+                   f"<th>{escape(latency_header(target))}</th><th>verdict</th></tr>")
         for c in target.candidates:
             css = "pass" if c.passed else "fail"
             out.append(f"<tr><td>{escape(c.label)}</td><td>{c.kind}</td><td>{_mb(c.outcome.size_bytes)}</td><td>{_num(c.cosine)}</td>"
-                       f"<td>{_num(c.predicted_cosine)}</td><td>{_num(c.latency_ms, 2)}</td><td class='{css}'>{c.outcome.verdict.value}</td></tr>")
+                       f"<td>{_num(c.predicted_cosine)}</td><td>{_ms(c.latency_ms)}</td><td class='{css}'>{c.outcome.verdict.value}</td></tr>")
         out.append("</table>")
         out += [f"<p>{escape(note)}</p>" for note in target.notes]
-        rows = layer_rows(target)
+        rows = layer_rows(target, result.budget)
         if rows:
             out.append("<h3>Per layer</h3><table><tr><th>layer</th><th>choice</th><th>bits/weight</th><th>drift alone</th><th>why</th></tr>")
             out += [f"<tr><td>{escape(r['layer'])}</td><td>{escape(r['choice'])}</td><td>{r['bits_per_weight']}</td>"

@@ -38,6 +38,8 @@ class Candidate:
     predicted_cosine: float | None = None
     predicted_size_bytes: int | None = None
     step: int | None = None
+    latency_ms: float | None = None  # median ms, measured here or estimated (edgeq/tune/timing.py)
+    latency_source: str | None = None  # how: "measured on this machine (...)" or "estimated"
 
     @property
     def passed(self) -> bool:
@@ -50,11 +52,6 @@ class Candidate:
             return None
         return float(np.mean([o.cosine for o in report.outputs]))
 
-    @property
-    def latency_ms(self) -> float | None:
-        latency = self.outcome.latency
-        return None if latency is None else latency.median_ms
-
     def to_json(self) -> dict:
         outcome = self.outcome
         return {
@@ -62,7 +59,7 @@ class Candidate:
             "verdict": outcome.verdict.value, "size_bytes": outcome.size_bytes,
             "cosine": None if self.cosine is None else round(self.cosine, 6),
             "cosine_min": None if outcome.report is None or not outcome.report.outputs else round(min(o.cosine_min for o in outcome.report.outputs), 6),
-            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 3),
+            "latency_ms": None if self.latency_ms is None else round(self.latency_ms, 4), "latency_source": self.latency_source,
             "violations": list(outcome.violations), "error": outcome.error,
             "predicted_cosine": None if self.predicted_cosine is None else round(self.predicted_cosine, 6),
             "predicted_size_bytes": self.predicted_size_bytes, "search_step": self.step,
@@ -83,6 +80,8 @@ class TargetTune:
     chosen: Candidate | None = None
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    latency_method: str | None = None  # how the candidates' latency_ms were found: measured here, or a cost model's estimate
+    objective_used: str | None = None  # the key the chosen point minimized: the objective, or size where latency is missing
 
     @property
     def evaluated(self) -> int:
@@ -166,6 +165,7 @@ def _held_out(samples: list) -> tuple[list, list]:
 def _tune_target(model, job, options: TuneOptions, target: str, profile, calibration: list, on_step) -> TargetTune:
     from edgeq.tune.choices import layer_choices, plan_precision, uniform_schemes
     from edgeq.tune.measure import measure
+    from edgeq.tune.timing import attach_latencies
     from edgeq.validate.budget import parse_budget
 
     precision = plan_precision(profile, options)
@@ -187,6 +187,7 @@ def _tune_target(model, job, options: TuneOptions, target: str, profile, calibra
     for group in _uniform_calls(uniform, job):
         result.candidates += _convert_uniform(model, job, options, target, group, on_step)
     result.seconds["uniform"] = round(time.perf_counter() - uniform_started, 1)
+    attach_latencies(result, profile, model, options.objective)
     _choose(result, options, model, job)
     result.seconds["total"] = round(time.perf_counter() - started, 1)
     return result
@@ -316,8 +317,9 @@ def _choose(result: TargetTune, options: TuneOptions, model, job) -> None:
     passing = [c for c in result.candidates if c.passed]
     objective = options.objective
     if objective != Objective.SIZE and any(c.latency_ms is None for c in passing):
-        result.notes.append(f"{objective.value}: {result.runtime} artifacts are not timed on this machine; chosen by size")
+        result.notes.append(f"{objective.value}: {result.runtime} artifacts have no latency here, measured or estimated; chosen by size")
         objective = Objective.SIZE
+    result.objective_used = objective.value
     if passing:
         chosen = min(passing, key=_ranking(passing, objective))
     else:
