@@ -229,10 +229,25 @@ def token_data(source, options: Options):
     return validation, prompts, calibration
 
 
-DEFAULT_TEXTS = (
+DEFAULT_TEXTS = (  # chat prompts: the first --samples (32) are validated, the next ones calibrate (disjoint)
     "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one sentence.",
     "List three primary colors.", "How many legs does a spider have?", "Translate 'good morning' into Spanish.",
     "What is 12 times 12?", "Name a famous painting by Leonardo da Vinci.",
+    "Why is the sky blue?", "Give me a tip for sleeping better.", "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?", "Suggest a name for a pet goldfish.", "What does a bee make?",
+    "How do I make a cup of tea?", "What is the largest planet in the solar system?",
+    "Write one sentence about autumn.", "What is the opposite of 'ancient'?", "How many days are in a leap year?",
+    "Recommend a book for a long train ride.", "What language is spoken in Brazil?", "Describe a cat in three words.",
+    "What is the square root of 81?", "Why do we need to drink water?", "What is the chemical symbol for gold?",
+    "Tell me a fun fact about octopuses.", "How can I save money on groceries?", "What is the tallest mountain on Earth?",
+    "Write a short greeting for a birthday card.", "What is the freezing point of water in Fahrenheit?",
+    "Name three fruits that are red.", "What is the main ingredient of guacamole?",
+    # calibration prompts (never validated with the default --samples)
+    "Summarize the plot of Cinderella in two sentences.", "What are the three states of matter?",
+    "How does a rainbow form?", "Give an example of a renewable energy source.", "What is a synonym for 'happy'?",
+    "Explain what a noun is.", "What continent is Egypt in?", "How many minutes are in two hours?",
+    "What do plants need to grow?", "Write a sentence using the word 'bright'.", "Who painted the Starry Night?",
+    "What is the capital of Japan?",
 )
 
 
