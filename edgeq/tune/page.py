@@ -109,6 +109,8 @@ def tune_html(result) -> str:
         out.append("</table>")
         out += [f"<p>{escape(note)}</p>" for note in target.notes]
         rows = layer_rows(target, result.budget)
+        if chosen is not None and chosen.per_layer is None:
+            out.append(f"<p>The chosen point is the uniform scheme {escape(chosen.label)}: every quantized layer at it (no per-layer plan).</p>")
         if rows:
             out.append("<h3>Per layer</h3><table><tr><th>layer</th><th>choice</th><th>bits/weight</th><th>drift alone</th><th>why</th></tr>")
             out += [f"<tr><td>{escape(r['layer'])}</td><td>{escape(r['choice'])}</td><td>{r['bits_per_weight']}</td>"

@@ -190,6 +190,8 @@ def tune_markdown(result) -> str:
                          f"{_ms(c.latency_ms)} | {c.outcome.verdict.value} |")
         lines += [f"- {note}" for note in target.notes]
         rows = layer_rows(target, f"`{result.budget}`")
+        if chosen is not None and chosen.per_layer is None:
+            lines.append(f"\nThe chosen point is the uniform scheme {chosen.label}: every quantized layer at it (no per-layer plan).")
         if rows:
             lines += ["", "| layer | choice | bits/weight | drift alone | why |", "|---|---|---|---|---|"]
             lines += [f"| {r['layer']} | {r['choice']} | {r['bits_per_weight']} | {r['drift_alone']:.2g} | {r['why']} |" for r in rows]

@@ -79,6 +79,7 @@ def test_latency_on_core_ml_is_estimated_and_changes_the_choice(tmp_path):
     assert smallest["kind"] == "tuned" and fastest["label"] == "int8-weight"
     markdown = (tmp_path / "tiny" / "tune.md").read_text()
     assert "Chosen by latency." in markdown and "ms (estimated)" in markdown
+    assert "The chosen point is the uniform scheme int8-weight" in markdown
 
 
 @ONNX

@@ -103,3 +103,11 @@ def test_bad_options_exit_2_before_the_model_loads(tmp_path, args, words):
     assert result.exit_code == 2, result.output
     assert words in result.output and "Traceback" not in result.output
     assert "loading" not in result.output
+
+
+def test_choices_the_target_holds_none_of_exit_4_naming_each(tmp_path):
+    result = CliRunner().invoke(main, ["tune", SOURCE, "-t", "onnx", "--budget", "cosine>=0.99", "-o", str(tmp_path),
+                                       "--uniform", "none", "--choices", "lut4,lut6", *SMALL])
+    assert result.exit_code == 4, result.output
+    assert "target onnx: none of the choices lut4, lut6 is held" in result.output and "Traceback" not in result.output
+    assert "lut6: target onnx" in result.output and "give one of those or float" in result.output
