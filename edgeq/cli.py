@@ -219,7 +219,7 @@ def sweep(config, address, workers, out, no_ray, retries, force, verbose):
 @click.argument("source")
 @click.option("-t", "--target", "targets", multiple=True, required=True, help="onnx, tflite, coreml, a profile id or .toml (repeatable or comma-separated).")
 @click.option("--budget", required=True, help="Drift every candidate is held to, in simulation and in the runtime, e.g. 'cosine>=0.99'.")
-@click.option("--objective", default="size", show_default=True, help="size: the smallest artifact holding the budget; latency: the fastest (timed in the runtime here); balanced: the least size x latency.")
+@click.option("--objective", default="size", show_default=True, help="size: the smallest artifact holding the budget; latency: the fastest (timed in the runtime here, interleaved; where it cannot run here, e.g. Core ML off macOS, estimated by the profile's cost model); balanced: the least size x latency.")
 @click.option("-p", "--precision", help="The low-bit scheme the per-layer plan lives in (default per target: int4-weight, else int4-dynamic, else lut4-weight; latency/balanced prefer int4-dynamic).")
 @click.option("--choices", multiple=True, metavar="VALUE,...", help="Per-layer values to choose between (per_layer syntax; default int4:g128,int4:g64,int4:g32,int8,float; palettes: lut4,lut6,int8,float). Each target keeps those it holds.")
 @click.option("--uniform", multiple=True, metavar="SCHEME,...|auto|none", help="Uniform schemes converted beside the tuned plan, e.g. int8-dynamic,int4-weight:g32 (default auto: the 8-bit weight schemes the target lists and the plan's scheme at group 32 and 128).")
