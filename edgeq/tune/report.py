@@ -82,10 +82,24 @@ def target_json(target, budget: str = "the budget") -> dict:
         "chosen": None if target.chosen is None else {**target.chosen.to_json(), "bundle": str(target.chosen.outcome.path)},
         "candidates": [c.to_json() for c in candidates],
         "front": [measured[i].label for i in front(points)],
+        "front_with_latency": front_with_latency(measured),
         "search": [s.to_json() for s in target.steps],
         "converted_plans": [s.to_json() for s in target.trimmed],
         "layers": layer_rows(target, budget),
     }
+
+
+def front_with_latency(candidates: list) -> list[str] | None:
+    """Labels of the candidates no other beats on size, latency and drift together (each at least as good,
+    one better); None when some candidate has no latency."""
+    if not candidates or any(c.latency_ms is None for c in candidates):
+        return None
+    keys = [(c.outcome.size_bytes, c.latency_ms, 1 - c.cosine) for c in candidates]
+
+    def beaten(i):
+        return any(all(o <= m for o, m in zip(other, keys[i])) and other != keys[i] for other in keys)
+
+    return [c.label for i, c in enumerate(candidates) if not beaten(i)]
 
 
 def validated_by(target) -> str | None:
