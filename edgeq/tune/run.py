@@ -23,6 +23,7 @@ from edgeq.errors import UsageError
 from edgeq.tune.options import Objective, TuneOptions, UniformScheme
 
 CANDIDATES_DIR = "tune-candidates"
+SAME_SPEED = 1.1  # medians within 10% are one speed: one process's timings on a shared machine jitter that much (latency.speed_summary)
 EXTRA_FRONT_STEPS = 8  # predicted steps past the verified plan, so the front shows what more bytes would buy
 
 
@@ -341,6 +342,6 @@ def _ranking(passing: list[Candidate], objective: Objective):
     if objective == Objective.SIZE:
         return lambda c: (c.outcome.size_bytes, -(c.cosine or 0))
     fastest = min(c.latency_ms for c in passing)
-    if objective == Objective.LATENCY:
-        return lambda c: (c.latency_ms, c.outcome.size_bytes)
+    if objective == Objective.LATENCY:  # within SAME_SPEED of the fastest counts as as fast: then the smaller wins
+        return lambda c: (c.latency_ms > fastest * SAME_SPEED, c.outcome.size_bytes, c.latency_ms)
     return lambda c: ((c.outcome.size_bytes / smallest) * (c.latency_ms / fastest), c.outcome.size_bytes)

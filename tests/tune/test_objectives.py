@@ -33,6 +33,11 @@ def test_each_objective_picks_its_own_point(objective, label):
     assert min(passing, key=_ranking(passing, objective)).label == label
 
 
+def test_latency_counts_medians_within_a_tenth_as_one_speed_and_takes_the_smaller():
+    passing = [_candidate("fastest", 3000, 1.0), _candidate("as fast, smaller", 1000, 1.08), _candidate("slower", 500, 1.2)]
+    assert min(passing, key=_ranking(passing, Objective.LATENCY)).label == "as fast, smaller"
+
+
 def _storage(dtype: str, bits_per_weight: float, weights: int = 4096) -> WeightStorage:
     layer = LayerStorage("fc", "linear", dtype, 8, weights, int(bits_per_weight * weights))
     return WeightStorage("coreml", 16, (layer,))
