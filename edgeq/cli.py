@@ -123,6 +123,7 @@ def _convert_decoder(source, config, verbose, max_context, options) -> int:
                       options["samples"], options["calibration_samples"], options.get("algo"), int(group),
                       options.get("budget"), options.get("name"), options["seed"], list(options.get("keep_float") or ()))
         job.source_grid = options.get("source_grid") or "keep"
+        job.per_layer = list(options.get("per_layer") or ())
         job.kv_cache = options.get("kv_cache") or "float"
         with toolchain_output(verbose):
             return run(job, echo=lambda text: click.echo(f"  {text}", err=True))

@@ -18,7 +18,7 @@ WRAPPED = "model."  # StatefulDecoder's attribute holding the HF model: stripped
 
 
 def int4_plan(hf_model, token_ids, *, group_size: int = 32, algorithm: str = "rtn", keep_float: tuple = (),
-              target: str = "coreml"):
+              target: str = "coreml", overrides: tuple = ()):
     """The int4-weight QuantPlan of `hf_model` on a Core ML profile through edgeq's low-bit resolver: symmetric
     4-bit codes per group of `group_size` input columns with fp16 scales on every linear layer. `token_ids` int
     [n] or a list of them: calibration samples (GPTQ/AWQ fit on them; RTN runs them to find the executed layers).
@@ -38,7 +38,7 @@ def int4_plan(hf_model, token_ids, *, group_size: int = 32, algorithm: str = "rt
     sequences = token_ids if isinstance(token_ids, (list, tuple)) else [token_ids]
     samples = [{"input_ids": torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]} for ids in sequences]
     return resolve_lowbit_plan(as_float32(hf_model).eval(), profile, Precision.INT4_WEIGHT, scheme, list(keep_float),
-                               (samples[0]["input_ids"],), Calibration(samples, ["input_ids"]))
+                               (samples[0]["input_ids"],), Calibration(samples, ["input_ids"]), overrides=tuple(overrides))
 
 
 def pack(model, plan):

@@ -20,7 +20,7 @@ TARGET = "onnx decoder"
 
 
 def int4_plan(hf_model, token_ids, *, group_size: int = 32, algorithm: str = "rtn", keep_float: tuple = (),
-              precision=None, target: str = "onnx"):
+              precision=None, target: str = "onnx", overrides: tuple = ()):
     """The low-bit QuantPlan (default int4-weight: 4-bit symmetric codes per group of `group_size` along K) of
     every linear layer of `hf_model` on an ONNX profile. `token_ids`: int [n] or a list of them, the
     calibration samples (GPTQ/AWQ fit on them; RTN runs them only to find the executed layers)."""
@@ -42,7 +42,7 @@ def int4_plan(hf_model, token_ids, *, group_size: int = 32, algorithm: str = "rt
     samples = [{"input_ids": torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]} for ids in sequences]
     # a copy: untying and AWQ's folds change the module in place, and the caller's model is the reference
     return resolve_lowbit_plan(untied(torch.nn.Module.float(copy.deepcopy(hf_model)).eval()), profile, precision, scheme, list(keep_float),
-                               (samples[0]["input_ids"],), Calibration(samples, ["input_ids"]))
+                               (samples[0]["input_ids"],), Calibration(samples, ["input_ids"]), overrides=tuple(overrides))
 
 
 def untied(model):

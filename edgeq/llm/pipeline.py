@@ -51,6 +51,7 @@ class Options:
     seed: int = 0
     keep_float: list[str] = field(default_factory=list)
     kv_cache: str = "float"  # float | int8 (edgeq/llm/kv_cache.py; onnx only)
+    per_layer: list[str] = field(default_factory=list)  # --per-layer PATTERN=SCHEME (edgeq/layer_overrides.py)
     source_grid: str = "keep"  # keep | requantize: a source's own 4-bit grid (edgeq/llm/source_grid.py)
 
 
@@ -59,6 +60,12 @@ def check_options(options: Options) -> list[tuple[str, str, object]]:
     if options.max_context < 2:
         raise UsageError(f"--max-context {options.max_context}: a decoder needs at least 2 positions")
     parse_budget(options.budget)
+    if options.per_layer:
+        from edgeq.layer_overrides import parse_per_layer
+
+        parse_per_layer(list(options.per_layer), "--per-layer")
+    if options.source_grid not in ("keep", "requantize"):
+        raise UsageError(f"--source-grid {options.source_grid}: expected keep or requantize")
     from edgeq.llm.kv_cache import check_runtimes
 
     check_runtimes(options.kv_cache, options.targets or ["onnx"])
@@ -278,19 +285,22 @@ def lowbit_plan(runtime: str, model, calibration, precision: str, options: Optio
     from edgeq.llm.onnx_lowbit_decoder import int4_plan
     from edgeq.targets import Precision
 
+    from edgeq.layer_overrides import parse_per_layer
+
+    overrides = parse_per_layer(list(options.per_layer), "--per-layer") if options.per_layer else ()
     name = f"edgeq.llm.{runtime}_lowbit_decoder"
     if runtime != "onnx" and importlib.util.find_spec(name) is not None and hasattr(importlib.import_module(name), "int4_plan"):
         import inspect
 
         planner = importlib.import_module(name).int4_plan
-        extra = {}
+        extra = {"overrides": overrides} if overrides else {}
         if options.keep_float:
             if "keep_float" not in inspect.signature(planner).parameters:
                 raise UsageError(f"--keep-float: the {runtime} decoder's plan does not take it yet")
             extra["keep_float"] = tuple(options.keep_float)
         return planner(model, calibration, group_size=options.group_size, algorithm=options.algo or "rtn", **extra)
     return int4_plan(model, calibration, group_size=options.group_size, algorithm=options.algo or "rtn",
-                     keep_float=tuple(options.keep_float), precision=Precision(precision), target=runtime)
+                     keep_float=tuple(options.keep_float), precision=Precision(precision), target=runtime, overrides=overrides)
 
 
 def write_bundle(bundle, artifact, source, options, runtime, precision, plan, notes, report, violations, seconds,

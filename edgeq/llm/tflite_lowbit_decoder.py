@@ -25,7 +25,7 @@ TARGET = "tflite decoder"  # what error messages name, as converters name their 
 
 
 def int4_plan(hf_model, token_ids: np.ndarray, *, group_size: int = 32, algorithm: str = "rtn", keep_float: tuple = (),
-              target: str = "tflite"):
+              target: str = "tflite", overrides: tuple = ()):
     """The int4-dynamic QuantPlan of `hf_model` on a tflite profile through edgeq's low-bit resolver
     (targets/resolve_lowbit.py): 4-bit symmetric codes per group along K with bfloat16 scales on every linear
     layer, 4-bit tables for embeddings. `token_ids` int [n] (or a list of them) are the calibration samples
@@ -44,7 +44,7 @@ def int4_plan(hf_model, token_ids: np.ndarray, *, group_size: int = 32, algorith
     sequences = token_ids if isinstance(token_ids, (list, tuple)) else [token_ids]
     samples = [{"input_ids": torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]} for ids in sequences]
     return resolve_lowbit_plan(torch.nn.Module.float(hf_model).eval(), profile, Precision.INT4_DYNAMIC, scheme, list(keep_float),
-                               (samples[0]["input_ids"],), Calibration(samples, ["input_ids"]))
+                               (samples[0]["input_ids"],), Calibration(samples, ["input_ids"]), overrides=tuple(overrides))
 
 
 def stand_in_model(model, plan):
