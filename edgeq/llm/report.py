@@ -48,8 +48,12 @@ def coverage(plan, model) -> dict:
     import numpy as np
 
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is not None and table is not None and head.weight is table.weight:
+        total += head.weight.numel()  # a tied head gets its own codes in the artifact (its own plan entry)
     quantized = {fqn: int(np.prod(layer.weight_codes.shape)) for fqn, layer in plan.layers.items() if layer.weight is not None}
-    return {"quantized_weight_share": round(min(1.0, sum(quantized.values()) / max(total, 1)), 4),
+    return {"quantized_weight_share": round(sum(quantized.values()) / max(total, 1), 4),
             "float_layers": {fqn: layer.reason for fqn, layer in plan.layers.items() if layer.weight is None}}
 
 
