@@ -128,7 +128,7 @@ def _run(options: Options, jobs, echo) -> int:
         from edgeq.llm import kv_cache
 
         kv_plan, kv_block = kv_cache.prepare(source.model, options.max_context, reference, calibration, sequences,
-                                             prompts, GREEDY_STEPS, echo)
+                                             prompts, GREEDY_STEPS, echo, tokenizer=source.tokenizer)
     code = 0
     for runtime, precision, module_name in jobs:
         module = importlib.import_module(module_name)
