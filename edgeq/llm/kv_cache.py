@@ -1,11 +1,13 @@
 """int8 KV cache for decoders: scales decided in PyTorch from calibration text, one arithmetic for the
 PyTorch simulation and the exported graph.
 
-Granularity: one symmetric int8 scale per (layer, key|value, kv_head, head_dim channel), static. Keys have
-a few outlier channels whose magnitude is 10-100x the rest (after rotary too): a per-channel scale keeps the
-small channels' resolution, where one scale per head would round them to zero. Static scales (not per token)
-because the cache's codes must stay valid as the cache grows: an entry written at step t is read unchanged at
-every later step.
+Granularity: one symmetric int8 scale per (layer, key|value, kv_head, head_dim channel), static. Channels
+differ in range (SmolLM2-135M: a head's largest key channel is 3-6x its median one, values up to 5.6x): a
+per-channel scale keeps the small channels' resolution that one scale per head would spend on the largest.
+Static scales, constants of the graph: the cache's I/O stays codes only (ORT GenAI's layout, its generate loop
+runs it) and an entry written at step t is read unchanged at every later step. The price, measured on SmolLM2
+(20 STS-B sentences, 20 chat prompts, FP32 weights): teacher-forced agreement 0.96 against 0.99 for dynamic
+per-token scales, which would need a scale tensor beside every cache entry.
 
 Semantics (llama.cpp's q8 cache): keys and values are quantized as they are written, and attention reads
 the dequantized cache, the chunk just written included. So a prefill of a whole sequence already attends
