@@ -287,7 +287,7 @@ def lowbit_plan(runtime: str, model, calibration, precision: str, options: Optio
 
     from edgeq.layer_overrides import parse_per_layer
 
-    overrides = parse_per_layer(list(options.per_layer), "--per-layer") if options.per_layer else ()
+    overrides = parse_per_layer(default_per_layer(model) + list(options.per_layer), "--per-layer")
     name = f"edgeq.llm.{runtime}_lowbit_decoder"
     if runtime != "onnx" and importlib.util.find_spec(name) is not None and hasattr(importlib.import_module(name), "int4_plan"):
         import inspect
@@ -301,6 +301,20 @@ def lowbit_plan(runtime: str, model, calibration, precision: str, options: Optio
         return planner(model, calibration, group_size=options.group_size, algorithm=options.algo or "rtn", **extra)
     return int4_plan(model, calibration, group_size=options.group_size, algorithm=options.algo or "rtn",
                      keep_float=tuple(options.keep_float), precision=Precision(precision), target=runtime, overrides=overrides)
+
+
+def default_per_layer(model) -> list[str]:
+    """The LM head and the input embedding table at int8 per channel/row unless --per-layer says otherwise (a later
+    entry wins): the head decides every token, and 4 bits there cost most of a small model's agreement
+    (SmolLM2-135M ONNX, linears on their source grid: teacher-forced top-1 0.796 with a 4-bit head and table,
+    0.969 with int8 ones; 160 MB against 116 MB, fp32 539 MB)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    entries = []
+    for get in ("get_output_embeddings", "get_input_embeddings"):
+        module = getattr(model, get)() if hasattr(model, get) else None
+        if module is not None and id(module) in names:
+            entries.append(f"{names[id(module)]}=int8")
+    return entries
 
 
 def write_bundle(bundle, artifact, source, options, runtime, precision, plan, notes, report, violations, seconds,

@@ -37,6 +37,19 @@ def test_convert_fp32_and_int4(llama_folder, tmp_path):
     assert int4["plan"]["layers"] == 16 and int4["verdict"] == "over-budget"
     assert int4["artifact"]["size_bytes"] < manifest["artifact"]["size_bytes"]
     assert any("MatMulNBits" in note for note in int4["notes"])
+    # the LM head and the table default to int8 (pipeline.default_per_layer); the float layers and the share are said
+    assert "int8 per channel" in json.dumps(int4["plan"]["notes"]) and 0.9 < int4["plan"]["quantized_weight_share"] <= 1.0
+    assert "Plan: int4-weight" in (tmp_path / "out" / "tiny-llama" / "onnx" / "int4-weight" / "report.md").read_text()
+
+
+def test_per_layer_overrides_the_int8_head_default(llama_folder, tmp_path):
+    result = CliRunner().invoke(main, ["convert", str(llama_folder), "--task", "text-generation", "-t", "onnx",
+                                       "-p", "int4-weight", "--max-context", "32", "--samples", "2", "--calibration-samples", "2",
+                                       "--per-layer", "lm_head=int4", "--per-layer", "model.embed_tokens=int4",
+                                       "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    int4 = json.loads((tmp_path / "out" / "tiny-llama" / "onnx" / "int4-weight" / "manifest.json").read_text())
+    assert "int8 per channel" not in json.dumps(int4["plan"]["notes"]), int4["plan"]["notes"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -44,6 +57,8 @@ def test_convert_fp32_and_int4(llama_folder, tmp_path):
     (["--task", "text-generation", "-t", "nnapi"], "exports to onnx, tflite, coreml"),
     (["--task", "text-generation", "-p", "int8-weight"], "takes fp32 or int4-weight"),
     (["--task", "text-generation", "--budget", "cosine>=0.9"], "text-generation budgets are"),
+    (["-t", "onnx", "--source-grid", "keep"], "--source-grid belongs to --task text-generation"),
+    (["--task", "text-generation", "-p", "int4-weight", "--per-layer", "lm_head=int9"], "is not a layer scheme"),
 ])
 def test_option_refusals(llama_folder, args, message):
     result = CliRunner().invoke(main, ["convert", str(llama_folder), *args])
