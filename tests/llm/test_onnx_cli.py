@@ -39,6 +39,7 @@ def test_convert_fp32_and_int4(llama_folder, tmp_path):
     assert any("MatMulNBits" in note for note in int4["notes"])
     # the LM head and the table default to int8 (pipeline.default_per_layer); the float layers and the share are said
     assert "int8 per channel" in json.dumps(int4["plan"]["notes"]) and 0.9 < int4["plan"]["quantized_weight_share"] <= 1.0
+    assert any("8-bit MatMulNBits" in note and "accuracy_level 4" in note for note in int4["notes"])  # the int8 head's fast kernel
     assert "Plan: int4-weight" in (tmp_path / "out" / "tiny-llama" / "onnx" / "int4-weight" / "report.md").read_text()
 
 
