@@ -121,9 +121,8 @@ def _module_class():
             self.offset = nn.Linear(in_features // group, out_features, bias=False)
 
         @property
-        def weight(self):  # what code reading `.weight` of a projection sees: the layer's real weight
-            groups = self.in_features // self.group
-            return self.grid.weight + self.offset.weight.repeat_interleave(self.group, dim=1) if groups else self.grid.weight
+        def weight(self):  # what code reading a projection's `.weight` (its dtype, its shape) sees: the real weight
+            return self.grid.weight + self.offset.weight.repeat_interleave(self.group, dim=1)
 
         @property
         def bias(self):
