@@ -417,13 +417,19 @@ def read_matmul_nbits(graph, tensors: dict) -> dict[str, tuple[np.ndarray, np.nd
 def with_accuracy_level(proto, level: int):
     """A copy of `proto` whose MatMulNBits nodes run at `level` (validation compares levels 1 and 4)."""
     import onnx
-    from onnx import helper
 
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     for node in copy.graph.node:
         if node.op_type == "MatMulNBits":
-            kept = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])
+            set_accuracy_level(node, level)
     return copy
+
+
+def set_accuracy_level(node, level: int) -> None:
+    """`node` (a MatMulNBits) runs at `level` from now on, in place."""
+    from onnx import helper
+
+    kept = [a for a in node.attribute if a.name != "accuracy_level"]
+    del node.attribute[:]
+    node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])

@@ -176,16 +176,14 @@ def eight_bit_at_level_4(proto) -> list[str]:
     ORT 1.32 has no fast fp32-math 8-bit kernel: SmolLM2's 576 x 49152 head took 132-165 ms a call at level 1
     (the weight dequantized every call), 2.7-3.0 ms at level 4 (int8 activations per block), fp32 MatMul 6.7 ms,
     4-bit g32 at level 1 2.3 ms (one thread, this machine); at level 1 the int4 decoder decoded 4x slower than fp32."""
-    from onnx import helper
+    from edgeq.converters.onnx_lowbit import set_accuracy_level
 
     changed = []
     for node in proto.graph.node:
         attrs = {a.name: a for a in node.attribute}
         if node.op_type == "MatMulNBits" and "bits" in attrs and attrs["bits"].i == 8 and \
                 ("accuracy_level" not in attrs or attrs["accuracy_level"].i < 4):
-            kept = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", 4)])
+            set_accuracy_level(node, 4)
             changed.append(node.name)
     if not changed:
         return []

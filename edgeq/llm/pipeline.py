@@ -129,7 +129,7 @@ def _run(options: Options, jobs, echo) -> int:
 
         kv_plan, kv_block = kv_cache.prepare(source.model, options.max_context, reference, calibration, sequences,
                                              prompts, GREEDY_STEPS, echo, tokenizer=source.tokenizer)
-    code = 0
+    code, lowbit_source = 0, None  # (the model low-bit plans take, its notes): split once, shared by the runtimes
     for runtime, precision, module_name in jobs:
         module = importlib.import_module(module_name)
         bundle = options.out / (options.name or source.name) / runtime / precision
@@ -139,7 +139,8 @@ def _run(options: Options, jobs, echo) -> int:
         started = time.perf_counter()
         plan, notes, exported = None, [], source.model
         if precision != "fp32":
-            exported, grid_notes = source_grid_model(source.model, options, echo)
+            lowbit_source = lowbit_source or source_grid_model(source.model, options, echo)
+            exported, grid_notes = lowbit_source
             echo(f"{runtime} {precision}: resolving the plan ({options.algo or 'rtn'}, group {options.group_size})")
             plan = lowbit_plan(runtime, exported, calibration, precision, options)
             plan.notes[:0] = grid_notes
@@ -170,9 +171,6 @@ def _run(options: Options, jobs, echo) -> int:
     return code
 
 
-_SPLIT_CACHE: dict = {}
-
-
 def source_grid_model(model, options: Options, echo):
     """(the model the low-bit plan and export take, notes): with `--source-grid keep` (the default), a copy whose
     linears already on an affine 4-bit grid of 32 inputs (a GGUF Q4_1 source) are split into symmetric codes plus
@@ -187,12 +185,8 @@ def source_grid_model(model, options: Options, echo):
         why = f"--algo {options.algo}" if options.algo not in (None, "rtn") else f"--group-size {options.group_size}"
         return model, [f"{why}: linears quantized again from their float weights (a source grid is kept only at "
                        f"group {GROUP} without --algo; --source-grid requantize says so explicitly)"]
-    key = id(model)
-    if key not in _SPLIT_CACHE:  # one split per run, shared by the runtimes
-        split = copy.deepcopy(model)
-        _SPLIT_CACHE.clear()
-        _SPLIT_CACHE[key] = (split, split_source_grids(split))
-    split, names = _SPLIT_CACHE[key]
+    split = copy.deepcopy(model)
+    names = split_source_grids(split)
     if not names:
         return model, []
     echo(f"source grid: {len(names)} linears already hold 4-bit codes per group of {GROUP}: kept verbatim")
@@ -282,10 +276,9 @@ def read_texts(path: Path, column: str | None) -> list[str]:
 
 def lowbit_plan(runtime: str, model, calibration, precision: str, options: Options):
     """The runtime's low-bit plan: its own `int4_plan` (edgeq/llm/<runtime>_lowbit_decoder.py) where it has one."""
+    from edgeq.layer_overrides import parse_per_layer
     from edgeq.llm.onnx_lowbit_decoder import int4_plan
     from edgeq.targets import Precision
-
-    from edgeq.layer_overrides import parse_per_layer
 
     overrides = parse_per_layer(default_per_layer(model) + list(options.per_layer), "--per-layer")
     name = f"edgeq.llm.{runtime}_lowbit_decoder"
