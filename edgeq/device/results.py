@@ -1,14 +1,17 @@
 """What a device run found, per bundle, and the files it writes: `--json` (documented in the README's
-"Device labs" section) and `--junit` (one testsuite per bundle, one test case per output)."""
+"Device labs" section) and `--junit` (one testsuite per bundle, one test case per output; for a text-generation
+bundle one per prompt, with its continuation in `generation`)."""
 
 from __future__ import annotations
 
 import platform
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edgeq.device.generate import GENERATION_FILE, GenerationResult
 from edgeq.device.memory import MemoryUse
 from edgeq.errors import EdgeqError
 from edgeq.validate.bundle_check import BundleCheck
@@ -29,10 +32,15 @@ class BundleRun:
     path: str  # where it came from: a folder, or ARCHIVE:model/target/precision
     manifest: dict
     runtime: dict  # runtime.runtime_package(): name, package, version
-    budget_source: str  # "manifest" or "--budget"
+    budget_source: str  # "manifest", "--budget", or "default" (a text-generation bundle: generate.DEFAULT_BUDGET)
     check: BundleCheck | None = None
     refused: str | None = None
     memory: MemoryUse | None = None
+    generation: GenerationResult | None = None  # a text-generation bundle's greedy loop, when it ran
+
+    @property
+    def text_generation(self) -> bool:
+        return self.budget_source == "default" or (self.manifest or {}).get("task") == "text-generation"
 
     @property
     def verdict(self) -> str:
@@ -84,11 +92,16 @@ def latency_json(check: BundleCheck | None) -> dict | None:
 def bundle_json(run: BundleRun) -> dict:
     manifest, check, report = run.manifest, run.check, run.report
     artifact, golden = manifest.get("artifact") or {}, manifest.get("golden") or {}
+    model, target = manifest.get("model"), manifest.get("target")
+    if run.text_generation:  # its manifest: model and target as plain strings, the golden in generation.json
+        golden = manifest.get("generation") or {"file": GENERATION_FILE}
+        model, target = run.name.split("/")[0], {"id": target}
     return {
         "bundle": run.name,
         "path": run.path,
-        "model": (manifest.get("model") or {}).get("name"),
-        "target": (manifest.get("target") or {}).get("id"),
+        "task": "text-generation" if run.text_generation else None,
+        "model": model if isinstance(model, str) else (model or {}).get("name"),
+        "target": (target or {}).get("id"),
         "precision": manifest.get("precision"),
         "artifact": {"file": artifact.get("file"), "sha256": artifact.get("sha256"), "verified": check is not None},
         "golden": {"file": golden.get("file"), "sha256": golden.get("sha256"), "verified": check is not None},
@@ -108,6 +121,7 @@ def bundle_json(run: BundleRun) -> dict:
         "latency_reason": None if check is None else check.latency_reason,
         "memory": None if run.memory is None else run.memory.to_json(),
         "seconds": None if check is None else round(check.seconds, 4),
+        "generation": None if run.generation is None else run.generation.to_json(),
     }
 
 
@@ -132,7 +146,42 @@ def junit_text(runs: list[BundleRun], refused: tuple[str, str] | None = None) ->
     if refused is not None:
         name, why = refused
         suites.append(Suite(name, DriftReport(Status.ERROR, executor="none", reason=f"refused: {why}")))
-    return junit_suites_xml(suites)
+    if all(run.generation is None for run in runs):
+        return junit_suites_xml(suites)
+    # a text-generation bundle that ran has a case per prompt; the rest as validate/junit.py writes them
+    root = ET.Element("testsuites")
+    for index, suite in enumerate(suites):
+        generation = runs[index].generation if index < len(runs) else None
+        root.append(ET.fromstring(junit_suites_xml([suite]))[0] if generation is None else _generation_suite(suite, generation))
+    for total in ("tests", "failures", "errors", "skipped"):
+        root.set(total, str(sum(int(node.get(total)) for node in root)))
+    root.set("time", f"{sum(suite.seconds for suite in suites):.3f}")
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _generation_suite(suite: Suite, generation: GenerationResult) -> ET.Element:
+    """A testsuite with one case per prompt: failed when it left the golden and the bundle is over budget."""
+    over = bool(suite.violations)
+    node = ET.Element("testsuite", name=suite.name, tests=str(len(generation.prompts)), errors="0", skipped="0",
+                      time=f"{suite.seconds:.3f}")
+    properties = ET.SubElement(node, "properties")
+    figures = {**generation.metrics(), **generation.speed()}
+    for key, value in {**suite.properties, **{k: v for k, v in figures.items() if v is not None}}.items():
+        ET.SubElement(properties, "property", name=key, value=str(value))
+    failures = 0
+    for prompt in generation.prompts:
+        case = ET.SubElement(node, "testcase", classname=suite.name, name=f"prompt {prompt.index}",
+                             time=f"{prompt.prefill_s + prompt.decode_s:.3f}")
+        said = (f"{prompt.matched} of {len(prompt.golden)} golden tokens before the first difference; against FP32 "
+                f"{prompt.fp32_matched} of {len(prompt.fp32)}; device tokens {prompt.tokens}")
+        if over and not prompt.equal:
+            failures += 1
+            ET.SubElement(case, "failure", message=f"left the golden continuation at token {prompt.matched}",
+                          type="over_budget").text = "\n".join(suite.violations)
+        ET.SubElement(case, "system-out").text = said
+    node.set("failures", str(failures))
+    return node
 
 
 def _suite(run: BundleRun) -> Suite:

@@ -22,6 +22,8 @@ def bundle_lines(run: BundleRun) -> list[str]:
         lines.append(f"  refused: {run.refused}")
         return lines
     report = check.report
+    if run.text_generation:
+        return lines + generation_lines(run)
     lines.append(f"  artifact {artifact.get('file')} sha256 {str(artifact.get('sha256'))[:16]}... verified; golden file verified")
     lines.append(f"  executed by: {report.executor}; {report.samples} golden samples")
     lines.append(f"  budget ({run.budget_source}): {check.budget or 'none'}")
@@ -50,11 +52,44 @@ def bundle_lines(run: BundleRun) -> list[str]:
         )
     else:
         lines.append(f"  latency: {check.latency_reason}")
+    return lines + _memory_lines(run)
+
+
+def _memory_lines(run: BundleRun) -> list[str]:
     memory = run.memory
-    if memory is not None:
-        increase = "" if memory.rss_increase_bytes is None else f", +{megabytes(memory.rss_increase_bytes)} over the run"
-        lines.append(f"  memory: peak RSS {megabytes(memory.peak_rss_bytes)} (process){increase}")
-    return lines
+    if memory is None:
+        return []
+    increase = "" if memory.rss_increase_bytes is None else f", +{megabytes(memory.rss_increase_bytes)} over the run"
+    return [f"  memory: peak RSS {megabytes(memory.peak_rss_bytes)} (process){increase}"]
+
+
+def generation_lines(run: BundleRun) -> list[str]:
+    """A text-generation bundle: per prompt, how far the device's greedy continuation follows each golden."""
+    check, generation = run.check, run.generation
+    artifact = run.manifest.get("artifact") or {}
+    lines = [f"  artifact {artifact.get('file')} sha256 {str(artifact.get('sha256'))[:16]}... verified; generation.json verified",
+             f"  executed by: {check.report.executor}; greedy generate loop over {len(generation.prompts) if generation else 0} prompts",
+             f"  budget ({run.budget_source}): {check.budget or 'none'}"]
+    for prompt in generation.prompts if generation else []:
+        if prompt.equal:
+            told = f"equals the golden ({len(prompt.golden)} tokens)"
+        else:
+            told = (f"leaves the golden at token {prompt.matched} of {len(prompt.golden)} (golden "
+                    f"{prompt.golden[prompt.matched] if prompt.matched < len(prompt.golden) else 'end'}, device "
+                    f"{prompt.tokens[prompt.matched] if prompt.matched < len(prompt.tokens) else 'end'})")
+        lines.append(f"  prompt {prompt.index} ({prompt.prompt_tokens} tokens): {told}; FP32 PyTorch's: "
+                     f"{prompt.fp32_matched} of {len(prompt.fp32)} tokens before the first difference")
+        if prompt.golden_text:
+            lines.append(f"    golden: {prompt.golden_text!r}")
+    if check.report.reason:
+        lines.append(f"  {check.report.reason}")
+    if generation:
+        metrics, speed = generation.metrics(), generation.speed()
+        lines.append(f"  greedy_match {metrics['greedy_match']:.4g}, fp32_match {metrics['fp32_match']:.4g}")
+        lines.append(f"  speed (the loop's first pass): prefill {_fmt(speed['prefill_tokens_per_s'], 4)} tokens/s, "
+                     f"decode {_fmt(speed['decode_tokens_per_s'], 4)} tokens/s")
+    lines += [f"  over budget: {line}" for line in check.violations]
+    return lines + _memory_lines(run)
 
 
 def summary_line(runs: list[BundleRun], code: int, host: str) -> str:

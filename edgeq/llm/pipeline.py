@@ -53,6 +53,7 @@ class Options:
     kv_cache: str = "float"  # float | int8 (edgeq/llm/kv_cache.py; onnx only)
     per_layer: list[str] = field(default_factory=list)  # --per-layer PATTERN=SCHEME (edgeq/layer_overrides.py)
     source_grid: str = "keep"  # keep | requantize: a source's own 4-bit grid (edgeq/llm/source_grid.py)
+    outlier_channels: int | None = None  # tflite int4: input channels in float per linear (edgeq/llm/outlier_split.py)
 
 
 def check_options(options: Options) -> list[tuple[str, str, object]]:
@@ -66,6 +67,8 @@ def check_options(options: Options) -> list[tuple[str, str, object]]:
         parse_per_layer(list(options.per_layer), "--per-layer")
     if options.source_grid not in ("keep", "requantize"):
         raise UsageError(f"--source-grid {options.source_grid}: expected keep or requantize")
+    if options.outlier_channels is not None and not 0 <= options.outlier_channels <= 256:
+        raise UsageError(f"--outlier-channels {options.outlier_channels}: expected 0 (none) to 256 input channels per linear")
     from edgeq.llm.kv_cache import check_runtimes
 
     check_runtimes(options.kv_cache, options.targets or ["onnx"])
@@ -141,6 +144,9 @@ def _run(options: Options, jobs, echo) -> int:
         if precision != "fp32":
             lowbit_source = lowbit_source or source_grid_model(source.model, options, echo)
             exported, grid_notes = lowbit_source
+            if runtime == "tflite":  # LiteRT's 4-bit kernel quantizes input rows to int8: outliers beside it in float
+                exported, split_notes = outlier_split_model(exported, calibration, options, echo)
+                grid_notes = [*grid_notes, *split_notes]
             echo(f"{runtime} {precision}: resolving the plan ({options.algo or 'rtn'}, group {options.group_size})")
             plan = lowbit_plan(runtime, exported, calibration, precision, options)
             plan.notes[:0] = grid_notes
@@ -161,7 +167,7 @@ def _run(options: Options, jobs, echo) -> int:
         violations = [f"{m}{op}{limit:g} (got {metrics[m]:.4g})" for m, op, limit in bounds
                       if not (metrics[m] >= limit if op == ">=" else metrics[m] <= limit)]
         write_bundle(bundle, dest, source, options, runtime, precision, plan, notes, report, violations, seconds,
-                     kv=kv_block)
+                     kv=kv_block, prompts=prompts)
         verdict = "over budget: " + "; ".join(violations) if violations else "ok"
         echo(f"{runtime} {precision}: token agreement {metrics['token_agreement']:.4f}, ppl delta "
              f"{metrics['ppl_delta']:+.4g}, greedy {metrics['greedy_agreement']:.3f} -> {bundle} ({verdict})"
@@ -194,6 +200,22 @@ def source_grid_model(model, options: Options, echo):
                    f"as GGUF Q4_1 stores it): symmetric codes q - 8 with scale d verbatim, plus the float offsets "
                    f"m + 8 d over the group sums (exact; edgeq/llm/source_grid.py). --source-grid requantize "
                    f"quantizes them again instead"]
+
+
+def outlier_split_model(model, calibration, options: Options, echo):
+    """(a copy of `model` whose linears compute their largest input channels in float beside the 4-bit kernel,
+    notes); `model` itself with --outlier-channels 0 (edgeq/llm/outlier_split.py)."""
+    import copy
+
+    from edgeq.llm.outlier_split import DEFAULT_CHANNELS, describe, split_outlier_inputs
+
+    channels = DEFAULT_CHANNELS if options.outlier_channels is None else options.outlier_channels
+    if channels == 0:
+        return model, ["--outlier-channels 0: every linear's input rows go to the int8 kernel whole"]
+    split = copy.deepcopy(model)
+    names = split_outlier_inputs(split, calibration, channels)
+    echo(f"outlier channels: {channels} input channels of {len(names)} linears in float beside the 4-bit kernel")
+    return split, [describe(names, channels)] if names else []
 
 
 def token_data(source, options: Options):
@@ -301,17 +323,27 @@ def default_per_layer(model) -> list[str]:
     entry wins): the head decides every token, and 4 bits there cost most of a small model's agreement
     (SmolLM2-135M ONNX, linears on their source grid: teacher-forced top-1 0.796 with a 4-bit head and table,
     0.969 with int8 ones; 160 MB against 116 MB, fp32 539 MB)."""
+    from edgeq.llm.outlier_split import planned_layer
+
     names = {id(module): name for name, module in model.named_modules()}
     entries = []
     for get in ("get_output_embeddings", "get_input_embeddings"):
-        module = getattr(model, get)() if hasattr(model, get) else None
+        module = planned_layer(getattr(model, get)()) if hasattr(model, get) else None
         if module is not None and id(module) in names:
             entries.append(f"{names[id(module)]}=int8")
     return entries
 
 
+DEVICE_PROMPTS = 4  # prompts in generation.json: the device's greedy loop reruns these (edgeq/device/generate.py)
+
+
 def write_bundle(bundle, artifact, source, options, runtime, precision, plan, notes, report, violations, seconds,
-                 kv=None) -> None:
+                 kv=None, prompts=()) -> None:
+    """manifest.json, report.json, report.md, tokenizer/ and generation.json (the first DEVICE_PROMPTS of `prompts`
+    with both greedy continuations from `report`, for `edgeq-device`); the manifest records the sha256 of the
+    artifact and of generation.json, so the device refuses either once changed."""
+    from edgeq.device.generate import GENERATION_FILE, record_text
+    from edgeq.hashing import sha256_path
     from edgeq.llm.report import manifest, markdown
 
     if source.tokenizer is not None:
@@ -319,14 +351,45 @@ def write_bundle(bundle, artifact, source, options, runtime, precision, plan, no
             source.tokenizer.save_pretrained(str(bundle / "tokenizer"))  # the bundle decodes its own golden tokens
         except (OSError, ValueError, TypeError) as exc:
             notes = [*notes, f"tokenizer not saved: {exc}"]
-    data = manifest(artifact, source, options, runtime, precision, plan, notes, report, violations, seconds, kv=kv)
-    (bundle / "manifest.json").write_text(json.dumps(data, indent=2) + "\n")
     full = report.to_dict()
     for entry in full["prompts"]:
         entry["reference_text"] = _decode(source.tokenizer, entry["reference_tokens"])
         entry["candidate_text"] = _decode(source.tokenizer, entry["candidate_tokens"])
+    record = _generation_record(artifact, source, options, runtime, list(prompts)[:DEVICE_PROMPTS], full["prompts"],
+                                kv is not None)
+    (bundle / GENERATION_FILE).write_text(record_text(record))
+    data = manifest(artifact, source, options, runtime, precision, plan, notes, report, violations, seconds, kv=kv)
+    data["artifact"]["sha256"] = sha256_path(artifact)
+    data["generation"] = {"file": GENERATION_FILE, "sha256": sha256_path(bundle / GENERATION_FILE),
+                          "prompts": len(record["prompts"]), "run": "python -m edgeq.device BUNDLE (numpy + the runtime)"}
+    (bundle / "manifest.json").write_text(json.dumps(data, indent=2) + "\n")
     (bundle / "report.json").write_text(json.dumps(full, indent=2) + "\n")
     (bundle / "report.md").write_text(markdown(data, full))
+
+
+def _generation_record(artifact, source, options, runtime, prompts, validated, int8_cache: bool) -> dict:
+    """generation.json: `prompts` (token ids) with the continuations the validation decoded for them (`validated`:
+    report.json's prompts, the same order), and what a device needs to drive the artifact."""
+    from edgeq.device.generate import generation_record, io_record
+    from edgeq.llm.onnx_decoder import cache_shape
+    from edgeq.llm.tflite_decoder import prefill_length
+
+    layers, kv_heads, head_dim = cache_shape(source.model.config)
+    io = io_record(runtime, layers, kv_heads, head_dim, options.max_context, cache_dtype="int8" if int8_cache else "float32",
+                   prefill_length=prefill_length(options.max_context) if runtime == "tflite" else None)
+    entries = []
+    for ids, done in zip(prompts, validated):
+        entry = {"ids": [int(t) for t in ids], "steps": done["steps"], "artifact_tokens": done["candidate_tokens"],
+                 "fp32_tokens": done["reference_tokens"]}
+        if source.tokenizer is not None:
+            entry.update(text=source.tokenizer.decode(entry["ids"]), artifact_text=done["candidate_text"],
+                         fp32_text=done["reference_text"])
+        entries.append(entry)
+    generation = getattr(source.model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    eos = eos if eos is not None else getattr(source.model.config, "eos_token_id", None)
+    threads = 1 if runtime == "onnx" else None  # as open_runner ran it here: ORT on one thread, LiteRT its default
+    return generation_record(runtime, Path(artifact).name, options.max_context, GREEDY_STEPS, eos, io, threads, entries)
 
 
 def _decode(tokenizer, tokens) -> str | None:
