@@ -53,7 +53,6 @@ class Options:
     kv_cache: str = "float"  # float | int8 (edgeq/llm/kv_cache.py; onnx only)
     per_layer: list[str] = field(default_factory=list)  # --per-layer PATTERN=SCHEME (edgeq/layer_overrides.py)
     source_grid: str = "keep"  # keep | requantize: a source's own 4-bit grid (edgeq/llm/source_grid.py)
-    outlier_channels: int | None = None  # tflite int4: input channels in float per linear (edgeq/llm/outlier_split.py)
 
 
 def check_options(options: Options) -> list[tuple[str, str, object]]:
@@ -67,8 +66,6 @@ def check_options(options: Options) -> list[tuple[str, str, object]]:
         parse_per_layer(list(options.per_layer), "--per-layer")
     if options.source_grid not in ("keep", "requantize"):
         raise UsageError(f"--source-grid {options.source_grid}: expected keep or requantize")
-    if options.outlier_channels is not None and not 0 <= options.outlier_channels <= 256:
-        raise UsageError(f"--outlier-channels {options.outlier_channels}: expected 0 (none) to 256 input channels per linear")
     from edgeq.llm.kv_cache import check_runtimes
 
     check_runtimes(options.kv_cache, options.targets or ["onnx"])
@@ -144,9 +141,6 @@ def _run(options: Options, jobs, echo) -> int:
         if precision != "fp32":
             lowbit_source = lowbit_source or source_grid_model(source.model, options, echo)
             exported, grid_notes = lowbit_source
-            if runtime == "tflite":  # LiteRT's 4-bit kernel quantizes input rows to int8: outliers beside it in float
-                exported, split_notes = outlier_split_model(exported, calibration, options, echo)
-                grid_notes = [*grid_notes, *split_notes]
             echo(f"{runtime} {precision}: resolving the plan ({options.algo or 'rtn'}, group {options.group_size})")
             plan = lowbit_plan(runtime, exported, calibration, precision, options)
             plan.notes[:0] = grid_notes
@@ -200,22 +194,6 @@ def source_grid_model(model, options: Options, echo):
                    f"as GGUF Q4_1 stores it): symmetric codes q - 8 with scale d verbatim, plus the float offsets "
                    f"m + 8 d over the group sums (exact; edgeq/llm/source_grid.py). --source-grid requantize "
                    f"quantizes them again instead"]
-
-
-def outlier_split_model(model, calibration, options: Options, echo):
-    """(a copy of `model` whose linears compute their largest input channels in float beside the 4-bit kernel,
-    notes); `model` itself with --outlier-channels 0 (edgeq/llm/outlier_split.py)."""
-    import copy
-
-    from edgeq.llm.outlier_split import DEFAULT_CHANNELS, describe, split_outlier_inputs
-
-    channels = DEFAULT_CHANNELS if options.outlier_channels is None else options.outlier_channels
-    if channels == 0:
-        return model, ["--outlier-channels 0: every linear's input rows go to the int8 kernel whole"]
-    split = copy.deepcopy(model)
-    names = split_outlier_inputs(split, calibration, channels)
-    echo(f"outlier channels: {channels} input channels of {len(names)} linears in float beside the 4-bit kernel")
-    return split, [describe(names, channels)] if names else []
 
 
 def token_data(source, options: Options):
@@ -323,12 +301,10 @@ def default_per_layer(model) -> list[str]:
     entry wins): the head decides every token, and 4 bits there cost most of a small model's agreement
     (SmolLM2-135M ONNX, linears on their source grid: teacher-forced top-1 0.796 with a 4-bit head and table,
     0.969 with int8 ones; 160 MB against 116 MB, fp32 539 MB)."""
-    from edgeq.llm.outlier_split import planned_layer
-
     names = {id(module): name for name, module in model.named_modules()}
     entries = []
     for get in ("get_output_embeddings", "get_input_embeddings"):
-        module = planned_layer(getattr(model, get)()) if hasattr(model, get) else None
+        module = getattr(model, get)() if hasattr(model, get) else None
         if module is not None and id(module) in names:
             entries.append(f"{names[id(module)]}=int8")
     return entries
