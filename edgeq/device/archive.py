@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from edgeq.bundle import REJECTED_SUFFIX
+from edgeq.device.generate import as_bundle_files, is_generation_bundle, read_generation_bundle
 from edgeq.errors import SourceError, UsageError
 from edgeq.hashing import sha256_file
 from edgeq.validate.bundle_check import BundleFiles, read_bundle, verify_checksums
@@ -30,7 +31,8 @@ from edgeq.validate.bundle_check import BundleFiles, read_bundle, verify_checksu
 INDEX = "edgeq-lab.json"  # at the archive's root
 FORMAT = "edgeq-lab"
 SCHEMA = 1
-OPTIONAL_FILES = ("report.json", "sensitivity.json")  # packed when the bundle has them
+# packed when the bundle has them (genai_config.json, kv_scales.npz: beside a text-generation bundle's ONNX decoder)
+OPTIONAL_FILES = ("report.json", "sensitivity.json", "genai_config.json", "kv_scales.npz")
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # zip timestamps: the same bundles give the same archive bytes
 _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
@@ -77,8 +79,11 @@ def pack(bundles: list[Path], dest: Path, allow_rejected: bool = False) -> dict:
                 f"{folder}: a rejected bundle (over budget, or its runtime could not run it); "
                 "pass --allow-rejected to pack it anyway"
             )
-        files = read_bundle(folder)
-        verify_checksums(files)
+        if is_generation_bundle(folder):  # checked against its manifest as it is read
+            files = as_bundle_files(read_generation_bundle(folder))
+        else:
+            files = read_bundle(folder)
+            verify_checksums(files)
         name = bundle_name(files)
         if any(name == other for other, _, _ in checked):
             raise UsageError(f"two bundles would both be packed as {name}: give each model/target/precision once")

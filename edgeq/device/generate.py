@@ -154,6 +154,17 @@ def read_generation_bundle(folder: Path) -> GenerationBundle:
     return GenerationBundle(folder, manifest, record, artifact)
 
 
+def as_bundle_files(bundle: GenerationBundle):
+    """The view a lab archive packs (edgeq/device/archive.py): generation.json in the golden file's place, the
+    manifest's plain-string model and target as the dicts an ordinary bundle's manifest has (in memory only)."""
+    from edgeq.validate.bundle_check import BundleFiles
+
+    manifest = dict(bundle.manifest, golden=bundle.manifest["generation"], model={"name": bundle.path.parent.parent.name},
+                    target={"id": bundle.runtime, "runtime": bundle.runtime},
+                    budget={"verdict": bundle.manifest.get("verdict")}, plan=None)
+    return BundleFiles(bundle.path, manifest, bundle.artifact, bundle.path / GENERATION_FILE, bundle.runtime, {}, [])
+
+
 def _plain(name) -> str:
     if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
         raise ValueError(f"file name {name!r} is not a plain name in the bundle folder")
