@@ -70,8 +70,9 @@ def main() -> None:
 @click.option("--max-context", type=click.IntRange(2), help="--task text-generation: the decoder's KV cache length in tokens (default 256).")
 @click.option("--kv-cache", "kv_cache", type=click.Choice(["float", "int8"]), help="--task text-generation: the KV cache's dtype (default float); int8: per-channel scales from the calibration text, onnx only, its own drift reported apart from the weights'.")
 @click.option("--source-grid", type=click.Choice(["keep", "requantize"]), help="--task text-generation at 4 bits: keep the 4-bit codes a source already holds (a GGUF Q4_1 linear: exact, the default) or quantize its float weights again.")
+@click.option("--outlier-channels", type=int, metavar="N", help="--task text-generation -t tflite at 4 bits: input channels per linear computed in float beside LiteRT's int8-row kernel, the largest on the calibration text (default 16; 0: none).")
 @click.pass_context
-def convert(ctx, source, config, verbose, max_context, source_grid, **options):
+def convert(ctx, source, config, verbose, max_context, source_grid, outlier_channels, **options):
     """Convert SOURCE and validate every artifact in its runtime.
 
     SOURCE is package.module:callable, a TorchScript file, a torch.export .pt2 program, a Hugging Face
@@ -79,8 +80,8 @@ def convert(ctx, source, config, verbose, max_context, source_grid, **options):
     """
     if options.get("task") != "text-generation" and options.pop("kv_cache") is not None:
         _fail(UsageError("--kv-cache belongs to --task text-generation"))
-    if options.get("task") == "text-generation" or max_context is not None or source_grid is not None:
-        options["source_grid"] = source_grid
+    if options.get("task") == "text-generation" or max_context is not None or source_grid is not None or outlier_channels is not None:
+        options["source_grid"], options["outlier_channels"] = source_grid, outlier_channels
         sys.exit(_convert_decoder(source, config, verbose, max_context, options))  # edgeq/llm/pipeline.py
     try:
         # Every option and the project file are checked here, before torch or a model loads.
@@ -110,7 +111,9 @@ def _convert_decoder(source, config, verbose, max_context, options) -> int:
 
     try:
         if options.get("task") != "text-generation":
-            raise UsageError(f"--{'max-context' if max_context is not None else 'source-grid'} belongs to --task text-generation")
+            given = next(name for name, value in (("max-context", max_context), ("source-grid", options.get("source_grid")),
+                                                  ("outlier-channels", options.get("outlier_channels"))) if value is not None)
+            raise UsageError(f"--{given} belongs to --task text-generation")
         if config or not source:
             raise UsageError("--task text-generation takes SOURCE (a CausalLM folder or a .gguf file), not --config")
         from edgeq.llm.pipeline import DEFAULT_MAX_CONTEXT, Options, run
@@ -125,6 +128,7 @@ def _convert_decoder(source, config, verbose, max_context, options) -> int:
         job.source_grid = options.get("source_grid") or "keep"
         job.per_layer = list(options.get("per_layer") or ())
         job.kv_cache = options.get("kv_cache") or "float"
+        job.outlier_channels = options.get("outlier_channels")
         with toolchain_output(verbose):
             return run(job, echo=lambda text: click.echo(f"  {text}", err=True))
     except EdgeqError as error:

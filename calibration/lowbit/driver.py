@@ -98,8 +98,10 @@ def rtn_solver(grid: Grid, clip: str = "minmax", weighted: bool = False) -> Solv
 class KnownCodes:
     """A layer whose weight already lies on the plan's grid (a source's own 4-bit codes, edgeq/llm/source_grid.py):
     its codes verbatim, its scales made representable in the grid's scale dtype (a float16 scale on a bfloat16
-    grid is rounded up; the codes then round back to themselves since |code| * 2^-7 < 1/2, and the weight moves
-    by at most |code| * (rounded - scale)). Needs no calibration pass."""
+    grid is rounded to the nearest; the codes then round back to themselves since |code| * 2^-8 < 1/2, and the
+    weight moves by at most |code| * |rounded - scale|). Needs no calibration pass. Nearest, not up: rounding
+    every scale up biases every weight of SmolLM2-135M the same way (PyTorch, 24 STS-B sentences: top-1 vs FP32
+    0.971 rounded up, 1.000 to nearest)."""
 
     needs_inputs = False
 
@@ -113,7 +115,7 @@ class KnownCodes:
         if self.codes.shape != self.W.shape or self.scale.shape != (self.W.shape[0], self.grid.groups(self.W.shape[1])):
             raise ValueError(f"source codes {tuple(self.codes.shape)} / scales {tuple(self.scale.shape)} do not fit "
                              f"the weight {tuple(self.W.shape)} on {self.grid}")
-        scale = self.grid.representable(self.scale)
+        scale = self.grid.nearest_representable(self.scale)
         zero = torch.zeros_like(scale)
         codes = self.grid.quantize(self.W, scale, zero)
         if not torch.equal(codes, self.codes.float()):

@@ -78,6 +78,17 @@ class Grid:
         bumped = (scale * (1 + epsilon)).to(dtype).float()
         return torch.where(rounded >= scale, rounded, bumped)
 
+    def nearest_representable(self, scale: torch.Tensor) -> torch.Tensor:
+        """`scale` rounded to the nearest value of the grid's scale dtype, as float32 (for codes that are given,
+        not fitted: the range argument of `representable` does not apply, and nearest halves the error);
+        as `representable` where that would leave the dtype's normal range."""
+        dtype, _ = SCALE_DTYPES[self.scale_dtype]
+        if dtype == torch.float32:
+            return self.representable(scale)
+        nearest = scale.to(dtype).float()
+        up = self.representable(scale)
+        return torch.where((nearest > torch.finfo(dtype).tiny) & torch.isfinite(nearest) & (scale > 0), nearest, up)
+
     def expand(self, params: torch.Tensor, columns: int) -> torch.Tensor:
         """[N, groups] -> [N, K]: each group's value repeated over its columns."""
         if params.shape[1] == columns:  # one column per group (GPTQ's column loop): nothing to repeat

@@ -53,6 +53,7 @@ class Options:
     kv_cache: str = "float"  # float | int8 (edgeq/llm/kv_cache.py; onnx only)
     per_layer: list[str] = field(default_factory=list)  # --per-layer PATTERN=SCHEME (edgeq/layer_overrides.py)
     source_grid: str = "keep"  # keep | requantize: a source's own 4-bit grid (edgeq/llm/source_grid.py)
+    outlier_channels: int | None = None  # tflite int4: input channels in float per linear (edgeq/llm/outlier_split.py)
 
 
 def check_options(options: Options) -> list[tuple[str, str, object]]:
@@ -66,6 +67,11 @@ def check_options(options: Options) -> list[tuple[str, str, object]]:
         parse_per_layer(list(options.per_layer), "--per-layer")
     if options.source_grid not in ("keep", "requantize"):
         raise UsageError(f"--source-grid {options.source_grid}: expected keep or requantize")
+    if options.outlier_channels is not None and not 0 <= options.outlier_channels <= 256:
+        raise UsageError(f"--outlier-channels {options.outlier_channels}: expected 0 (none) to 256 input channels per linear")
+    if options.outlier_channels is not None and "tflite" not in (options.targets or ["onnx"]):
+        raise UsageError("--outlier-channels: only -t tflite needs it (LiteRT's 4-bit kernel quantizes input rows to int8; "
+                         "ONNX's int4 kernels quantize blocks of 32, Core ML's keep float inputs)")
     from edgeq.llm.kv_cache import check_runtimes
 
     check_runtimes(options.kv_cache, options.targets or ["onnx"])
@@ -141,8 +147,12 @@ def _run(options: Options, jobs, echo) -> int:
         if precision != "fp32":
             lowbit_source = lowbit_source or source_grid_model(source.model, options, echo)
             exported, grid_notes = lowbit_source
+            plan_options = options
+            if runtime == "tflite":  # LiteRT's 4-bit kernel quantizes input rows to int8: outliers beside it in float
+                exported, split_notes, plan_options = outlier_split_model(exported, calibration, options, echo)
+                grid_notes = [*grid_notes, *split_notes]
             echo(f"{runtime} {precision}: resolving the plan ({options.algo or 'rtn'}, group {options.group_size})")
-            plan = lowbit_plan(runtime, exported, calibration, precision, options)
+            plan = lowbit_plan(runtime, exported, calibration, precision, plan_options)
             plan.notes[:0] = grid_notes
         echo(f"{runtime} {precision}: exporting the decoder (max context {options.max_context})")
         dest = bundle / FILENAMES[runtime]
@@ -194,6 +204,30 @@ def source_grid_model(model, options: Options, echo):
                    f"as GGUF Q4_1 stores it): symmetric codes q - 8 with scale d verbatim, plus the float offsets "
                    f"m + 8 d over the group sums (exact; edgeq/llm/source_grid.py). --source-grid requantize "
                    f"quantizes them again instead"]
+
+
+def outlier_split_model(model, calibration, options: Options, echo):
+    """(a copy of `model` whose linears compute their largest input channels in float beside the 4-bit kernel,
+    notes, the options with --keep-float / --per-layer names of those linears moved to the planned inner layer
+    `NAME.linear`); `model` and `options` themselves with --outlier-channels 0 (edgeq/llm/outlier_split.py)."""
+    import copy
+    import dataclasses
+
+    from edgeq.llm.outlier_split import DEFAULT_CHANNELS, INNER, describe, split_outlier_inputs
+
+    channels = DEFAULT_CHANNELS if options.outlier_channels is None else options.outlier_channels
+    if channels == 0:
+        return model, ["--outlier-channels 0: every linear's input rows go to the int8 kernel whole"], options
+    split = copy.deepcopy(model)
+    names = set(split_outlier_inputs(split, calibration, channels))
+    echo(f"outlier channels: {channels} input channels of {len(names)} linears in float beside the 4-bit kernel")
+
+    def moved(pattern: str) -> str:  # an exact name of a wrapped layer now names its inner layer; globs match both
+        return pattern + INNER if pattern in names else pattern
+
+    renamed = dataclasses.replace(options, keep_float=[moved(p) for p in options.keep_float],
+                                  per_layer=[moved(p) + "=" + v for p, _, v in (e.rpartition("=") for e in options.per_layer)])
+    return split, [describe(sorted(names), channels)] if names else [], renamed
 
 
 def token_data(source, options: Options):
@@ -301,10 +335,12 @@ def default_per_layer(model) -> list[str]:
     entry wins): the head decides every token, and 4 bits there cost most of a small model's agreement
     (SmolLM2-135M ONNX, linears on their source grid: teacher-forced top-1 0.796 with a 4-bit head and table,
     0.969 with int8 ones; 160 MB against 116 MB, fp32 539 MB)."""
+    from edgeq.llm.outlier_split import planned_layer
+
     names = {id(module): name for name, module in model.named_modules()}
     entries = []
     for get in ("get_output_embeddings", "get_input_embeddings"):
-        module = getattr(model, get)() if hasattr(model, get) else None
+        module = planned_layer(getattr(model, get)()) if hasattr(model, get) else None
         if module is not None and id(module) in names:
             entries.append(f"{names[id(module)]}=int8")
     return entries
