@@ -43,16 +43,17 @@ sys.exit(code)
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
-    """A tiny Llama converted for onnx (fp32, int4-weight) and tflite (fp32), three prompts of 12 word tokens."""
+    """A tiny Llama converted for onnx (fp32; int4-weight with an int8 KV cache) and tflite (fp32), three prompts of
+    12 word tokens each."""
     from edgeq.llm.pipeline import Options, run
 
     work = tmp_path_factory.mktemp("device-generate")
     folder = save_folder(tiny_decoder("llama"), work / "tiny-llama")
     data = work / "texts.txt"
     data.write_text("\n".join(word_texts(5, 12, seed=7)) + "\n")
-    for targets, precisions in ((["onnx"], ["fp32", "int4-weight"]), (["tflite"], ["fp32"])):
-        code = run(Options(str(folder), targets, precisions, work / "out", max_context=32, data=data, samples=3,
-                           calibration_samples=2), echo=lambda *_: None)
+    for target, precision, kv_cache in (("onnx", "fp32", "float"), ("onnx", "int4-weight", "int8"), ("tflite", "fp32", "float")):
+        code = run(Options(str(folder), [target], [precision], work / "out", max_context=32, data=data, samples=3,
+                           calibration_samples=2, kv_cache=kv_cache), echo=lambda *_: None)
         assert code == 0
     root = work / "out" / "tiny-llama"
     return {"onnx": root / "onnx" / "fp32", "onnx-int4": root / "onnx" / "int4-weight", "tflite": root / "tflite" / "fp32"}
@@ -94,6 +95,8 @@ def test_generation_json_holds_prompts_both_goldens_and_how_to_drive_the_artifac
             assert prompt["text"].startswith("w")
         assert record["io"]["cache"]["layers"] == 2 and record["io"]["cache"]["kv_heads"] == 2
     assert json.loads((bundles["onnx"] / "generation.json").read_text())["session"] == {"threads": 1}
+    # the int8 cache is quantized inside the graph: the device carries int8 codes, nothing else to know
+    assert json.loads((bundles["onnx-int4"] / "generation.json").read_text())["io"]["cache"]["dtype"] == "int8"
     assert json.loads((bundles["tflite"] / "generation.json").read_text())["io"]["signatures"]["prefill"] == 32
 
 
