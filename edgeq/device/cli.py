@@ -163,11 +163,12 @@ def run_generation_one(folder: Path, budget_text: str | None) -> BundleRun:
     try:
         bundle = read_generation_bundle(folder)
     except SourceError as error:
-        return BundleRun(folder.name, str(folder), {}, {"name": None, "package": None, "version": None}, "default", refused=str(error))
+        return BundleRun(folder.name, str(folder), {}, {"name": None, "package": None, "version": None}, "default",
+                         refused=str(error), text_generation=True)
     if budget_text is not None and budget_text and not is_generation_budget(budget_text):
         raise UsageError(f"--budget {budget_text!r}: a text-generation bundle takes greedy_match>=R and fp32_match>=R")
     run = BundleRun(bundle.name, str(folder), bundle.manifest, runtime_package(bundle.runtime),
-                    "default" if budget_text is None else "--budget")
+                    "default" if budget_text is None else "--budget", text_generation=True)
     with MemoryWatch() as watch:
         run.check, run.generation = check_generation(bundle, budget_text)
     run.memory = watch.use

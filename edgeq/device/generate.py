@@ -48,6 +48,7 @@ TASK = "text-generation"  # manifest.json's "task" of a text-generation bundle
 METRICS = ("greedy_match", "fp32_match")
 DEFAULT_BUDGET = "greedy_match>=1"  # the device must reproduce the host artifact's continuation exactly
 _TERM = re.compile(r"^\s*([a-z_0-9]+)\s*>=\s*([-+0-9.eE]+)\s*$")
+_NAME = re.compile(r"\s*([a-z_0-9]*)")  # a term's metric name (matches any text, maybe empty)
 
 
 # -- the host side: what write_bundle records ------------------------------------------------------------------
@@ -179,16 +180,20 @@ def parse_generation_budget(text: str | None) -> list[tuple[str, float]]:
     bounds = []
     for part in text.split(","):
         match = _TERM.match(part)
-        if not match or match[1] not in METRICS or not 0.0 <= float(match[2]) <= 1.0:
+        try:
+            limit = float(match[2]) if match else None
+        except ValueError:
+            limit = None
+        if limit is None or match[1] not in METRICS or not 0.0 <= limit <= 1.0:
             raise UsageError(f"--budget {part.strip()!r}: a text-generation bundle takes "
                              f"{' and '.join(m + '>=R' for m in METRICS)}, R from 0 to 1")
-        bounds.append((match[1], float(match[2])))
+        bounds.append((match[1], limit))
     return bounds
 
 
 def is_generation_budget(text: str) -> bool:
-    """Whether every term of `text` names a text-generation metric (decides which budget syntax applies)."""
-    return bool(text.strip()) and all((m := _TERM.match(p)) and m[1] in METRICS for p in text.split(","))
+    """Whether `text` names a text-generation metric anywhere: then it is read (and refused) as one."""
+    return any(_NAME.match(part)[1] in METRICS for part in text.split(","))
 
 
 @dataclass
@@ -264,8 +269,8 @@ class NotRunHere(Exception):
 
 
 def open_runner(bundle: GenerationBundle):
-    """The artifact's StepRunner in its runtime, with the host's session settings, its IO checked against the record.
-    ImportError: the runtime is not installed; RunnerError: it cannot load or run the artifact."""
+    """(the artifact's StepRunner in its runtime with the host's session settings, what executes it), its cache
+    checked against the record. ImportError: the runtime is not installed; RunnerError: it cannot load the artifact."""
     from edgeq.validate.runners.base import RunnerError
 
     record, runtime = bundle.record, bundle.runtime
@@ -275,12 +280,13 @@ def open_runner(bundle: GenerationBundle):
         from edgeq.validate.runners.onnx_decoder import OnnxDecoderRunner
 
         runner = OnnxDecoderRunner(bundle.artifact, max_context, threads=1 if threads is None else int(threads))
-        runner.executor = f"onnxruntime (CPU, {runner.session.get_session_options().intra_op_num_threads} intra-op thread(s))"
+        executor = f"onnxruntime (CPU, {runner.session.get_session_options().intra_op_num_threads} intra-op thread(s))"
         found = {"layers": len(runner.past_names) // 2, "dtype": runner.cache_dtype.name}
     elif runtime == "tflite":
         from edgeq.validate.runners.tflite_decoder import TFLiteDecoderRunner
 
         runner = TFLiteDecoderRunner(bundle.artifact, max_context, threads)
+        executor = runner.executor
         found = {"layers": len(runner.cache_names) // 2, "dtype": str(runner.cache[runner.cache_names[0]].dtype)}
         want = (record["io"].get("signatures") or {}).get("prefill")
         if want is not None and want != runner.prefill_length:
@@ -293,14 +299,14 @@ def open_runner(bundle: GenerationBundle):
         from edgeq.validate.runners.coreml_decoder import CoreMLDecoderRunner
 
         runner = CoreMLDecoderRunner(bundle.artifact, max_context, executor="coreml")
-        runner.executor, found = "Core ML (MLModel.predict with MLState)", {}
+        executor, found = "Core ML (MLModel.predict with MLState)", {}
     else:
         raise RunnerError(f"{GENERATION_FILE}: runtime {runtime!r} is not onnx, tflite or coreml")
     wrong = {k: (v, cache[k]) for k, v in found.items() if k in cache and cache[k] != v}
     if wrong:
         raise RunnerError(f"{bundle.artifact.name} does not match {GENERATION_FILE}'s io.cache: "
                           + ", ".join(f"{k} {have} (recorded {want})" for k, (have, want) in wrong.items()))
-    return runner
+    return runner, executor
 
 
 def greedy(runner, prompt: list[int], steps: int, eos: set[int]) -> tuple[list[int], float, float]:
@@ -323,9 +329,9 @@ def greedy(runner, prompt: list[int], steps: int, eos: set[int]) -> tuple[list[i
 def run_generation(bundle: GenerationBundle) -> GenerationResult:
     """Every prompt of the bundle through the greedy loop, compared with both goldens.
     Raises NotRunHere, ImportError (no runtime), or RunnerError / EdgeqError (the runtime failed)."""
-    runner = open_runner(bundle)
+    runner, executor = open_runner(bundle)
     eos = set(bundle.record.get("eos_token_ids") or [])
-    result = GenerationResult(getattr(runner, "executor", runner.name))
+    result = GenerationResult(executor)
     for index, prompt in enumerate(bundle.record["prompts"]):
         golden, fp32 = _until_eos(prompt["artifact_tokens"], eos), _until_eos(prompt["fp32_tokens"], eos)
         tokens, prefill_s, decode_s = greedy(runner, prompt["ids"], int(prompt["steps"]), eos)

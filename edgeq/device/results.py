@@ -36,11 +36,8 @@ class BundleRun:
     check: BundleCheck | None = None
     refused: str | None = None
     memory: MemoryUse | None = None
-    generation: GenerationResult | None = None  # a text-generation bundle's greedy loop, when it ran
-
-    @property
-    def text_generation(self) -> bool:
-        return self.budget_source == "default" or (self.manifest or {}).get("task") == "text-generation"
+    text_generation: bool = False  # its manifest says task text-generation (edgeq/device/generate.py)
+    generation: GenerationResult | None = None  # its greedy loop, when it ran
 
     @property
     def verdict(self) -> str:

@@ -162,7 +162,7 @@ def test_leaving_the_golden_is_over_budget_and_a_looser_budget_holds(bundles, tm
 
 
 @pytest.mark.parametrize("budget, message", [("cosine>=0.9", "greedy_match>=R"), ("greedy_match>=1.5", "R from 0 to 1"),
-                                             ("greedy_match<=0.5", "cosine")])
+                                             ("greedy_match<=0.5", "greedy_match>=R"), ("greedy_match>=1.2.3", "R from 0 to 1")])
 def test_budget_refusals(bundles, budget, message, capsys):
     assert device_main([str(bundles["onnx"]), "--budget", budget]) == 2
     assert message in capsys.readouterr().err
