@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from edgeq.device.archive import INDEX, bundle_name, open_lab_folder, unpack
-from edgeq.device.generate import (check_generation, is_generation_budget, is_generation_bundle,
+from edgeq.device.generate import (bundle_label, check_generation, is_generation_budget, is_generation_bundle,
                                    parse_generation_budget, read_generation_bundle)
 from edgeq.device.memory import MemoryWatch
 from edgeq.bundle import write_atomic
@@ -163,7 +163,7 @@ def run_generation_one(folder: Path, budget_text: str | None) -> BundleRun:
     try:
         bundle = read_generation_bundle(folder)
     except SourceError as error:
-        return BundleRun(folder.name, str(folder), {}, {"name": None, "package": None, "version": None}, "default",
+        return BundleRun(bundle_label(folder), str(folder), {}, {"name": None, "package": None, "version": None}, "default",
                          refused=str(error), text_generation=True)
     if budget_text is not None and budget_text and not is_generation_budget(budget_text):
         raise UsageError(f"--budget {budget_text!r}: a text-generation bundle takes greedy_match>=R and fp32_match>=R")

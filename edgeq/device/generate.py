@@ -117,8 +117,13 @@ class GenerationBundle:
 
     @property
     def name(self) -> str:
-        """`<model>/<runtime>/<precision>` from the folder layout convert writes (out/<model>/<runtime>/<precision>)."""
-        return "/".join(p.name for p in (self.path.parent.parent, self.path.parent, self.path))
+        return bundle_label(self.path)
+
+
+def bundle_label(folder: Path) -> str:
+    """`<model>/<runtime>/<precision>` from the folder layout convert writes (out/<model>/<runtime>/<precision>)."""
+    folder = Path(folder)
+    return "/".join(p.name for p in (folder.parent.parent, folder.parent, folder))
 
 
 def read_generation_bundle(folder: Path) -> GenerationBundle:
@@ -131,8 +136,8 @@ def read_generation_bundle(folder: Path) -> GenerationBundle:
         record_file = folder / _plain(manifest["generation"]["file"])
         expected = {artifact: manifest["artifact"]["sha256"], record_file: manifest["generation"]["sha256"]}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise SourceError(f"{manifest_path}: not a text-generation bundle the device can run ({exc!r} missing or "
-                          f"malformed; bundles from before {GENERATION_FILE} existed need converting again)") from exc
+        raise SourceError(f"{manifest_path}: not a text-generation bundle the device can run: {exc!r} is missing or "
+                          f"malformed (a bundle written before {GENERATION_FILE} existed needs `edgeq convert` again)") from exc
     for path, digest in expected.items():
         if not path.exists():
             raise SourceError(f"{path}: missing from the bundle (its manifest lists it)")

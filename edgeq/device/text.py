@@ -67,9 +67,10 @@ def generation_lines(run: BundleRun) -> list[str]:
     """A text-generation bundle: per prompt, how far the device's greedy continuation follows each golden."""
     check, generation = run.check, run.generation
     artifact = run.manifest.get("artifact") or {}
-    lines = [f"  artifact {artifact.get('file')} sha256 {str(artifact.get('sha256'))[:16]}... verified; generation.json verified",
-             f"  executed by: {check.report.executor}; greedy generate loop over {len(generation.prompts) if generation else 0} prompts",
-             f"  budget ({run.budget_source}): {check.budget or 'none'}"]
+    lines = [f"  artifact {artifact.get('file')} sha256 {str(artifact.get('sha256'))[:16]}... verified; generation.json verified"]
+    if generation is not None:
+        lines.append(f"  executed by: {check.report.executor}; greedy generate loop over {len(generation.prompts)} prompts")
+    lines.append(f"  budget ({run.budget_source}): {check.budget or 'none'}")
     for prompt in generation.prompts if generation else []:
         if prompt.equal:
             told = f"equals the golden ({len(prompt.golden)} tokens)"
