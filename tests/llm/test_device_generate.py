@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,9 @@ def test_device_runs_onnx_and_tflite_bundles_from_a_lab_archive_without_torch(bu
 
     lab = tmp_path / "lab.zip"
     pack([bundles["onnx"], bundles["tflite"], bundles["onnx-int4"]], lab)
+    packed = set(zipfile.ZipFile(lab).namelist())
+    assert {"tiny-llama/onnx/int4-weight/generation.json", "tiny-llama/onnx/int4-weight/kv_scales.npz",
+            "tiny-llama/onnx/fp32/genai_config.json", "tiny-llama/tflite/fp32/model.tflite"} <= packed
     out_json, out_xml = tmp_path / "result.json", tmp_path / "result.xml"
     result = subprocess.run([sys.executable, "-c", NO_TORCH, str(lab), "--json", str(out_json), "--junit", str(out_xml)],
                             capture_output=True, text=True, timeout=120, cwd=REPO)
