@@ -11,10 +11,16 @@ The split is exact in float, so the plan's codes stay those of the original weig
 
     y = W x = W (x * keep) + W[:, idx] (P x)      keep: 1, but 0 on the channels idx;  P: one-hot rows picking idx
 
-`OutlierSplitLinear` wraps the layer that gets the low-bit codes (`.linear`, unchanged) and adds two small float
-linears (`.pick` k x K, one-hot, exact; `.outliers` N x k, the columns idx of the weight), which the low-bit
-resolver keeps float by their `edgeq_float_reason`. Why one-hot linears rather than a gather: XNNPACK takes a
-FULLY_CONNECTED and a MUL, so the whole split stays in the delegate (a GATHER would split its partitions).
+`OutlierSplitLinear` holds the layer that gets the low-bit codes unchanged and a float side path of two small
+linears: `.side_in` (one-hot rows P, exact) and `.side_out` (the columns idx of the weight). A SourceGridLinear
+(edgeq/llm/source_grid.py) already has a float side path, its offsets over group sums, and a group sum is a
+linear map too: its wrapper stacks both, side_in = [G; P] (G: rows of ones over each group of 32) and side_out =
+[C | W_sym[:, idx]], so the split costs one MUL per input over what the offsets cost already (SmolLM2-135M
+decode graph: 2,180 LiteRT ops without the split, 2,874 with separate pick/outlier linears, see below for the
+merged figure). The planned layer keeps its name: a grid's `.grid`, a plain linear's `NAME.linear` (INNER).
+The low-bit resolver keeps the side linears float by their `edgeq_float_reason`. Why linears rather than a
+gather and a sum: XNNPACK takes FULLY_CONNECTED and MUL, so the split stays in the delegate, and LiteRT's
+converter shares the side inputs of q/k/v (and gate/up), which read one tensor with the same channels.
 Channels are chosen per layer by their largest magnitude over the calibration samples.
 """
 
@@ -24,19 +30,26 @@ DEFAULT_CHANNELS = 16  # per linear: measured above (0.983 top-1 in simulation);
 INNER = ".linear"  # the planned layer's name inside the wrapper: NAME becomes NAME.linear
 
 
-def split_outlier_inputs(model, samples, channels: int = DEFAULT_CHANNELS) -> list[str]:
-    """Wrap, in place, every linear layer of `model` that a low-bit plan would quantize (an nn.Linear without an
-    `edgeq_float_reason`, with more input features than `channels`) in an OutlierSplitLinear over the `channels`
-    input channels of largest magnitude while `model` runs `samples` (int64 token-id arrays). Returns the names."""
+def split_outlier_inputs(model, samples, channels: int = DEFAULT_CHANNELS) -> dict[str, str]:
+    """Wrap, in place, every layer of `model` that a low-bit plan would quantize (a SourceGridLinear, or an
+    nn.Linear without an `edgeq_float_reason`, with more input features than `channels`) in an OutlierSplitLinear
+    over the `channels` input channels of largest magnitude while `model` runs `samples` (int64 token-id arrays).
+    Returns {the planned layer's name before: its name now} for each (a grid's `X.grid` stays, a plain `X` becomes
+    `X.linear`)."""
     import numpy as np
     import torch
     from torch import nn
 
+    from edgeq.llm.source_grid import source_grid_class
+
     if channels <= 0:
-        return []
+        return {}
+    grid_class = source_grid_class()
+    inside_grids = {id(module.grid) for module in model.modules() if isinstance(module, grid_class)}
     targets = {name: module for name, module in model.named_modules()
-               if type(module) is nn.Linear and not getattr(module, "edgeq_float_reason", None)
-               and module.in_features > channels and name}
+               if name and (isinstance(module, grid_class) or (type(module) is nn.Linear and id(module) not in inside_grids
+                                                                and not getattr(module, "edgeq_float_reason", None)))
+               and module.in_features > channels}
     peaks: dict[str, torch.Tensor] = {}
 
     def record(name):
@@ -53,27 +66,28 @@ def split_outlier_inputs(model, samples, channels: int = DEFAULT_CHANNELS) -> li
     finally:
         for handle in handles:
             handle.remove()
-    wrapped = []
-    owners = {name: module for name, module in model.named_modules()}
-    for name, linear in targets.items():
+    wrapped = {}
+    owners = dict(model.named_modules())
+    for name, layer in targets.items():
         if name not in peaks:  # not run by the samples (e.g. a head of another task): nothing to measure
             continue
         parent_name, _, attribute = name.rpartition(".")
         index = torch.topk(peaks[name], channels).indices.sort().values
-        setattr(owners[parent_name] if parent_name else model, attribute, outlier_split_class()(linear, index))
-        wrapped.append(name)
+        split = outlier_split_class()(layer, index)
+        setattr(owners[parent_name] if parent_name else model, attribute, split)
+        wrapped[f"{name}.grid" if split.group else name] = f"{name}.{split.planned_name}"
     return wrapped
 
 
-def describe(names: list[str], channels: int = DEFAULT_CHANNELS) -> str:
+def describe(names, channels: int = DEFAULT_CHANNELS) -> str:
     return (f"{len(names)} linears: the {channels} input channels of largest calibration magnitude in float beside the "
             f"4-bit kernel, exact (LiteRT quantizes each input row to int8 with one scale: a few large channels "
             f"would leave the others a few levels; edgeq/llm/outlier_split.py)")
 
 
 def planned_layer(module):
-    """The layer a plan quantizes: an OutlierSplitLinear's `.linear`, any other module itself."""
-    return module.linear if _CLASS and isinstance(module, _CLASS[0]) else module
+    """The layer a plan quantizes: an OutlierSplitLinear's, any other module itself."""
+    return module.planned if _CLASS and isinstance(module, _CLASS[0]) else module
 
 
 _CLASS = []
@@ -90,35 +104,57 @@ def _module_class():
     import torch
     from torch import nn
 
-    class OutlierSplitLinear(nn.Module):
-        """y = linear(x * keep) + outliers(pick(x)): `linear` unchanged, the picked channels' share in float."""
+    from edgeq.llm.source_grid import source_grid_class
 
-        def __init__(self, linear: nn.Linear, index: torch.Tensor):
+    class OutlierSplitLinear(nn.Module):
+        """y = planned(x * keep) + side_out(side_in(x)): the planned layer unchanged, in float the picked channels'
+        share (and a source grid's offsets over group sums)."""
+
+        def __init__(self, layer: nn.Module, index: torch.Tensor):
             super().__init__()
-            self.linear = linear
-            self.in_features, self.out_features = linear.in_features, linear.out_features
-            keep = torch.ones(linear.in_features)
+            grid = isinstance(layer, source_grid_class())
+            planned = layer.grid if grid else layer
+            self.planned_name = "grid" if grid else INNER.lstrip(".")
+            self.add_module(self.planned_name, planned)
+            self.in_features, self.out_features = planned.in_features, planned.out_features
+            self.group = layer.group if grid else None
+            keep = torch.ones(planned.in_features)
             keep[index] = 0
             self.register_buffer("keep", keep)
-            self.pick = nn.Linear(linear.in_features, len(index), bias=False)
-            self.outliers = nn.Linear(len(index), linear.out_features, bias=False)
-            with torch.no_grad():
-                self.pick.weight.copy_(torch.nn.functional.one_hot(index, linear.in_features).float())
-                self.outliers.weight.copy_(linear.weight.detach().float()[:, index])
+            pick = torch.nn.functional.one_hot(index, planned.in_features).float()
+            outliers = planned.weight.detach().float()[:, index]
             k = len(index)
-            self.pick.edgeq_float_reason = f"float: picks the {k} outlier input channels of the layer beside it (one-hot, exact)"
-            self.outliers.edgeq_float_reason = (f"float: those {k} channels' weight columns (their share of the layer, "
-                                                f"kept off the kernel's int8 input rows)")
+            if grid:  # the grid's own side path first: group sums (rows of ones) and their offsets C
+                groups = planned.in_features // layer.group
+                sums = torch.repeat_interleave(torch.eye(groups), layer.group, dim=1)
+                pick, outliers = torch.cat([sums, pick]), torch.cat([layer.offset.weight.detach().float(), outliers], 1)
+            self.side_in = nn.Linear(planned.in_features, pick.shape[0], bias=False)
+            self.side_out = nn.Linear(pick.shape[0], planned.out_features, bias=False)
+            with torch.no_grad():
+                self.side_in.weight.copy_(pick)
+                self.side_out.weight.copy_(outliers)
+            also = (f" and the sums of its {planned.in_features // layer.group} groups" if grid else "")
+            self.side_in.edgeq_float_reason = f"float: picks the {k} outlier input channels{also} of the layer beside it (exact)"
+            self.side_out.edgeq_float_reason = (f"float: those {k} channels' weight columns" + (" and the source grid's offsets "
+                                                "m + 8 d" if grid else "") + " (kept off the kernel's int8 input rows)")
+
+        @property
+        def planned(self):
+            return getattr(self, self.planned_name)
 
         @property
         def weight(self):  # code reading a projection's `.weight` sees the layer's real weight
-            return self.linear.weight
+            weight = self.planned.weight
+            if self.group is None:
+                return weight
+            groups = self.in_features // self.group
+            return weight + self.side_out.weight[:, :groups].repeat_interleave(self.group, dim=1)
 
         @property
         def bias(self):
-            return self.linear.bias
+            return self.planned.bias
 
         def forward(self, x):
-            return self.linear(x * self.keep) + self.outliers(self.pick(x))
+            return self.planned(x * self.keep) + self.side_out(self.side_in(x))
 
     return OutlierSplitLinear

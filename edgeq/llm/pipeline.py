@@ -213,17 +213,17 @@ def outlier_split_model(model, calibration, options: Options, echo):
     import copy
     import dataclasses
 
-    from edgeq.llm.outlier_split import DEFAULT_CHANNELS, INNER, describe, split_outlier_inputs
+    from edgeq.llm.outlier_split import DEFAULT_CHANNELS, describe, split_outlier_inputs
 
     channels = DEFAULT_CHANNELS if options.outlier_channels is None else options.outlier_channels
     if channels == 0:
         return model, ["--outlier-channels 0: every linear's input rows go to the int8 kernel whole"], options
     split = copy.deepcopy(model)
-    names = set(split_outlier_inputs(split, calibration, channels))
+    names = split_outlier_inputs(split, calibration, channels)  # planned layer name before -> now
     echo(f"outlier channels: {channels} input channels of {len(names)} linears in float beside the 4-bit kernel")
 
-    def moved(pattern: str) -> str:  # an exact name of a wrapped layer now names its inner layer; globs match both
-        return pattern + INNER if pattern in names else pattern
+    def moved(pattern: str) -> str:  # an exact name of a wrapped layer now names its planned layer; globs match both
+        return names.get(pattern, pattern)
 
     renamed = dataclasses.replace(options, keep_float=[moved(p) for p in options.keep_float],
                                   per_layer=[moved(p) + "=" + v for p, _, v in (e.rpartition("=") for e in options.per_layer)])

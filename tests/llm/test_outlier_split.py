@@ -53,12 +53,15 @@ def test_split_computes_the_model_and_picks_the_large_channels(models):
         want, got = model(ids).logits, split(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * want.abs().max().item())
     layer = split.model.layers[1]
-    for module, large in ((layer.self_attn.v_proj.grid, ATTENTION_IN), (layer.mlp.gate_proj.grid, MLP_IN),
-                          (layer.mlp.down_proj.grid, DOWN_IN)):
-        picked = set(torch.nonzero(module.keep == 0).flatten().tolist())
-        assert set(large) <= picked and len(picked) == CHANNELS
-        np.testing.assert_array_equal(module.outliers.weight.detach().numpy(),
-                                      module.linear.weight.detach().numpy()[:, sorted(picked)])
+    for module, large in ((layer.self_attn.v_proj, ATTENTION_IN), (layer.mlp.gate_proj, MLP_IN),
+                          (layer.mlp.down_proj, DOWN_IN)):
+        picked = sorted(torch.nonzero(module.keep == 0).flatten().tolist())
+        assert set(large) <= set(picked) and len(picked) == CHANNELS
+        groups = module.in_features // module.group  # the side path: the grid's group sums, then the picked channels
+        np.testing.assert_array_equal(module.side_out.weight.detach().numpy()[:, groups:],
+                                      module.grid.weight.detach().numpy()[:, picked])
+        np.testing.assert_array_equal(module.side_in.weight.detach().numpy()[groups:].argmax(1), picked)
+    assert split.lm_head.planned_name == "linear" and split.lm_head.linear.weight is split.model.embed_tokens.weight  # tie kept
 
 
 def test_plan_keeps_the_codes_and_the_split_float(models):
@@ -66,14 +69,14 @@ def test_plan_keeps_the_codes_and_the_split_float(models):
 
     _, _, split, _ = models
     plan = int4_plan(split, token_sequences(2, 24, seed=3), keep_float=("lm_head.linear", "model.embed_tokens"))
-    inner = [f for f in plan.layers if f.endswith(".grid.linear")]
+    inner = [f for f in plan.layers if f.endswith(".grid")]
     assert len(inner) == 14
     for fqn in inner:
         codes, d = split.get_submodule(fqn).edgeq_source_codes
         np.testing.assert_array_equal(plan.layers[fqn].weight_codes, codes.numpy(), err_msg=fqn)
         # bfloat16 block scales, the source's float16 d rounded to the nearest (not up: that biases every weight)
         np.testing.assert_array_equal(plan.layers[fqn].weight.scale, d.to(torch.bfloat16).float().numpy(), err_msg=fqn)
-    parts = [f for f in plan.layers if f.endswith((".pick", ".outliers"))]
+    parts = [f for f in plan.layers if f.endswith((".side_in", ".side_out"))]
     assert len(parts) == 2 * 15 and all(plan.layers[f].weight is None and "float" in plan.layers[f].reason for f in parts)
 
 
@@ -113,5 +116,5 @@ def test_user_layer_names_follow_the_wrapped_layer(models):
                       per_layer=["model.layers.0.mlp.down_proj.grid=int8", "*.up_proj*=float"])
     split, notes, moved = outlier_split_model(grid, token_sequences(2, 24, seed=3), options, echo=lambda text: None)
     assert moved.keep_float == ["lm_head.linear", "re:.*o_proj.*"]
-    assert moved.per_layer == ["model.layers.0.mlp.down_proj.grid.linear=int8", "*.up_proj*=float"]
+    assert moved.per_layer == ["model.layers.0.mlp.down_proj.grid=int8", "*.up_proj*=float"]  # a grid keeps its name
     assert options.keep_float == ["lm_head", "re:.*o_proj.*"] and "15 linears" in notes[0]
