@@ -4,7 +4,8 @@ Builds, with edgeq, the sentence-embedding artifacts (calibrated on STS-B *train
 pipeline as usual), then compares them in this process:
   ONNX      edgeq FP32 (`onnx`); edgeq int8-dynamic and w8a8 on `onnx` and `onnx-x86-avx2` (w8a8 with
             --auto-fallback unless --no-fallback); ORT `quantize_dynamic` (per-channel int8 weights) applied to
-            edgeq's FP32 file, the peer a user would pick instead
+            edgeq's FP32 file, the peer a user would pick instead, and the same after ORT's transformer optimizer
+            (model_type bert) on that file
   TFLite    edgeq FP32, int8-dynamic and w8a8 (`tflite`, same fallback rule); ai-edge-quantizer's (AEQ)
             `dynamic_wi8_afp32` recipe applied to edgeq's FP32 .tflite, the peer on that runtime (driven as in
             benchmarks/bench_tflite_w8a8.py)
@@ -106,7 +107,33 @@ def onnx_rows(bundles: list[Path], out: Path) -> list[Row]:
     peer = out / "ort_quantize_dynamic.onnx"
     quantize_dynamic(str(fp32.path), str(peer), per_channel=True, weight_type=QuantType.QInt8)
     rows.append(Row("ORT quantize_dynamic per-channel", peer, "onnx", runner_settings("onnx", {})))
+    optimized = ort_optimized(fp32.path, out)
+    if optimized is not None:  # the peer with ORT's own transformer fusions first, for a fair comparison
+        peer = out / "ort_optimized_quantize_dynamic.onnx"
+        quantize_dynamic(str(optimized), str(peer), per_channel=True, weight_type=QuantType.QInt8)
+        rows.append(Row("ORT optimizer (bert) + quantize_dynamic", peer, "onnx", runner_settings("onnx", {})))
     return rows
+
+
+def ort_optimized(fp32: Path, out: Path) -> Path | None:
+    """onnxruntime.transformers.optimizer (model_type bert) on edgeq's FP32 file, SkipLayerNormalization left out
+    (its CPU kernel is the slow one, converters/onnx_graph_shape.py). On the dynamo export it finds no Attention
+    (its patterns expect the TorchScript exporter's mask arithmetic): BiasGelu is what it fuses. None if it fails."""
+    try:
+        from onnxruntime.transformers import optimizer
+        from onnxruntime.transformers.fusion_options import FusionOptions
+
+        options = FusionOptions("bert")
+        options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
+        model = optimizer.optimize_model(str(fp32), model_type="bert", num_heads=12, hidden_size=384,  # all-MiniLM-L6-v2's
+                                         optimization_options=options, opt_level=0)
+        print(f"  ORT optimizer on the FP32 file: {model.get_fused_operator_statistics()}", file=sys.stderr)
+        path = out / "ort_optimized_fp32.onnx"
+        model.save_model_to_file(str(path))
+        return path
+    except Exception as exc:  # report and go on: the other rows still compare
+        print(f"  ORT transformers optimizer failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
 
 
 def tflite_rows(bundles: list[Path], out: Path) -> list[Row]:

@@ -266,6 +266,12 @@ def shape_for_ort(proto, plan=None, static: bool = False, cpu: bool = True) -> l
     merged = share_input_transforms(proto.graph)
     if merged:
         notes.append(f"{merged} duplicate input scalings/quantizations merged (layers reading the same tensor share them)")
+    if cpu and not static:  # after the value fold above, which reads the unfused chain (converters/onnx_fusion.py)
+        from edgeq.converters.onnx_fusion import fuse_multi_head_attention
+
+        attention = fuse_multi_head_attention(proto)
+        if attention:
+            notes.append(f"{attention} self-attention core(s) as com.microsoft.MultiHeadAttention (one kernel instead of ~11)")
     return notes
 
 
