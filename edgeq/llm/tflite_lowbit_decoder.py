@@ -150,8 +150,9 @@ def pack_decoder(flatbuffer: bytes, plan, owners: dict) -> bytes:
 
 def _share_packed_tables(tflite) -> None:
     """One buffer per packed table: pack_tables gives a table read by both signatures a buffer per signature
-    (SmolLM2-135M: 16 MB of int4 embedding twice); tensors over equal packed bytes are pointed at one buffer
-    (constant buffers are read-only, and TFLite lets tensors share them), the others emptied."""
+    (SmolLM2-135M: 16 MB of int4 embedding twice), and a tied LM head holds the same int8 codes as the input
+    table (28.3 MB twice); weight tensors over equal bytes are pointed at one buffer (constant buffers are
+    read-only, and TFLite lets tensors share them; each tensor keeps its own type and scales), the others emptied."""
     from edgeq.converters.parity_tflite import WEIGHT_SUFFIX, tensor_name
 
     first: dict[bytes, int] = {}
@@ -162,7 +163,7 @@ def _share_packed_tables(tflite) -> None:
             buffer = tflite.buffers[tensor.buffer]
             if not name.endswith((WEIGHT_SUFFIX, ".weight.scales")) or buffer.data is None or not len(buffer.data):
                 continue
-            key = bytes(name, "utf-8") + b"\0" + np.asarray(buffer.data).tobytes()
+            key = np.asarray(buffer.data).tobytes()
             keep = first.setdefault(key, tensor.buffer)
             if keep != tensor.buffer:
                 moved.add(tensor.buffer)
