@@ -11,16 +11,17 @@ The split is exact in float, so the plan's codes stay those of the original weig
 
     y = W x = W (x * keep) + W[:, idx] (P x)      keep: 1, but 0 on the channels idx;  P: one-hot rows picking idx
 
-`OutlierSplitLinear` holds the layer that gets the low-bit codes unchanged and a float side path of two small
-linears: `.side_in` (one-hot rows P, exact) and `.side_out` (the columns idx of the weight). A SourceGridLinear
-(edgeq/llm/source_grid.py) already has a float side path, its offsets over group sums, and a group sum is a
-linear map too: its wrapper stacks both, side_in = [G; P] (G: rows of ones over each group of 32) and side_out =
-[C | W_sym[:, idx]], so the split costs one MUL per input over what the offsets cost already (SmolLM2-135M
-decode graph: 2,180 LiteRT ops without the split, 2,874 with separate pick/outlier linears, see below for the
-merged figure). The planned layer keeps its name: a grid's `.grid`, a plain linear's `NAME.linear` (INNER).
-The low-bit resolver keeps the side linears float by their `edgeq_float_reason`. Why linears rather than a
-gather and a sum: XNNPACK takes FULLY_CONNECTED and MUL, so the split stays in the delegate, and LiteRT's
-converter shares the side inputs of q/k/v (and gate/up), which read one tensor with the same channels.
+`OutlierSplitLinear` holds the layer that gets the low-bit codes unchanged and a float side path: `.side_in`
+(one-hot rows P, exact) and `.side_out` (the columns idx of the weight). A SourceGridLinear (edgeq/llm/
+source_grid.py) already has a float side path, its offsets C over group sums s(x); its wrapper feeds both through
+one linear, side_out = [C | W_sym[:, idx]] over [s(x), P x], so the split costs a MUL, the pick and a
+CONCATENATION per input over what the offsets cost already (the q/k/v and gate/up inputs are shared by LiteRT's
+converter). Measured on SmolLM2-135M's decode graph, one thread, interleaved against the unsplit int4 decoder at
+2.49x fp32: pick and outliers as separate linears (+694 ops) 2.15x; the group sums folded into the one-hot
+linear too (no extra op, but 19 MB of float one-hot and ones read per token) 1.94x; this form: see the README.
+The planned layer keeps its name: a grid's `.grid`, a plain linear's `NAME.linear` (INNER). The low-bit
+resolver keeps the side linears float by their `edgeq_float_reason`. Why a one-hot linear rather than a gather:
+XNNPACK takes FULLY_CONNECTED, MUL and CONCATENATION, so the split stays in the delegate.
 Channels are chosen per layer by their largest magnitude over the calibration samples.
 """
 
@@ -124,19 +125,17 @@ def _module_class():
             pick = torch.nn.functional.one_hot(index, planned.in_features).float()
             outliers = planned.weight.detach().float()[:, index]
             k = len(index)
-            if grid:  # the grid's own side path first: group sums (rows of ones) and their offsets C
-                groups = planned.in_features // layer.group
-                sums = torch.repeat_interleave(torch.eye(groups), layer.group, dim=1)
-                pick, outliers = torch.cat([sums, pick]), torch.cat([layer.offset.weight.detach().float(), outliers], 1)
-            self.side_in = nn.Linear(planned.in_features, pick.shape[0], bias=False)
-            self.side_out = nn.Linear(pick.shape[0], planned.out_features, bias=False)
+            if grid:  # the grid's offsets over group sums first, then the picked channels' columns
+                outliers = torch.cat([layer.offset.weight.detach().float(), outliers], 1)
+            self.side_in = nn.Linear(planned.in_features, k, bias=False)
+            self.side_out = nn.Linear(outliers.shape[1], planned.out_features, bias=False)
             with torch.no_grad():
                 self.side_in.weight.copy_(pick)
                 self.side_out.weight.copy_(outliers)
-            also = (f" and the sums of its {planned.in_features // layer.group} groups" if grid else "")
-            self.side_in.edgeq_float_reason = f"float: picks the {k} outlier input channels{also} of the layer beside it (exact)"
-            self.side_out.edgeq_float_reason = (f"float: those {k} channels' weight columns" + (" and the source grid's offsets "
-                                                "m + 8 d" if grid else "") + " (kept off the kernel's int8 input rows)")
+            self.side_in.edgeq_float_reason = f"float: picks the {k} outlier input channels of the layer beside it (one-hot, exact)"
+            self.side_out.edgeq_float_reason = (f"float: those {k} channels' weight columns" + (
+                f", after the source grid's offsets m + 8 d over the sums of its groups of {layer.group}" if grid else "")
+                + " (kept off the kernel's int8 input rows)")
 
         @property
         def planned(self):
@@ -155,6 +154,10 @@ def _module_class():
             return self.planned.bias
 
         def forward(self, x):
-            return self.planned(x * self.keep) + self.side_out(self.side_in(x))
+            side = self.side_in(x)
+            if self.group is not None:
+                sums = x.unflatten(-1, (self.in_features // self.group, self.group)).sum(-1)
+                side = torch.cat([sums, side], dim=-1)
+            return self.planned(x * self.keep) + self.side_out(side)
 
     return OutlierSplitLinear

@@ -60,7 +60,7 @@ def test_split_computes_the_model_and_picks_the_large_channels(models):
         groups = module.in_features // module.group  # the side path: the grid's group sums, then the picked channels
         np.testing.assert_array_equal(module.side_out.weight.detach().numpy()[:, groups:],
                                       module.grid.weight.detach().numpy()[:, picked])
-        np.testing.assert_array_equal(module.side_in.weight.detach().numpy()[groups:].argmax(1), picked)
+        np.testing.assert_array_equal(module.side_in.weight.detach().numpy().argmax(1), picked)
     assert split.lm_head.planned_name == "linear" and split.lm_head.linear.weight is split.model.embed_tokens.weight  # tie kept
 
 
