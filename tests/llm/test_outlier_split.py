@@ -81,22 +81,26 @@ def test_plan_keeps_the_codes_and_the_split_float(models):
 
 
 def test_tflite_decoder_with_the_split_comes_close_to_fp32(models, tmp_path):
-    """Measured on this model: without the split top-1 0.877, worst logit cosine 0.852 (int8 input rows are
-    dominated by the large channels); with 4 channels in float 0.982 and 0.9916."""
+    """The text-generation default: every linear 4-bit with the split, the tied head and table int8. Measured on
+    this model (random weights, near-flat logits, ppl 546): worst logit cosine 0.986, ppl delta +0.19, top-1
+    0.912; without the split (head and table float) 0.852, +5.4 and 0.877: int8 input rows dominated by the large
+    channels. The tied head's int8 codes are the table's: one buffer holds them (SmolLM2-135M: 28.3 MB saved)."""
     pytest.importorskip("ai_edge_litert")
     pytest.importorskip("litert_torch")
+    from edgeq.converters.parity_tflite import read_model, tensor_name
+    from edgeq.layer_overrides import parse_per_layer
     from edgeq.llm.tflite_decoder import export_decoder, open_runner
     from edgeq.llm.tflite_lowbit_decoder import int4_plan
 
-    model, grid, split, _ = models
-    calibration = token_sequences(2, 24, seed=3)
-    got = {}
-    for label, candidate, keep in (("plain", grid, "lm_head"), ("split", split, "lm_head.linear")):
-        plan = int4_plan(candidate, calibration, keep_float=(keep, "model.embed_tokens"))
-        path = export_decoder(candidate, CONTEXT, tmp_path / f"{label}.tflite", plan=plan)
-        got[label] = _agreement(model, open_runner(path, CONTEXT))
-    assert got["split"]["token_agreement"] >= 0.95 and got["split"]["logit_cosine_min"] >= 0.98, got
-    assert got["plain"]["logit_cosine_min"] < 0.95 and got["plain"]["token_agreement"] < got["split"]["token_agreement"], got
+    model, _, split, _ = models
+    overrides = parse_per_layer(["lm_head.linear=int8", "model.embed_tokens=int8"], "--per-layer")
+    plan = int4_plan(split, token_sequences(2, 24, seed=3), overrides=overrides)
+    path = export_decoder(split, CONTEXT, tmp_path / "split.tflite", plan=plan)
+    metrics = _agreement(model, open_runner(path, CONTEXT))
+    assert metrics["logit_cosine_min"] >= 0.98 and abs(metrics["ppl_delta"]) <= 1 and metrics["token_agreement"] >= 0.9, metrics
+    buffers = {tensor_name(t): t.buffer for sg in read_model(path.read_bytes()).subgraphs for t in sg.tensors
+               if tensor_name(t) in ("lm_head.linear.weight", "model.embed_tokens.weight")}
+    assert len(buffers) == 2 and len(set(buffers.values())) == 1, buffers
 
 
 def test_options_refuse_what_does_not_apply():

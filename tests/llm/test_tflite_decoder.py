@@ -187,26 +187,3 @@ def stored_bytes(path) -> int:
 
     return sum(0 if buffer.data is None else len(buffer.data) for buffer in read_model(path.read_bytes()).buffers)
 
-
-def test_tied_int8_head_and_table_share_one_buffer(tmp_path):
-    """A tied LM head and input table at int8 (the text-generation default) hold equal codes: the artifact stores
-    them once (SmolLM2-135M: 28.3 MB saved) and still computes what the plan says."""
-    from edgeq.converters.parity import artifact_weights, compare_weights
-    from edgeq.converters.parity_tflite import read_model, tensor_name
-    from edgeq.layer_overrides import parse_per_layer
-    from edgeq.llm.tflite_decoder import export_decoder, open_runner
-    from edgeq.llm.tflite_lowbit_decoder import int4_plan
-
-    model = tiny_decoder("llama")
-    overrides = parse_per_layer(["lm_head=int8", "model.embed_tokens=int8"], "--per-layer")
-    plan = int4_plan(model, token_sequences(2, 24, seed=3), overrides=overrides)
-    path = export_decoder(model, MAX_CONTEXT, tmp_path / "tied.tflite", plan=plan)
-    buffers = {tensor_name(t): t.buffer for sg in read_model(path.read_bytes()).subgraphs for t in sg.tensors
-               if tensor_name(t) in ("lm_head.weight", "model.embed_tokens.weight")}
-    assert len(buffers) == 2 and len(set(buffers.values())) == 1, buffers
-    parity = compare_weights(plan, artifact_weights(path, "tflite"))
-    assert not parity.mismatches and not parity.missing
-    runner = open_runner(path, MAX_CONTEXT)
-    ids = token_sequences(1, 24)[0]
-    got = runner_logits(runner, ids).argmax(-1)
-    assert np.mean(got == reference_logits(simulate_plan(model, plan), ids).argmax(-1)) >= 0.9
