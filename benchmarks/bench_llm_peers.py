@@ -35,6 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILDER_PRECISIONS = {"fp32": "fp32", "int8": "int8", "int4": "int4"}
+EXAMPLES_REASON = ("litert_torch.generative.examples.smollm.convert_v2_to_tflite (SmolLM2 re-authored in litert-torch's "
+                   "layers) fails offline here: ModuleNotFoundError: No module named 'tensorflow' (imported by "
+                   "litert_torch/generative/layers/lora.py); its export_hf route is the row above")
 LITERT_RECIPES = {"int8": "dynamic_wi8_afp32", "int4": "dynamic_wi4b32_afp32"}
 
 SAVE_HF = """
@@ -128,6 +131,7 @@ def main() -> None:
         for precision in ["fp32", *LITERT_RECIPES]:
             record(manifest, f"litert-torch tflite {precision}", dest / f"{precision}.tflite", reason)
         shutil.rmtree(dest / "fp32-work", ignore_errors=True)
+        manifest["not_built"]["litert-torch tflite (examples.smollm)"] = EXAMPLES_REASON
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps(manifest, indent=2))
 
