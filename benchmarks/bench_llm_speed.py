@@ -223,7 +223,7 @@ def measure(artifacts: dict[str, Path], args) -> dict[str, dict]:
         workers[label] = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                           stderr=subprocess.DEVNULL, cwd=ROOT)
     results = {}
-    for label, proc in workers.items():  # one at a time: a load does not overlap another's
+    for label, proc in workers.items():  # they load at once (not timed); each reports its RSS when loaded
         line = proc.stdout.readline()
         if not line:
             results[label] = {"error": f"worker exited with {proc.wait()} (run it alone with --worker to see why)"}
@@ -233,16 +233,20 @@ def measure(artifacts: dict[str, Path], args) -> dict[str, dict]:
     for r in range(args.rounds + 1):  # round 0 warms up
         for label in labels if r % 2 else labels[::-1]:
             proc = workers[label]
+            if "error" in results[label]:
+                continue
             proc.stdin.write("round\n")
             proc.stdin.flush()
-            data = json.loads(proc.stdout.readline())
-            if r:
-                results[label]["rounds"].append(data)
+            line = proc.stdout.readline()
+            if not line:  # the worker died mid-run (e.g. out of memory): its row says so, the others go on
+                results[label] = {"error": f"worker exited with {proc.wait()} in round {r}"}
+            elif r:
+                results[label]["rounds"].append(json.loads(line))
     for label, proc in workers.items():
         if proc.poll() is None:
             proc.stdin.close()
             proc.wait()
-        rounds = results[label].get("rounds")
+        rounds = results[label].get("rounds") if "error" not in results[label] else None
         if rounds:
             median = lambda key: statistics.median(d[key] for d in rounds)  # noqa: E731
             results[label]["tokens"] = rounds[0]["tokens"]
