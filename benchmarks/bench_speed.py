@@ -228,6 +228,7 @@ def profile_onnx(rows: list[Row], sample: dict, runs: int) -> None:
     for row in rows:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.enable_profiling = 1, True
+        options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "edgeq-ort-profile")  # not into the cwd
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         for key, value in row.settings.get("session_config", {}).items():
             options.add_session_config_entry(key, str(value))

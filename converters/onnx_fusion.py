@@ -12,8 +12,9 @@ softmax(scale · q kᵀ + bias) v, per head (MiniLM's sentence embeddings: bit-i
 Measured on all-MiniLM-L6-v2 int8-dynamic (one thread, sequence 128, interleaved rounds; docs/research/ort-kernels-cpus.md):
 this machine (AMD EPYC, onnxruntime 1.32): 0-7% faster in six interleaved runs (median 1.5%; 17.63 -> 17.17 ms in
 the pipeline run), edgeq's speed 0.978-0.997x ORT quantize_dynamic's on the same FP32 file (median 0.986x, unfused
-0.971x), cosine unchanged; the lent Xeon (onnxruntime 1.30): -1.5% and +0.9% in two runs (300, 600 rounds). Kept for int8-dynamic (int8-weight too: same
-float core) on CPU profiles; FP32 and static graphs are left as exported (not measured enough, QDQ patterns). The
+0.971x), cosine unchanged; the lent Xeon (onnxruntime 1.30): -1.5% and +0.9% in two runs (300, 600 rounds).
+Kept for int8-dynamic (int8-weight too: same float core) on CPU profiles; FP32 and static graphs are left as
+exported (not measured enough, QDQ patterns). The
 form matched is transformers' eager attention (q kᵀ then one Mul by the scale); the exporter's decomposition of
 F.scaled_dot_product_attention (the scale's square root on q and on k) is not matched. QAttention (the int8 q/k/v
 projections packed into the op) was measured too: no better than this (1.001x/0.991x ORT's time here, 0.971x on the
