@@ -218,10 +218,7 @@ def outlier_split_model(model, calibration, options: Options, echo):
     channels = DEFAULT_CHANNELS if options.outlier_channels is None else options.outlier_channels
     if channels == 0:
         return model, ["--outlier-channels 0: every linear's input rows go to the int8 kernel whole"], options
-    from edgeq.llm.head_equalize import equalize_head
-
     split = copy.deepcopy(model)
-    equalized = equalize_head(split, calibration[0])  # before the split: its channels are then chosen on x / s
     names = split_outlier_inputs(split, calibration, channels)  # planned layer name before -> now
     echo(f"outlier channels: {channels} input channels of {len(names)} linears in float beside the 4-bit kernel")
 
@@ -230,7 +227,7 @@ def outlier_split_model(model, calibration, options: Options, echo):
 
     renamed = dataclasses.replace(options, keep_float=[moved(p) for p in options.keep_float],
                                   per_layer=[moved(p) + "=" + v for p, _, v in (e.rpartition("=") for e in options.per_layer)])
-    return split, ([equalized] if equalized else []) + ([describe(sorted(names), channels)] if names else []), renamed
+    return split, [describe(sorted(names), channels)] if names else [], renamed
 
 
 def token_data(source, options: Options):
