@@ -36,7 +36,7 @@ def fuse_multi_head_attention(proto) -> int:
     by one MultiHeadAttention(q, k, v, attention_bias = the mask) node. Returns the number of cores fused."""
     from onnx import helper, numpy_helper
 
-    from edgeq.converters.onnx_graph_shape import _ensure_domain, consumers_of, remove_dead_nodes
+    from edgeq.converters.onnx_graph_shape import consumers_of, remove_dead_nodes, splice
     from edgeq.converters.parity import onnx_tensors
 
     graph = proto.graph
@@ -137,10 +137,7 @@ def fuse_multi_head_attention(proto) -> int:
         dropped.update(id(node) for node in chain)
         fused += 1
     if fused:
-        nodes = [replacements.get(id(node), node) for node in graph.node if id(node) not in dropped]
-        del graph.node[:]
-        graph.node.extend(nodes)
-        _ensure_domain(proto, DOMAIN)
+        splice(proto, graph, replacements, dropped)
         remove_dead_nodes(graph)
     return fused
 

@@ -151,6 +151,15 @@ def remove_unused_initializers(graph) -> None:
         graph.initializer.extend(kept)
 
 
+def splice(proto, graph, replaced: dict, dropped: set) -> None:
+    """`graph`'s nodes in order with each node whose id is in `replaced` swapped for its fused node and those in
+    `dropped` left out; the contrib domain declared for the fused nodes."""
+    nodes = [replaced.get(id(node), node) for node in graph.node if id(node) not in dropped]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _ensure_domain(proto, DOMAIN)
+
+
 def _ensure_domain(proto, domain: str) -> None:
     if not any(entry.domain == domain for entry in proto.opset_import):
         entry = proto.opset_import.add()
@@ -348,10 +357,7 @@ def fuse_gelu(proto) -> int:
         replaced[id(second)] = gelu
         dropped.update({id(scale), id(erf), id(add), id(first)})
     if replaced:
-        nodes = [replaced.get(id(node), node) for node in graph.node if id(node) not in dropped]
-        del graph.node[:]
-        graph.node.extend(nodes)
-        _ensure_domain(proto, DOMAIN)
+        splice(proto, graph, replaced, dropped)
         remove_unused_initializers(graph)
     return len(replaced)
 
