@@ -28,6 +28,8 @@ Channels are chosen per layer by their largest magnitude over the calibration sa
 
 from __future__ import annotations
 
+import functools
+
 DEFAULT_CHANNELS = 16  # per linear: measured above (0.983 top-1 in simulation)
 INNER = ".linear"  # the planned layer's name inside the wrapper: NAME becomes NAME.linear
 
@@ -91,17 +93,13 @@ def describe(names, channels: int = DEFAULT_CHANNELS) -> str:
 
 def planned_layer(module):
     """The layer a plan quantizes: an OutlierSplitLinear's, any other module itself."""
-    return module.planned if _CLASS and isinstance(module, _CLASS[0]) else module
+    return module.planned if isinstance(module, outlier_split_class()) else module
 
 
-_CLASS = []
-
-
+@functools.cache
 def outlier_split_class():
     """OutlierSplitLinear (defined on first use: importing this module stays torch-free)."""
-    if not _CLASS:
-        _CLASS.append(_module_class())
-    return _CLASS[0]
+    return _module_class()
 
 
 def _module_class():

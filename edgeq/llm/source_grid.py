@@ -24,6 +24,8 @@ grid (32 values on 16 evenly spaced float16-defined levels, bit for bit).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 GROUP = 32
@@ -98,14 +100,10 @@ def source_grid_module(linear, found, group: int = GROUP):
     return module
 
 
-_CLASS = []
-
-
+@functools.cache
 def source_grid_class():
     """SourceGridLinear (defined on first use: importing this module stays torch-free)."""
-    if not _CLASS:
-        _CLASS.append(_module_class())
-    return _CLASS[0]
+    return _module_class()
 
 
 def _module_class():

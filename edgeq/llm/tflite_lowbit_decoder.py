@@ -132,7 +132,7 @@ def pack_decoder(flatbuffer: bytes, plan, owners: dict) -> bytes:
         _unfuse_activations(tflite, subgraph, [positions[id(op)] for op in blockwise], TARGET)
         rewritten = {id(op) for ops in fc_ops.values() for op in ops}
         low_bit_ops[subgraph.name.decode()] = {index for index, op in enumerate(subgraph.operators) if id(op) in rewritten}
-    _share_packed_tables(tflite)
+    _share_equal_weights(tflite)
     missing = sorted(set(linear) - found)
     if missing:
         raise ConversionError(f"target {TARGET}: no int8 stand-in weight found for layer(s) {', '.join(missing[:5])} in the converted decoder")
@@ -148,8 +148,8 @@ def pack_decoder(flatbuffer: bytes, plan, owners: dict) -> bytes:
     return packed
 
 
-def _share_packed_tables(tflite) -> None:
-    """One buffer per packed table: pack_tables gives a table read by both signatures a buffer per signature
+def _share_equal_weights(tflite) -> None:
+    """One buffer per distinct weight: pack_tables gives a table read by both signatures a buffer per signature
     (SmolLM2-135M: 16 MB of int4 embedding twice), and a tied LM head holds the same int8 codes as the input
     table (28.3 MB twice); weight tensors over equal bytes are pointed at one buffer (constant buffers are
     read-only, and TFLite lets tensors share them; each tensor keeps its own type and scales), the others emptied."""

@@ -186,4 +186,3 @@ def stored_bytes(path) -> int:
     from edgeq.converters.parity_tflite import read_model
 
     return sum(0 if buffer.data is None else len(buffer.data) for buffer in read_model(path.read_bytes()).buffers)
-
