@@ -208,12 +208,14 @@ def source_grid_model(model, options: Options, echo):
 
 def outlier_split_model(model, calibration, options: Options, echo):
     """(a copy of `model` whose linears compute their largest input channels in float beside the 4-bit kernel,
-    notes, the options with --keep-float / --per-layer names of those linears moved to the planned inner layer
-    `NAME.linear`); `model` and `options` themselves with --outlier-channels 0 (edgeq/llm/outlier_split.py)."""
+    and the few whose int8 rows still cost most float whole (edgeq/llm/row_sensitivity.py), notes, the options with
+    --keep-float / --per-layer names of those linears moved to the planned inner layer `NAME.linear`); `model` and
+    `options` themselves with --outlier-channels 0 (edgeq/llm/outlier_split.py)."""
     import copy
     import dataclasses
 
     from edgeq.llm.outlier_split import DEFAULT_CHANNELS, describe, split_outlier_inputs
+    from edgeq.llm.row_sensitivity import describe_float, keep_sensitive_float
 
     channels = DEFAULT_CHANNELS if options.outlier_channels is None else options.outlier_channels
     if channels == 0:
@@ -221,13 +223,20 @@ def outlier_split_model(model, calibration, options: Options, echo):
     split = copy.deepcopy(model)
     names = split_outlier_inputs(split, calibration, channels)  # planned layer name before -> now
     echo(f"outlier channels: {channels} input channels of {len(names)} linears in float beside the 4-bit kernel")
+    floated = keep_sensitive_float(split, calibration)  # the few whose int8 rows still cost most: float whole
+    for before, now in list(names.items()):
+        if now.rpartition(".")[0] in floated:
+            names[before] = now.rpartition(".")[0]
+    if floated:
+        echo(f"int8 rows: {len(floated)} linears float whole ({', '.join(floated)})")
 
     def moved(pattern: str) -> str:  # an exact name of a wrapped layer now names its planned layer; globs match both
         return names.get(pattern, pattern)
 
     renamed = dataclasses.replace(options, keep_float=[moved(p) for p in options.keep_float],
                                   per_layer=[moved(p) + "=" + v for p, _, v in (e.rpartition("=") for e in options.per_layer)])
-    return split, [describe(sorted(names), channels)] if names else [], renamed
+    notes = ([describe(sorted(names), channels)] if names else []) + ([describe_float(floated)] if floated else [])
+    return split, notes, renamed
 
 
 def token_data(source, options: Options):
