@@ -70,7 +70,7 @@ def main() -> None:
 @click.option("--max-context", type=click.IntRange(2), help="--task text-generation: the decoder's KV cache length in tokens (default 256).")
 @click.option("--kv-cache", "kv_cache", type=click.Choice(["float", "int8"]), help="--task text-generation: the KV cache's dtype (default float); int8: per-channel scales from the calibration text, onnx only, its own drift reported apart from the weights'.")
 @click.option("--source-grid", type=click.Choice(["keep", "requantize"]), help="--task text-generation at 4 bits: keep the 4-bit codes a source already holds (a GGUF Q4_1 linear: exact, the default) or quantize its float weights again.")
-@click.option("--outlier-channels", type=int, metavar="N", help="--task text-generation -t tflite at 4 bits: input channels per linear computed in float beside LiteRT's int8-row kernel, the largest on the calibration text (default 16; 0: none).")
+@click.option("--outlier-channels", type=int, metavar="N", help="--task text-generation -t tflite at 4 bits: input channels per linear computed in float beside LiteRT's int8-row kernel, the largest on the calibration text, and the few linears whose int8 rows still cost most kept float whole (default 16; 0: neither).")
 @click.pass_context
 def convert(ctx, source, config, verbose, max_context, source_grid, outlier_channels, **options):
     """Convert SOURCE and validate every artifact in its runtime.

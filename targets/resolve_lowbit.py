@@ -214,7 +214,10 @@ def _footprint(module: nn.Module, plan: QuantPlan, grid: Grid, runtime: str) -> 
     held = ""
     if widths and widths != [SCALE_DTYPES[grid.scale_dtype][0].itemsize * 8]:
         held = " held as " + "/".join(f"float{w}" for w in widths)
-    total = sum(p.numel() for name, p in module.named_parameters() if name.endswith("weight"))
+    total = sum(p.numel() for name, p in module.named_parameters() if name.endswith("weight"))  # a shared tensor once
+    head, table = (getattr(module, get)() if hasattr(module, get) else None for get in ("get_output_embeddings", "get_input_embeddings"))
+    if head is not None and table is not None and getattr(head, "weight", None) is getattr(table, "weight", False):
+        total += head.weight.numel()  # a tied head has its own plan entry (its own codes in the artifact): counted twice
     return (
         f"{bits / max(elements, 1):.2f} bits per weight on the {len(quantized)} quantized layers ({codes}, "
         f"{grid.scale_dtype} scales{held}{'' if grid.symmetric else ', zero points'}), which hold "

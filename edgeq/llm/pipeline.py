@@ -219,7 +219,7 @@ def outlier_split_model(model, calibration, options: Options, echo):
 
     channels = DEFAULT_CHANNELS if options.outlier_channels is None else options.outlier_channels
     if channels == 0:
-        return model, ["--outlier-channels 0: every linear's input rows go to the int8 kernel whole"], options
+        return model, ["--outlier-channels 0: every linear's input rows go to the int8 kernel whole, none kept float for them"], options
     split = copy.deepcopy(model)
     names = split_outlier_inputs(split, calibration, channels)  # planned layer name before -> now
     echo(f"outlier channels: {channels} input channels of {len(names)} linears in float beside the 4-bit kernel")

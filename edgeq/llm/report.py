@@ -74,7 +74,7 @@ def markdown(data: dict, full: dict) -> str:
     if plan:
         lines += [f"Plan: {plan['scheme']}, {plan['layers']} layers quantized ({plan['quantized_weight_share']:.1%} of the "
                   f"weight elements), {len(plan['float_layers'])} float:", *[f"- {n}" for n in plan["notes"]],
-                  *[f"- `{fqn}` float: {why}" for fqn, why in list(plan["float_layers"].items())[:12]],
+                  *[f"- `{fqn}` float: {why.removeprefix('float: ')}" for fqn, why in list(plan["float_layers"].items())[:12]],
                   *([f"- ... {len(plan['float_layers']) - 12} more float layers in manifest.json"]
                     if len(plan["float_layers"]) > 12 else []), ""]
     if data["notes"]:
