@@ -24,25 +24,17 @@ DRIFT_SHARE = 0.10  # of the summed single-layer drifts: SmolLM2's two outliers 
 MAX_SHARE = 0.02  # of the planned weights' parameters kept float at most
 
 
-def qd8_rows(x):
-    """x with each row on XNNPACK's dynamic int8 grid (asymmetric, the row's range including 0 over 255 steps)."""
-    import torch
-
-    low = x.amin(-1, keepdim=True).clamp(max=0)
-    high = x.amax(-1, keepdim=True).clamp(min=0)
-    scale = (high - low).clamp(min=1e-12) / 255
-    zero = torch.round(-low / scale) - 128
-    return (torch.clamp(torch.round(x / scale) + zero, -128, 127) - zero) * scale
-
-
 def row_drifts(model, samples) -> dict[str, float]:
     """{name of each OutlierSplitLinear in `model`: the mean KL (reference || candidate) of the next-token
-    distribution over `samples` (int64 token-id arrays) when only that layer's kernel input rows go through
-    qd8_rows}, the reference being `model` itself unquantized."""
+    distribution over `samples` (int64 token-id arrays) when only that layer's kernel input rows are quantized as
+    XNNPACK's qd8 does (DynamicActivationQuant int8: asymmetric, one range per row)}, the reference being `model`
+    itself unquantized."""
     import numpy as np
     import torch
 
+    from edgeq.compress.qdq import DynamicActivationQuant
     from edgeq.llm.outlier_split import outlier_split_class
+    from edgeq.plan import QDtype
 
     split = outlier_split_class()
     layers = {name: module for name, module in model.named_modules() if isinstance(module, split)}
@@ -59,10 +51,11 @@ def row_drifts(model, samples) -> dict[str, float]:
             logits = model(input_ids=batch, attention_mask=mask).logits.float()
         return torch.log_softmax(logits[mask.bool()], -1)
 
+    rows = DynamicActivationQuant(QDtype.INT8)
     reference = log_probs()
     drifts = {}
     for name, layer in layers.items():
-        handle = layer.planned.register_forward_pre_hook(lambda _module, args: (qd8_rows(args[0]), *args[1:]))
+        handle = layer.planned.register_forward_pre_hook(lambda _module, args: (rows(args[0]), *args[1:]))
         try:
             candidate = log_probs()
         finally:
@@ -73,8 +66,8 @@ def row_drifts(model, samples) -> dict[str, float]:
 
 def keep_sensitive_float(model, samples, share: float = DRIFT_SHARE, max_share: float = MAX_SHARE) -> dict[str, float]:
     """Replace, in place, the OutlierSplitLinears of `model` whose drift (row_drifts) is at least `share` of all the
-    layers' drifts summed by a plain float nn.Linear over the layer's exact weight (with an `edgeq_float_reason`, so the low-bit plan keeps
-    it float), worst first, while they hold at most `max_share` of the split layers' parameters.
+    layers' drifts summed by a plain float nn.Linear over the layer's exact weight (with an `edgeq_float_reason`, so
+    the low-bit plan keeps it float), worst first, while they hold at most `max_share` of the split layers' parameters.
     Returns {name: drift} of the layers made float."""
     import torch
     from torch import nn

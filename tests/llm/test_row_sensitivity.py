@@ -7,15 +7,17 @@ from __future__ import annotations
 import torch
 
 from edgeq.llm.outlier_split import outlier_split_class, split_outlier_inputs
-from edgeq.llm.row_sensitivity import describe_float, keep_sensitive_float, qd8_rows, row_drifts
+from edgeq.compress.qdq import DynamicActivationQuant
+from edgeq.llm.row_sensitivity import describe_float, keep_sensitive_float, row_drifts
+from edgeq.plan import QDtype
 from tests.llm.test_outlier_split import CHANNELS, outlier_llama
 from tests.llm.tiny import token_sequences
 
 
 
-def test_qd8_rows_is_xnnpack_dynamic_int8():
+def test_the_row_emulation_is_xnnpack_dynamic_int8():
     x = torch.tensor([[-1.0, 0.0, 0.5, 3.0], [0.2, 0.4, 0.6, 0.8]])
-    got = qd8_rows(x)
+    got = DynamicActivationQuant(QDtype.INT8)(x)  # what row_drifts quantizes a layer's input rows with
     for row, out in zip(x, got):  # 256 levels over the row's range with 0 included, each value within half a step
         step = (row.max().clamp(min=0) - row.min().clamp(max=0)) / 255
         assert (out - row).abs().max() <= step / 2 + 1e-7
