@@ -134,6 +134,14 @@ def float_bits_of(runtime: str, precision: str) -> int:
     return 32
 
 
+def tied_head(module):
+    """The LM head of `module` when it shares its weight tensor with the input embedding table, else None."""
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    table = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    tied = head is not None and table is not None and getattr(head, "weight", None) is getattr(table, "weight", False)
+    return head if tied else None
+
+
 def weight_storage(module, plan: QuantPlan | None, runtime: str, float_bits: int = 32) -> WeightStorage:
     """The storage account of `module` (its parameters, each once) under `plan` (None: all float) on `runtime`
     (onnx, tflite, coreml). Layers appear in the module's order; parameters that are no plan layer's weight

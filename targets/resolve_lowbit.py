@@ -198,7 +198,7 @@ def _footprint(module: nn.Module, plan: QuantPlan, grid: Grid, runtime: str) -> 
     on the quantized layers and over the whole model, and the share of the model's weight elements the quantized
     layers hold: what a user weighs the size by."""
     from edgeq.calibration.lowbit.grid import SCALE_DTYPES
-    from edgeq.footprint import float_bits_of, weight_storage
+    from edgeq.footprint import float_bits_of, tied_head, weight_storage
 
     storage = weight_storage(module, plan, runtime, float_bits_of(runtime, plan.scheme))
     quantized = storage.quantized
@@ -215,8 +215,7 @@ def _footprint(module: nn.Module, plan: QuantPlan, grid: Grid, runtime: str) -> 
     if widths and widths != [SCALE_DTYPES[grid.scale_dtype][0].itemsize * 8]:
         held = " held as " + "/".join(f"float{w}" for w in widths)
     total = sum(p.numel() for name, p in module.named_parameters() if name.endswith("weight"))  # a shared tensor once
-    head, table = (getattr(module, get)() if hasattr(module, get) else None for get in ("get_output_embeddings", "get_input_embeddings"))
-    if head is not None and table is not None and getattr(head, "weight", None) is getattr(table, "weight", False):
+    if (head := tied_head(module)) is not None:
         total += head.weight.numel()  # a tied head has its own plan entry (its own codes in the artifact): counted twice
     return (
         f"{bits / max(elements, 1):.2f} bits per weight on the {len(quantized)} quantized layers ({codes}, "

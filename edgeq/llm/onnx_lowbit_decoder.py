@@ -49,10 +49,10 @@ def untied(model):
     """`model` with its LM head holding its own copy of a tied input embedding (in place; returns it)."""
     import torch
 
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if head is not None and table is not None and head.weight is table.weight:
-        head.weight = torch.nn.Parameter(table.weight.detach().clone())
+    from edgeq.footprint import tied_head
+
+    if (head := tied_head(model)) is not None:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False  # else a later tie_weights() would share them again
     return model
 

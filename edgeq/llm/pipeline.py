@@ -225,8 +225,8 @@ def outlier_split_model(model, calibration, options: Options, echo):
     echo(f"outlier channels: {channels} input channels of {len(names)} linears in float beside the 4-bit kernel")
     floated = keep_sensitive_float(split, calibration)  # the few whose int8 rows still cost most: float whole
     for before, now in list(names.items()):
-        if now.rpartition(".")[0] in floated:
-            names[before] = now.rpartition(".")[0]
+        if (owner := now.rpartition(".")[0]) in floated:  # the wrapper's planned layer is gone: the name is the layer's
+            names[before] = owner
     if floated:
         echo(f"int8 rows: {len(floated)} linears float whole ({', '.join(floated)})")
 

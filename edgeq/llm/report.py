@@ -47,10 +47,10 @@ def coverage(plan, model) -> dict:
     the model's weight elements (a tied table counted once)."""
     import numpy as np
 
+    from edgeq.footprint import tied_head
+
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if head is not None and table is not None and head.weight is table.weight:
+    if (head := tied_head(model)) is not None:
         total += head.weight.numel()  # a tied head gets its own codes in the artifact (its own plan entry)
     quantized = {fqn: int(np.prod(layer.weight_codes.shape)) for fqn, layer in plan.layers.items() if layer.weight is not None}
     return {"quantized_weight_share": round(sum(quantized.values()) / max(total, 1), 4),

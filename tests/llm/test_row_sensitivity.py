@@ -1,18 +1,18 @@
 """The few linears whose int8 input rows cost most stay float whole (edgeq/llm/row_sensitivity.py): a tiny Q4_1
-Llama's linears are measured end to end, the worst ones holding a share of the summed drift become exact float linears the plan keeps
-float, worst first and within the share cap (which keeps a tiny model's layers all 4-bit by default)."""
+Llama's linears are measured end to end, the worst ones holding a share of the summed drift become exact float
+linears the plan keeps float, worst first and within the share cap (which keeps a tiny model's layers all 4-bit by
+default)."""
 
 from __future__ import annotations
 
 import torch
 
-from edgeq.llm.outlier_split import outlier_split_class, split_outlier_inputs
 from edgeq.compress.qdq import DynamicActivationQuant
+from edgeq.llm.outlier_split import outlier_split_class, split_outlier_inputs
 from edgeq.llm.row_sensitivity import describe_float, keep_sensitive_float, row_drifts
 from edgeq.plan import QDtype
 from tests.llm.test_outlier_split import CHANNELS, outlier_llama
 from tests.llm.tiny import token_sequences
-
 
 
 def test_the_row_emulation_is_xnnpack_dynamic_int8():
