@@ -105,29 +105,32 @@ class LiteRTLMEngine:
         prefills = [name for name in signatures if name.startswith("prefill")]
         if "decode" not in signatures or len(prefills) != 1:
             raise SystemExit(f"{path}: signatures {sorted(signatures)}; expected one prefill_T and decode")
-        self._prefill = self.interpreter.get_signature_runner(prefills[0])
-        self._decode = self.interpreter.get_signature_runner("decode")
-        details = self._decode.get_input_details()
+        from edgeq.validate.runners.tflite_kv_carry import open_carry
+
+        self._prefill, self._decode = prefills[0], "decode"
+        details = self.interpreter.get_signature_runner("decode").get_input_details()
         self.cache_names = sorted(n for n in details if n.startswith("kv_cache_"))
-        self.specs = {n: (tuple(details[n]["shape"]), details[n]["dtype"]) for n in self.cache_names}
-        self.length = int(self._prefill.get_input_details()["tokens"]["shape"][1])
+        self.length = int(self.interpreter.get_signature_runner(self._prefill).get_input_details()["tokens"]["shape"][1])
         extra = sorted(set(details) - set(self.cache_names) - {"tokens", "input_pos", "mask"})
         if extra:
             raise SystemExit(f"{path}: decode takes {extra} besides tokens, input_pos, mask and the cache")
         self.context = context
+        # The cache kept in the interpreter's tensors, as edgeq's own runner does: the same per-token cost on both sides.
+        self._carry = open_carry(self.interpreter, [self._prefill, self._decode], self.cache_names)
 
     def reset(self) -> None:
         self.position = 0
-        self.cache = {n: np.zeros(shape, dtype) for n, (shape, dtype) in self.specs.items()}
+        self._carry.reset()
 
-    def _run(self, runner, ids: np.ndarray, length: int) -> dict:
+    def _run(self, signature: str, ids: np.ndarray, length: int) -> dict:
         tokens = np.zeros((1, length), np.int32)
         tokens[0, :ids.size] = ids
         positions = np.arange(self.position, self.position + length, dtype=np.int32)
         visible = np.minimum(positions, self.position + ids.size - 1)  # as edgeq's runner: padded rows see no further
         mask = np.where(np.arange(self.context)[None, :] <= visible[:, None], np.float32(0), MASKED)
-        result = runner(tokens=tokens, input_pos=positions, mask=mask[None, None].astype(np.float32), **self.cache)
-        self.cache = {n: np.array(result[n]) for n in self.cache_names}
+        feeds = {"tokens": tokens, "input_pos": positions, "mask": mask[None, None].astype(np.float32)}
+        fetch = ("logits",) if signature == self._decode else ()
+        result = self._carry.run(signature, feeds, self.position, length, fetch)
         self.position += ids.size
         return result
 

@@ -292,7 +292,7 @@ def open_runner(bundle: GenerationBundle):
 
         runner = TFLiteDecoderRunner(bundle.artifact, max_context, threads)
         executor = runner.executor
-        found = {"layers": len(runner.cache_names) // 2, "dtype": str(runner.cache[runner.cache_names[0]].dtype)}
+        found = {"layers": len(runner.cache_names) // 2, "dtype": runner.cache_dtype.name}
         want = (record["io"].get("signatures") or {}).get("prefill")
         if want is not None and want != runner.prefill_length:
             raise RunnerError(f"{bundle.artifact.name}: prefill signature of {runner.prefill_length} rows, "

@@ -115,6 +115,32 @@ def test_compute_runs_in_xnnpack(llama_fp32):
         assert left <= {"DYNAMIC_UPDATE_SLICE", "EMBEDDING_LOOKUP", "RESHAPE", "PACK", "CAST", "SLICE"}, left
 
 
+def test_cache_kept_in_place_matches_the_public_signature_runners(llama_fp32):
+    """The cache kept in the interpreter's tensors (only the rows a call wrote copied back) gives bit-identical
+    logits to passing the whole cache through LiteRT's public signature runners: padded and chunked prefill,
+    prefill to decode and back, a prompt running up to the last position, and a reset in between."""
+    from edgeq.llm.tflite_decoder import open_runner
+    from edgeq.validate.runners.tflite_kv_carry import NumpyCarry
+
+    fast, plain = open_runner(llama_fp32[1], MAX_CONTEXT), open_runner(llama_fp32[1], MAX_CONTEXT)
+    assert fast._carry.mode == "in-place"  # ai-edge-litert exposes what the fast path needs
+    plain._carry = NumpyCarry(plain.interpreter, ["prefill", "decode"], plain.cache_names)
+    ids = token_sequences(1, MAX_CONTEXT, seed=5)[0]
+
+    def session(runner) -> np.ndarray:
+        rows = [runner_logits(runner, ids[:40], splits=(3, 20))]
+        runner.reset()
+        rows.append(runner.prefill(ids[:9]))
+        rows += [runner.decode(int(t))[None] for t in ids[9:12]]
+        rows.append(runner.prefill(ids[12:MAX_CONTEXT - 1]))  # chunks, then decode once a chunk would not fit
+        rows.append(runner.decode(int(ids[-1]))[None])
+        return np.concatenate(rows)
+
+    got, want = session(fast), session(plain)
+    assert got.shape == want.shape and np.array_equal(got, want)
+    assert fast.cache_dtype == np.float32
+
+
 def test_runner_refuses_what_does_not_fit(llama_fp32):
     from edgeq.errors import UsageError
     from edgeq.llm.tflite_decoder import open_runner

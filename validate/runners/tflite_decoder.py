@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.validate.runners.base import RunnerError
+from edgeq.validate.runners.tflite_kv_carry import CACHE_PREFIX, open_carry
 
 PREFILL, DECODE = "prefill", "decode"
-CACHE_PREFIX = "kv_cache_"
 MASKED = np.float32(-1e30)  # additive mask of a hidden position: exp() underflows to exactly 0 after softmax
 
 
@@ -43,26 +43,25 @@ class TFLiteDecoderRunner:
             missing = {PREFILL, DECODE} - set(signatures)
             if missing:
                 raise RunnerError(f"{path} has signatures {sorted(signatures)}; an edgeq decoder has 'prefill' and 'decode'")
-            self._prefill = self.interpreter.get_signature_runner(PREFILL)
-            self._decode = self.interpreter.get_signature_runner(DECODE)
+            details = self.interpreter.get_signature_runner(DECODE).get_input_details()
+            self.cache_names = sorted(n for n in details if n.startswith(CACHE_PREFIX))
+            context = int(details["mask"]["shape"][-1])
+            if context != max_context:
+                raise RunnerError(f"{path} was exported for a maximum context of {context}, not {max_context}")
+            self.prefill_length = int(self.interpreter.get_signature_runner(PREFILL).get_input_details()["tokens"]["shape"][1])
+            self._carry = open_carry(self.interpreter, [PREFILL, DECODE], self.cache_names)
         except RunnerError:
             raise
         except Exception as exc:
             raise RunnerError(f"LiteRT could not load {path}: {exc}") from exc
-        details = self._decode.get_input_details()
-        self.cache_names = sorted(n for n in details if n.startswith(CACHE_PREFIX))
-        self._cache_specs = {n: (tuple(int(s) for s in details[n]["shape"]), np.dtype(details[n]["dtype"])) for n in self.cache_names}
-        context = int(details["mask"]["shape"][-1])
-        if context != max_context:
-            raise RunnerError(f"{path} was exported for a maximum context of {context}, not {max_context}")
         self.max_context = max_context
-        self.prefill_length = int(self._prefill.get_input_details()["tokens"]["shape"][1])
+        self.cache_dtype = self._carry.cache_dtype
         self.executor = f"{version} (CPU, default delegate, signatures prefill[{self.prefill_length}] and decode)"
         self.reset()
 
     def reset(self) -> None:
         self.position = 0
-        self.cache = {name: np.zeros(shape, dtype) for name, (shape, dtype) in self._cache_specs.items()}
+        self._carry.reset()
 
     def prefill(self, token_ids: np.ndarray) -> np.ndarray:
         from edgeq.llm.steps import check_prefill_ids
@@ -72,18 +71,18 @@ class TFLiteDecoderRunner:
         length = self.prefill_length
         while start < ids.size and self.position + length <= self.max_context:
             count = min(length, ids.size - start)
-            rows.append(self._step(self._prefill, ids[start:start + count], length))
+            rows.append(self._step(PREFILL, ids[start:start + count], length))
             start += count
-        rows += [self._step(self._decode, ids[i:i + 1], 1) for i in range(start, ids.size)]
+        rows += [self._step(DECODE, ids[i:i + 1], 1) for i in range(start, ids.size)]
         return np.concatenate(rows, axis=0)
 
     def decode(self, token_id: int) -> np.ndarray:
         from edgeq.llm.steps import check_prefill_ids
 
         ids = check_prefill_ids(np.asarray([token_id]), self.position, self.max_context)
-        return self._step(self._decode, ids, 1)[0]
+        return self._step(DECODE, ids, 1)[0]
 
-    def _step(self, runner, ids: np.ndarray, length: int) -> np.ndarray:
+    def _step(self, signature: str, ids: np.ndarray, length: int) -> np.ndarray:
         """Run `ids` (n <= length) at the current position through a signature of `length` rows; the n rows' logits."""
         count = ids.size
         tokens = np.zeros((1, length), np.int32)
@@ -92,12 +91,11 @@ class TFLiteDecoderRunner:
         # Row t sees cache rows 0 .. position + t (causal); padded rows see as much as the last real one.
         visible = np.minimum(positions, self.position + count - 1)
         mask = np.where(np.arange(self.max_context)[None, :] <= visible[:, None], np.float32(0), MASKED)
+        feeds = {"tokens": tokens, "input_pos": positions, "mask": mask[None, None].astype(np.float32)}
         try:
-            result = runner(tokens=tokens, input_pos=positions, mask=mask[None, None].astype(np.float32), **self.cache)
+            result = self._carry.run(signature, feeds, self.position, length, ("logits",))
         except Exception as exc:
             raise RunnerError(f"LiteRT failed to run the decoder at position {self.position}: {exc}") from exc
-        # Copies: the runner's arrays may alias interpreter memory that the next call overwrites.
-        self.cache = {name: np.array(result[name]) for name in self.cache_names}
         self.position += count
         return np.array(result["logits"][0, :count], dtype=np.float32)
 
