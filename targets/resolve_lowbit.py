@@ -220,7 +220,8 @@ def _footprint(module: nn.Module, plan: QuantPlan, grid: Grid, runtime: str) -> 
     return (
         f"{bits / max(elements, 1):.2f} bits per weight on the {len(quantized)} quantized layers ({codes}, "
         f"{grid.scale_dtype} scales{held}{'' if grid.symmetric else ', zero points'}), which hold "
-        f"{100 * elements / max(total, 1):.1f}% of the model's weight elements; the rest stays float: "
+        f"{100 * elements / max(total, 1):.1f}% of the weight elements of the model as planned (float layers a rewrite "
+        f"adds, such as side paths, included); the rest stays float: "
         f"{storage.bits_per_weight:.2f} bits per weight over the whole model as {runtime} stores it"
     )
 

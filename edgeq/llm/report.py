@@ -44,7 +44,9 @@ def manifest(artifact, source, options, runtime, precision, plan, notes, report,
 
 def coverage(plan, model) -> dict:
     """What the plan quantized and what it left float: per layer (float ones with their reason) and as a share of
-    the model's weight elements (a tied table counted once)."""
+    the source model's parameters (norms included; a tied head counted again, as it gets codes of its own). The
+    low-bit footprint note divides by the weights of the model as planned instead, which a rewrite may have grown
+    (the TFLite outlier split's float side paths), so its share reads lower."""
     import numpy as np
 
     from edgeq.footprint import tied_head
@@ -73,7 +75,7 @@ def markdown(data: dict, full: dict) -> str:
     plan = data.get("plan")
     if plan:
         lines += [f"Plan: {plan['scheme']}, {plan['layers']} layers quantized ({plan['quantized_weight_share']:.1%} of the "
-                  f"weight elements), {len(plan['float_layers'])} float:", *[f"- {n}" for n in plan["notes"]],
+                  f"source model's parameters), {len(plan['float_layers'])} float:", *[f"- {n}" for n in plan["notes"]],
                   *[f"- `{fqn}` float: {why.removeprefix('float: ')}" for fqn, why in list(plan["float_layers"].items())[:12]],
                   *([f"- ... {len(plan['float_layers']) - 12} more float layers in manifest.json"]
                     if len(plan["float_layers"]) > 12 else []), ""]
