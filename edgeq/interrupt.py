@@ -125,13 +125,22 @@ def interrupt_guard(unchanged: str | None = None):
     finally:
         _run.deferring += 1  # from here on a signal is only recorded
         _guarded = False
-        for number, handler in previous_handlers.items():
-            signal.signal(number, handler)
+        stopping = interrupted()
+        if stopping:
+            # The block may have ended without seeing the interrupt (a toolchain turned it into a failure that
+            # the run reported): stop redelivering, and keep edgeq's handler (it only records now) until
+            # os._exit. Python's own handler back in place would let a late redelivery raise in the cleanup
+            # below, where click reports it as "Aborted!" with exit 1.
+            _run.seen = True
+        else:
+            for number, handler in previous_handlers.items():
+                signal.signal(number, handler)
         sys.unraisablehook = previous_hook
         from edgeq.bundle import release_outputs
 
         release_outputs()
-        _run.deferring -= 1
+        if not stopping:
+            _run.deferring -= 1
     if interrupted():
         _exit_interrupted()
 
