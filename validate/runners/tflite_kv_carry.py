@@ -3,7 +3,8 @@
 A decoder `.tflite` in litert-torch's generative layout takes every cache tensor as a signature input and returns
 the updated one as an output. LiteRT's public signature runner copies all of them in and out of Python on every
 call: 60 tensors and 11.8 MB a token for SmolLM2-135M at a context of 256, a fixed cost that is as large as the
-4-bit model's own decode compute here (int4 decode measured 70 tokens/s that way, 95 with the cache kept in place).
+4-bit model's own decode compute here (SmolLM2 int4 decode 82-85 tokens/s that way, 110-117 with the cache kept
+in place, one thread: benchmarks/bench_llm.py --tflite).
 
 `InPlaceCarry` keeps the cache in the interpreter's own input tensors. A call writes cache rows
 [position, position + rows) into its outputs (DYNAMIC_UPDATE_SLICE of the input), so afterwards only those rows
@@ -13,7 +14,7 @@ once into the other signature's inputs. It reaches the interpreter through the w
 tflite-runtime's `Interpreter` both hold (`_interpreter`: tensor views per subgraph, SetTensor, Invoke); LiteRT
 keeps graph inputs out of the arena's reuse, so the views stay valid between calls. Where that wrapper is
 missing, `NumpyCarry` does what the public API allows. Both give bit-identical logits
-(tests/llm/test_tflite_kv_carry.py).
+(tests/llm/test_tflite_decoder.py).
 
 Imports numpy only (runs on a device image).
 """
