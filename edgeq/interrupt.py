@@ -125,10 +125,9 @@ def interrupt_guard(unchanged: str | None = None):
     finally:
         _run.deferring += 1  # from here on a signal is only recorded
         _guarded = False
-        stopping = interrupted()
-        if stopping:
+        if interrupted():
             # The block may have ended without seeing the interrupt (a toolchain turned it into a failure that
-            # the run reported): stop redelivering, and keep edgeq's handler (it only records now) until
+            # the run reported): stop redelivering, and keep edgeq's handler (a seen run's only records) until
             # os._exit. Python's own handler back in place would let a late redelivery raise in the cleanup
             # below, where click reports it as "Aborted!" with exit 1.
             _run.seen = True
@@ -139,8 +138,7 @@ def interrupt_guard(unchanged: str | None = None):
         from edgeq.bundle import release_outputs
 
         release_outputs()
-        if not stopping:
-            _run.deferring -= 1
+        _run.deferring -= 1
     if interrupted():
         _exit_interrupted()
 

@@ -103,15 +103,10 @@ class InPlaceCarry:
         for name, value in feeds.items():
             wrapper.SetTensor(signature.inputs[name], value, signature.subgraph)
         wrapper.Invoke(signature.subgraph)
-        stop = min(start + rows, self.max_rows(signature))
         for name in self.cache_names:
-            rows_written = row_slice(name, start, stop)
+            rows_written = row_slice(name, start, start + rows)  # numpy clips a slice at the context's end
             signature.cache_in[name][rows_written] = signature.cache_out[name][rows_written]
         return {name: wrapper.GetTensor(signature.outputs[name], signature.subgraph) for name in fetch}
-
-    def max_rows(self, signature: _Signature) -> int:
-        name = self.cache_names[0]
-        return signature.cache_in[name].shape[sequence_axis(name)]
 
 
 def open_carry(interpreter, keys: list[str], cache_names: list[str]):
