@@ -12,7 +12,10 @@ pipeline as usual), then compares them in this process:
 Per artifact:
   median ms   batch 1, sequence 128, ONE intra-op thread, warm (5 untimed runs first), the artifacts interleaved
               round by round so machine load hits them alike; ORT thread spinning off (a spinning session steals
-              the next one's core); each artifact runs with its profile's session options
+              the next one's core); each artifact runs with its profile's session options. Two inputs, each
+              timed on its own: the first STS-B dev sentence as a user's app feeds it (its tokens, padded to
+              128), and 128 real tokens (no padding), since edgeq's ONNX int8-dynamic attention skips padded
+              keys (converters/onnx_key_compress.py) and the FP32 and peer graphs do not
   vs FP32     its runtime's FP32 median / its median, worded as the reports word it ("1.6x faster than FP32",
               "0.8x: slower than FP32 on this machine"; within 10%: "no faster")
   cosine      mean cosine of the sentence embeddings against FP32 PyTorch on STS-B dev sentences
@@ -24,7 +27,8 @@ Run:  .venv/bin/python benchmarks/bench_speed.py [--sentences 400] [--rounds 60]
       [--profile RUNS]  (after the table: ORT's profiler on the ONNX int8-dynamic rows, ms per run by op type)
       python3 benchmarks/bench_speed.py --files A.onnx B.onnx ... [--rounds N] [--profile RUNS]
                         (numpy + onnxruntime only, for a machine without edgeq, e.g. the lent VNNI machine: the
-                        given MiniLM files timed interleaved on one fixed 128-token input, ratios to the first)
+                        given MiniLM files timed interleaved on one fixed input, 22 tokens padded to 128, and on 128 real tokens;
+                        ratios to the first)
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ class Row:
     path: Path
     runtime: str  # "onnx" | "tflite": the ratio is to this runtime's FP32 row
     settings: dict = field(default_factory=dict)  # runner keyword arguments (the profile's session options)
-    times_ms: list[float] = field(default_factory=list)
+    times_ms: list[float] = field(default_factory=list)  # the sentence as tokenized (padded to 128)
+    full_ms: list[float] = field(default_factory=list)  # 128 real tokens, no padding
     cosine: float = float("nan")
 
 
@@ -192,7 +197,17 @@ def evaluate(model, rows: list[Row], runners: dict, count: int) -> dict:
     return samples[0]
 
 
-def time_interleaved(rows: list[Row], runners: dict, sample: dict, rounds: int, warmup: int = 5) -> None:
+def unpadded(sample: dict) -> dict:
+    """The same input with all 128 positions real tokens: the sentence's tokens repeated over the padding."""
+    mask = sample["attention_mask"]
+    real = int(mask.sum())
+    full = {name: value.copy() for name, value in sample.items()}
+    full["input_ids"] = np.resize(sample["input_ids"][0, :real], mask.shape[1])[None].astype(sample["input_ids"].dtype)
+    full["attention_mask"] = np.ones_like(mask)
+    return full
+
+
+def time_interleaved(rows: list[Row], runners: dict, sample: dict, rounds: int, warmup: int = 5, into: str = "times_ms") -> None:
     for row in rows:
         for _ in range(warmup):
             runners[row.label].run(sample)
@@ -200,20 +215,29 @@ def time_interleaved(rows: list[Row], runners: dict, sample: dict, rounds: int, 
         for row in rows:
             start = time.perf_counter()
             runners[row.label].run(sample)
-            row.times_ms.append((time.perf_counter() - start) * 1e3)
+            getattr(row, into).append((time.perf_counter() - start) * 1e3)
 
 
-def print_table(rows: list[Row], sentences: int, rounds: int, loads: tuple[float, float]) -> None:
+def time_both(rows: list[Row], runners: dict, sample: dict, rounds: int) -> None:
+    time_interleaved(rows, runners, sample, rounds)
+    time_interleaved(rows, runners, unpadded(sample), rounds, into="full_ms")
+
+
+def print_table(rows: list[Row], sentences: int, rounds: int, loads: tuple[float, float], tokens: int) -> None:
     from edgeq.validate.latency import host_description, speed_summary
 
-    fp32 = {row.runtime: statistics.median(row.times_ms) for row in rows if row.label.endswith(" fp32")}
+    def timing(row, times):
+        fp32 = next((statistics.median(getattr(r, times)) for r in rows if r.runtime == row.runtime and r.label.endswith(" fp32")), None)
+        median = statistics.median(getattr(row, times))
+        wording = "1.00x (reference)" if row.label.endswith(" fp32") else speed_summary(median / fp32) if fp32 else "-"
+        return f"{median:.2f} | {wording}"
+
     print(f"\nall-MiniLM-L6-v2 sentence embeddings, batch 1, sequence 128, one thread; cosine on {sentences} STS-B dev sentences")
-    print(f"machine: {host_description()}; load average {loads[0]:.1f} before timing, {loads[1]:.1f} after; {rounds} interleaved rounds\n")
-    print(f"| artifact | median ms | vs FP32 | mean cosine | size MB |\n|---|---|---|---|---|")
+    print(f"machine: {host_description()}; load average {loads[0]:.1f} before timing, {loads[1]:.1f} after; {rounds} interleaved rounds per input\n")
+    print(f"| artifact | ms, a {tokens}-token sentence padded to 128 | vs FP32 | ms, 128 tokens (no padding) | vs FP32 | mean cosine | size MB |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
-        median = statistics.median(row.times_ms)
-        wording = "1.00x (reference)" if row.label.endswith(" fp32") else speed_summary(median / fp32[row.runtime]) if row.runtime in fp32 else "-"
-        print(f"| {row.label} | {median:.2f} | {wording} | {row.cosine:.5f} | {row.path.stat().st_size / 1e6:.1f} |")
+        print(f"| {row.label} | {timing(row, 'times_ms')} | {timing(row, 'full_ms')} | {row.cosine:.5f} | {row.path.stat().st_size / 1e6:.1f} |")
 
 
 def profile_onnx(rows: list[Row], sample: dict, runs: int) -> None:
@@ -256,7 +280,8 @@ def profile_onnx(rows: list[Row], sample: dict, runs: int) -> None:
 
 
 def compare_files(paths: list[Path], rounds: int, runs: int) -> None:
-    """Standalone mode (numpy + onnxruntime): MiniLM ONNX files on one fixed 128-token input, interleaved."""
+    """Standalone mode (numpy + onnxruntime): MiniLM ONNX files on one fixed input (22 tokens padded to 128) and on 128
+    real tokens, interleaved."""
     import platform
 
     import onnxruntime as ort
@@ -274,14 +299,14 @@ def compare_files(paths: list[Path], rounds: int, runs: int) -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
     before = os.getloadavg()[0]
-    time_interleaved(rows, runners, sample, rounds)
+    time_both(rows, runners, sample, rounds)
     print(f"\n{cpu}, {os.cpu_count()} CPUs, VNNI: {'avx512_vnni' in flags or 'avx_vnni' in flags}, AMX: {'amx_int8' in flags}; "
           f"onnxruntime {ort.__version__}; load {before:.1f} -> {os.getloadavg()[0]:.1f}; {rounds} interleaved rounds, one thread\n")
-    first = statistics.median(rows[0].times_ms)
-    print("| file | median ms | first / it |\n|---|---|---|")
+    first, first_full = statistics.median(rows[0].times_ms), statistics.median(rows[0].full_ms)
+    print("| file | median ms, 22 tokens padded to 128 | first / it | median ms, 128 tokens | first / it |\n|---|---|---|---|---|")
     for row in rows:
-        median = statistics.median(row.times_ms)
-        print(f"| {row.label} | {median:.2f} | {first / median:.3f}x |")
+        median, full = statistics.median(row.times_ms), statistics.median(row.full_ms)
+        print(f"| {row.label} | {median:.2f} | {first / median:.3f}x | {full:.2f} | {first_full / full:.3f}x |")
     if runs:
         profile_onnx(rows, sample, runs)
 
@@ -314,8 +339,8 @@ def main() -> None:
     runners = open_runners(rows)
     sample = evaluate(model, rows, runners, args.sentences)
     before = os.getloadavg()[0]
-    time_interleaved(rows, runners, sample, args.rounds)
-    print_table(rows, args.sentences, args.rounds, (before, os.getloadavg()[0]))
+    time_both(rows, runners, sample, args.rounds)
+    print_table(rows, args.sentences, args.rounds, (before, os.getloadavg()[0]), int(sample["attention_mask"].sum()))
     if args.profile:
         profile_onnx([row for row in rows if row.runtime == "onnx" and ("int8-dynamic" in row.label or "quantize_dynamic" in row.label)], sample, args.profile)
     print(f"\nartifacts: {out}")

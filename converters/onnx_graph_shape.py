@@ -281,6 +281,12 @@ def shape_for_ort(proto, plan=None, static: bool = False, cpu: bool = True) -> l
         attention = fuse_multi_head_attention(proto)
         if attention:
             notes.append(f"{attention} self-attention core(s) as com.microsoft.MultiHeadAttention (one kernel instead of ~11)")
+            from edgeq.converters.onnx_key_compress import skip_padded_keys
+
+            compressed = skip_padded_keys(proto)
+            if compressed:
+                notes.append(f"{compressed} attention core(s) read only the keys attention_mask keeps (batch 1: Compress, "
+                             "no bias, so ORT runs flash attention over the real tokens, not the padding)")
     return notes
 
 
