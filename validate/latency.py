@@ -16,7 +16,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -40,15 +40,32 @@ class Latency:
     host: str = ""  # the machine that measured: latency means nothing without it
     threads: int | None = None  # intra-op threads the runtime was given (None: its own default, e.g. Core ML)
     interleaved_with: str | None = None  # the artifact timed round by round with this one (the FP32 artifact)
+    # What was timed where it changes the figure: "11 of 128 positions real tokens" when the sample is padded
+    # (an ONNX int8-dynamic graph that skips padded keys runs a short sentence faster than a full one).
+    sample: str | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        found = asdict(self)
+        if found["sample"] is None:
+            del found["sample"]
+        return found
 
     @property
     def method(self) -> str:
         """How it was measured, for reports: "1 thread, warm, interleaved with the FP32 artifact"."""
         threads = "runtime's default threads" if self.threads is None else f"{self.threads} thread{'s' if self.threads != 1 else ''}"
-        return ", ".join([threads, "warm", *([f"interleaved with {self.interleaved_with}"] if self.interleaved_with else [])])
+        return ", ".join([threads, "warm", *([f"interleaved with {self.interleaved_with}"] if self.interleaved_with else []),
+                          *([self.sample] if self.sample else [])])
+
+
+def describe_sample(sample: dict[str, np.ndarray]) -> str | None:
+    """'11 of 128 positions real tokens' for a padded sample (its attention_mask), else None."""
+    mask = sample.get("attention_mask")
+    if mask is None or not np.issubdtype(np.asarray(mask).dtype, np.number):
+        return None
+    mask = np.asarray(mask)
+    real = int(np.count_nonzero(mask))
+    return f"{real} of {mask.size} positions real tokens" if real < mask.size else None
 
 
 def summarize(seconds: list[float], warmup: int, host: str = "", threads: int | None = None, interleaved_with: str | None = None) -> Latency:
@@ -136,7 +153,8 @@ def time_artifacts(paths: list, runtime: str, settings: dict, sample: dict[str, 
         if untimed:
             return None, untimed
         calls = [lambda runner=runner: runner.run(sample) for runner in runners]
-        return measure_interleaved(calls, labels=labels, threads=timing.get("threads"), **limits), None
+        latencies = measure_interleaved(calls, labels=labels, threads=timing.get("threads"), **limits)
+        return [replace(latency, sample=describe_sample(sample)) for latency in latencies], None
     except (NotExecutable, RunnerError) as exc:
         return None, f"timing failed: {exc}"
 

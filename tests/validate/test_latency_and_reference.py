@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from edgeq.validate.latency import measure, speed_summary, summarize
@@ -148,3 +150,15 @@ def test_a_failing_fp32_helper_does_not_sink_the_quantized_artifact(tmp_path, mo
     assert "simulated exporter failure" in validation["vs_fp32_artifact"]["reason"]
     assert "simulated exporter failure" in validation["fp32_artifact"]["reason"]
     assert validation["latency_vs_fp32"] is None and validation["latency"]["runs"] >= 10
+
+
+def test_a_padded_timing_sample_is_named_with_its_figure():
+    """A padded sample's real length is part of what was timed (graphs that skip padded keys run it faster)."""
+    from edgeq.validate.latency import Latency, describe_sample
+
+    assert describe_sample({"input_ids": np.zeros((1, 4), np.int64), "attention_mask": np.array([[1, 1, 1, 0]])}) == "3 of 4 positions real tokens"
+    assert describe_sample({"attention_mask": np.ones((1, 4), np.int64)}) is None  # nothing padded: nothing to say
+    assert describe_sample({"pixels": np.zeros((1, 3, 8, 8), np.float32)}) is None
+    timed = Latency(1.0, 1.1, 1.2, 10, 3, "host", 1, "the FP32 artifact", "3 of 4 positions real tokens")
+    assert timed.method == "1 thread, warm, interleaved with the FP32 artifact, 3 of 4 positions real tokens"
+    assert timed.to_json()["sample"] == "3 of 4 positions real tokens" and "sample" not in Latency(1.0, 1.1, 1.2, 10, 3).to_json()
