@@ -65,6 +65,10 @@ class QuantCapabilities:
     # ONNX Runtime's MatMulNBits accuracy_level the int4-dynamic scheme deploys with (0-4; 4 = int8 activations per
     # block). Float-activation low-bit schemes always deploy at 1 (fp32 math). None: not an ONNX low-bit target.
     dynamic_accuracy_level: int | None = None
+    # SmoothQuant in dynamic-activation schemes unless --smoothquant asks for it: each smoothed input is a float Mul
+    # at run time, which pays where the runtime's activation grid is coarse (ORT: one uint8 range per tensor) and
+    # costs more than it buys where it is fine (LiteRT: int8 per row; measured per profile in its comment).
+    dynamic_smoothing: bool = True
 
 
 # Per-runtime settings a profile may state, with their types; anything else is refused.
@@ -97,6 +101,7 @@ _QUANT_KEYS = {
     "scale_dtype": str,
     "lowbit_scale_dtype": str,
     "dynamic_accuracy_level": int,
+    "dynamic_smoothing": bool,
 }
 _QUANT_VALUES = {
     "weight_dtypes": {"int2", "int3", "int4", "uint2", "uint3", "uint4", "int8", "uint8", "lut2", "lut3", "lut4", "lut6", "lut8"},
@@ -227,6 +232,7 @@ def _parse_quantization(table: dict, fail) -> QuantCapabilities:
         scale_dtype=table.get("scale_dtype", "float32"),
         lowbit_scale_dtype=table.get("lowbit_scale_dtype"),
         dynamic_accuracy_level=level,
+        dynamic_smoothing=table.get("dynamic_smoothing", True),
     )
 
 

@@ -173,6 +173,10 @@ def resolve_plan(
         if calibration.smooth and alpha is not None and linears and caps.integer_io and activation_dtype is not None:
             # Its x / s is a float multiply on the layer input, which a full-integer target cannot run.
             plan.notes.append(f"no SmoothQuant: target {profile.id} runs integer ops only")
+        elif calibration.smooth and alpha is not None and linears and not caps.dynamic_smoothing and calibration.smooth_alpha is None \
+                and all(plan.layers[fqn].dynamic_activation is not None for fqn in linears):
+            plan.notes.append(f"no SmoothQuant: target {profile.id} turns it off for dynamic activations (dynamic_smoothing = false: its "
+                              "run-time Muls cost more than they buy there, the profile says why); --smoothquant ALPHA smooths where it pays")
         elif calibration.smooth and alpha is not None and linears:
             _smooth(module, plan, modules, linears, calibration, alpha, caps.scale_dtype)
         if activation_dtype is not None:

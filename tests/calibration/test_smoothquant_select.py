@@ -23,22 +23,31 @@ class TwoInputs(nn.Module):
         return self.outlier(scaled) + self.flat(torch.tanh(x))
 
 
-def _plan(target):
+def _plan(target, alpha=None):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     samples = [{"x": rng.standard_normal((1, 8, 32)).astype(np.float32)} for _ in range(6)]
     example = (torch.from_numpy(samples[0]["x"]),)
     return resolve_plan(TwoInputs().eval(), load_profile(target), Precision.INT8_DYNAMIC, example_inputs=example,
-                        calibration=Calibration(samples, ["x"]))
+                        calibration=Calibration(samples, ["x"], smooth_alpha=alpha))
 
 
 def test_smoothing_kept_only_where_it_lowers_the_dynamic_int8_error():
-    for target in ("onnx", "tflite"):
-        plan = _plan(target)
+    for target, alpha in (("onnx", None), ("tflite", 0.7)):  # tflite smooths dynamic int8 only when asked (below)
+        plan = _plan(target, alpha)
         assert plan.layers["outlier"].smooth is not None, target
         assert plan.layers["flat"].smooth is None, target
         note = next(n for n in plan.notes if n.startswith("SmoothQuant kept on 1 of 2"))
         assert "outlier: smoothed" in note and "flat: not smoothed" in note
+
+
+def test_a_per_row_profile_leaves_dynamic_int8_unsmoothed_unless_asked():
+    """tflite's dynamic_smoothing = false: XNNPACK's per-row grid makes the run-time Muls cost more than they buy
+    (MiniLM: AEQ's speed without them), so no layer is smoothed and the note says how to ask for it."""
+    plan = _plan("tflite")
+    assert plan.layers["outlier"].smooth is None and plan.layers["flat"].smooth is None
+    assert any(n.startswith("no SmoothQuant: target tflite turns it off") and "--smoothquant ALPHA" in n for n in plan.notes)
+    assert _plan("onnx").layers["outlier"].smooth is not None  # ORT's per-tensor grid: smoothing pays there
 
 
 def test_dynamic_quantize_matches_the_runtimes_grids():
