@@ -61,7 +61,8 @@ def skip_padded_keys(proto) -> int:
         condition = where.input[0]
         while condition in producer and producer[condition].op_type == "And":  # And with an all-True constant is the other input
             node = producer[condition]
-            trues = [name for name in node.input if constant(name) is not None and constant(name).dtype == bool and constant(name).all()]
+            values = {name: constant(name) for name in node.input}
+            trues = [name for name, value in values.items() if value is not None and value.dtype == bool and value.all()]
             others = [name for name in node.input if name not in trues]
             if not trues or len(others) != 1:
                 return None
@@ -113,10 +114,11 @@ def skip_padded_keys(proto) -> int:
         return 0
     nodes, placed = [], False
     for node in graph.node:
-        if not placed and node.output and node.output[0] in before:  # the keep vector right before the first attention that reads it
+        compresses = before.get(node.output[0], []) if node.op_type == "MultiHeadAttention" else []
+        if compresses and not placed:  # the keep vectors right before the first attention that reads one
             nodes += setup
             placed = True
-        nodes += before.get(node.output[0], []) if node.op_type == "MultiHeadAttention" else []
+        nodes += compresses
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
