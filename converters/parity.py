@@ -29,6 +29,9 @@ class StoredWeights:
     quantized: dict[str, tuple[np.ndarray, np.ndarray]]  # user FQN -> (codes, scale) as stored
     names: set[str]  # every stored tensor name, to tell a float layer from one the exporter removed
     zero_points: dict[str, np.ndarray] = field(default_factory=dict)  # user FQN -> zero points, where stored (low-bit)
+    # user FQN -> (first row, float rows) of a table whose lookup at constant indices was folded into the rows it
+    # produces (converters/tflite_fold_lookups.py): checked against the plan's codes x scale, bit for bit
+    folded_rows: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)
 
     def present(self, fqn: str) -> bool:
         return any(name.startswith((f"{fqn}.", f"inner.{fqn}.")) for name in self.names)
@@ -97,6 +100,14 @@ def compare_weights(plan: QuantPlan, stored: StoredWeights) -> ParityResult:
     for fqn, layer in plan.layers.items():
         palette = getattr(layer, "palette", None)  # a palettized layer: weight_codes are its indices, palette its LUTs
         if layer.weight is None and palette is None:
+            continue
+        if fqn in stored.folded_rows and fqn not in stored.quantized and layer.weight_codes is not None and layer.weight_codes.ndim == 2:
+            checked += 1
+            start, rows = stored.folded_rows[fqn]
+            codes = layer.weight_codes[start:start + rows.shape[0]]
+            expected = codes.astype(np.float32) * np.asarray(layer.weight.scale, np.float32).ravel()[start:start + rows.shape[0], None]
+            if rows.shape != expected.shape or not np.array_equal(rows, expected):
+                mismatches.append(f"{fqn}: the folded rows [{start}:{start + rows.shape[0]}] are not the plan's codes x scale")
             continue
         if fqn not in stored.quantized:
             (missing if stored.present(fqn) else removed).append(fqn)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.converters.parity import StoredWeights
+from edgeq.converters.tflite_fold_lookups import ROWS_NAME
 
 WEIGHT_SUFFIX = ".weight"
 CONV1D_SUFFIX = ".weight.conv1d"
@@ -205,4 +206,13 @@ def tflite_weights(path: Path) -> StoredWeights:
             if suffix == CONV1D_SUFFIX and use.op_name in ("CONV_2D", "DEPTHWISE_CONV_2D") and codes.shape[2] == 1:
                 codes = codes[:, :, 0, :]
             found[name.removesuffix(suffix)] = (np.ascontiguousarray(codes), scale)
-    return StoredWeights(found, stored_names)
+    folded = {}
+    for subgraph in model.subgraphs:  # tables folded into the rows a constant lookup produced
+        for tensor in subgraph.tensors:
+            match = ROWS_NAME.match(tensor_name(tensor))
+            values = constant(model, tensor) if match else None
+            if values is not None and values.dtype == np.float32:
+                start, stop = int(match["start"]), int(match["stop"])
+                if values.size % max(stop - start, 1) == 0:
+                    folded[match["fqn"]] = (start, values.reshape(stop - start, -1))
+    return StoredWeights(found, stored_names, folded_rows=folded)

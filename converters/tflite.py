@@ -306,12 +306,20 @@ def lower_plan(flatbuffer: bytes, plan: QuantPlan, scopes: dict[str, str], reque
         )
     # each planned layer's computing op (embedding lookups gather rows, in float as in FP32), before make_hybrid drops ops
     kernels = {fqn: subgraph.operators[use.op] for fqn, use in named.items() if plan.layers[fqn].op != OpKind.EMBEDDING}
+    lookups = {fqn: subgraph.operators[use.op] for fqn, use in named.items() if plan.layers[fqn].op == OpKind.EMBEDDING}
     # int8-dynamic layers, and the layers --auto-fallback moved from static ranges to per-call ones in a w8a8 plan
     dynamic = [fqn for fqn in named if plan.layers[fqn].dynamic_activation is not None]
     if dynamic:
         hybrid = {named[fqn].tensor for fqn in dynamic}
         make_hybrid(model, subgraph, names, [named[fqn] for fqn in dynamic] + [u for u in shared if u.tensor in hybrid], target)
         notes.append(f"{len(dynamic)} linear layer(s) run TFLite's hybrid int8 kernels (int8 weights, input rows quantized to int8 per call)")
+    if lookups and not request.profile.quantization.integer_io:
+        from edgeq.converters.tflite_fold_lookups import fold_constant_lookups
+
+        folded = fold_constant_lookups(model, subgraph, names, lookups, plan)
+        if folded:
+            notes.append(f"{len(folded)} int8 table lookup(s) at constant indices folded into float32 rows (codes x scale, what the "
+                         f"lookup computed; no run-time EMBEDDING_LOOKUP): {', '.join(folded)}")
     if request.precision in _STATIC and request.profile.quantization.integer_io:
         float_ops = {
             names[op.opcodeIndex] for op in subgraph.operators
