@@ -11,7 +11,8 @@ pipeline as usual), then compares them in this process:
             benchmarks/bench_tflite_w8a8.py)
 Per artifact:
   median ms   batch 1, sequence 128, ONE intra-op thread, warm (5 untimed runs first), the artifacts interleaved
-              round by round so machine load hits them alike; ORT thread spinning off (a spinning session steals
+              round by round, in a fresh (seeded) order each round, so machine load and cache state hit them
+              alike; ORT thread spinning off (a spinning session steals
               the next one's core); each artifact runs with its profile's session options. Two inputs, each
               timed on its own: the first STS-B dev sentence as a user's app feeds it (its tokens, padded to
               128), and 128 real tokens (no padding), since edgeq's ONNX int8-dynamic attention skips padded
@@ -26,20 +27,22 @@ Run:  .venv/bin/python benchmarks/bench_speed.py [--sentences 400] [--rounds 60]
       [--skip-tflite]   (ONNX rows only, for quick runs while developing)
       [--profile RUNS]  (after the table: ORT's profiler on the ONNX int8-dynamic rows, ms per run by op type)
       python3 benchmarks/bench_speed.py --files A.onnx B.onnx ... [--rounds N] [--profile RUNS]
-                        (numpy + onnxruntime only, for a machine without edgeq, e.g. the lent VNNI machine: the
-                        given MiniLM files timed interleaved on one fixed input, 22 tokens padded to 128, and on 128 real tokens;
-                        ratios to the first)
+                        (numpy + onnxruntime, or ai-edge-litert for .tflite files, only: for a machine without
+                        edgeq, e.g. the lent VNNI machine. The given MiniLM files timed interleaved on one fixed
+                        input, 22 tokens padded to 128, and on 128 real tokens; ratios to the first)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -211,8 +214,13 @@ def time_interleaved(rows: list[Row], runners: dict, sample: dict, rounds: int, 
     for row in rows:
         for _ in range(warmup):
             runners[row.label].run(sample)
+    # A fresh order every round (seeded): in a fixed order each artifact always runs after the same neighbour, and
+    # the one after a 90 MB FP32 model starts with cold caches (measured: 1.5% on TFLite int8 against AEQ's).
+    shuffle = random.Random(0).shuffle
+    order = list(rows)
     for _ in range(rounds):
-        for row in rows:
+        shuffle(order)
+        for row in order:
             start = time.perf_counter()
             runners[row.label].run(sample)
             getattr(row, into).append((time.perf_counter() - start) * 1e3)
@@ -238,6 +246,20 @@ def print_table(rows: list[Row], sentences: int, rounds: int, loads: tuple[float
     print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row.label} | {timing(row, 'times_ms')} | {timing(row, 'full_ms')} | {row.cosine:.5f} | {row.path.stat().st_size / 1e6:.1f} |")
+    print_peer_ratios(rows)
+
+
+# (edgeq's row, the peer's row): the acceptance pairs of issue 12
+PEER_PAIRS = [("edgeq onnx int8-dynamic", "ORT quantize_dynamic per-channel"), ("edgeq tflite int8-dynamic", "AEQ dynamic_wi8_afp32")]
+
+
+def print_peer_ratios(rows: list[Row]) -> None:
+    """edgeq's speed as a multiple of the peer's on the same FP32 file (peer median / edgeq median, > 1: faster)."""
+    by_label = {row.label: row for row in rows}
+    for mine, peer in PEER_PAIRS:
+        if mine in by_label and peer in by_label:
+            ratios = [statistics.median(getattr(by_label[peer], t)) / statistics.median(getattr(by_label[mine], t)) for t in ("times_ms", "full_ms")]
+            print(f"{mine}: {ratios[0]:.3f}x / {ratios[1]:.3f}x the speed of {peer} (padded / 128 tokens; > 1 is faster)")
 
 
 def profile_onnx(rows: list[Row], sample: dict, runs: int) -> None:
@@ -279,36 +301,62 @@ def profile_onnx(rows: list[Row], sample: dict, runs: int) -> None:
     print("| all kernels | " + " | ".join(f"{sum(t.values()):.3f}" for t in tables.values()) + " |")
 
 
-def compare_files(paths: list[Path], rounds: int, runs: int) -> None:
-    """Standalone mode (numpy + onnxruntime): MiniLM ONNX files on one fixed input (22 tokens padded to 128) and on 128
-    real tokens, interleaved."""
-    import platform
-
+def _onnx_file_runner(path: Path):
     import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda sample: session.run(None, {i.name: sample[i.name] for i in session.get_inputs()})
+
+
+def _tflite_file_runner(path: Path):
+    """LiteRT's interpreter with its default delegate (XNNPACK), one thread; inputs matched by name (the signature's
+    `serving_default_input_ids` and the like) and cast to the file's integer type."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=1)
+    interpreter.allocate_tensors()
+    details = interpreter.get_input_details()
+    names = {d["index"]: next(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in d["name"]) for d in details}
+
+    def run(sample):
+        for d in details:
+            interpreter.set_tensor(d["index"], sample[names[d["index"]]].astype(d["dtype"]))
+        interpreter.invoke()
+
+    return run
+
+
+def compare_files(paths: list[Path], rounds: int, runs: int) -> None:
+    """Standalone mode (numpy + onnxruntime, or ai-edge-litert for .tflite): MiniLM files on one fixed input (22 tokens
+    padded to 128) and on 128 real tokens, interleaved in a fresh order each round."""
+    import platform
 
     rng = np.random.default_rng(0)
     ids = np.concatenate([[101], rng.integers(1000, 20000, 20), [102], np.zeros(106, np.int64)]).reshape(1, 128)
     sample = {"input_ids": ids.astype(np.int64), "attention_mask": (ids > 0).astype(np.int64), "token_type_ids": np.zeros_like(ids)}
-    rows, runners = [Row(path.name, path, "onnx") for path in paths], {}
-    for row in rows:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(row.path), options, providers=["CPUExecutionProvider"])
-        runners[row.label] = type("Runner", (), {"run": lambda self, s, session=session: session.run(None, {i.name: s[i.name] for i in session.get_inputs()})})()
+    rows, runners, versions = [], {}, set()
+    for path in paths:
+        tflite = path.suffix == ".tflite"
+        rows.append(Row(str(path), path, "tflite" if tflite else "onnx"))
+        runner = _tflite_file_runner(path) if tflite else _onnx_file_runner(path)
+        runners[str(path)] = type("Runner", (), {"run": lambda self, s, runner=runner: runner(s)})()
+        versions.add(f"ai-edge-litert {metadata.version('ai-edge-litert')}" if tflite else f"onnxruntime {metadata.version('onnxruntime')}")
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
     before = os.getloadavg()[0]
     time_both(rows, runners, sample, rounds)
     print(f"\n{cpu}, {os.cpu_count()} CPUs, VNNI: {'avx512_vnni' in flags or 'avx_vnni' in flags}, AMX: {'amx_int8' in flags}; "
-          f"onnxruntime {ort.__version__}; load {before:.1f} -> {os.getloadavg()[0]:.1f}; {rounds} interleaved rounds, one thread\n")
+          f"{', '.join(sorted(versions))}; load {before:.1f} -> {os.getloadavg()[0]:.1f}; {rounds} interleaved rounds, one thread\n")
     first, first_full = statistics.median(rows[0].times_ms), statistics.median(rows[0].full_ms)
     print("| file | median ms, 22 tokens padded to 128 | first / it | median ms, 128 tokens | first / it |\n|---|---|---|---|---|")
     for row in rows:
         median, full = statistics.median(row.times_ms), statistics.median(row.full_ms)
         print(f"| {row.label} | {median:.2f} | {first / median:.3f}x | {full:.2f} | {first_full / full:.3f}x |")
     if runs:
-        profile_onnx(rows, sample, runs)
+        profile_onnx([row for row in rows if row.runtime == "onnx"], sample, runs)
 
 
 def main() -> None:
@@ -320,7 +368,7 @@ def main() -> None:
     parser.add_argument("--no-fallback", action="store_true", help="w8a8 without --auto-fallback (converts faster)")
     parser.add_argument("--skip-tflite", action="store_true", help="ONNX rows only")
     parser.add_argument("--profile", type=int, default=0, metavar="RUNS", help="ORT profiler over RUNS runs of the ONNX int8-dynamic rows")
-    parser.add_argument("--files", type=Path, nargs="+", help="standalone: time these MiniLM ONNX files (numpy + onnxruntime only)")
+    parser.add_argument("--files", type=Path, nargs="+", help="standalone: time these MiniLM .onnx / .tflite files (numpy + onnxruntime / ai-edge-litert only)")
     args = parser.parse_args()
     if args.files:
         compare_files(args.files, args.rounds, args.profile)

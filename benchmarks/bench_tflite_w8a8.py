@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import random
 import statistics
 import sys
 import tempfile
@@ -108,8 +109,11 @@ def time_interleaved(paths: dict[str, Path], sample: dict, rounds: int) -> dict[
     for runner in runners.values():
         for _ in range(5):
             runner(**sample)
+    order = list(runners.items())
+    shuffle = random.Random(0).shuffle  # a fresh order each round: a fixed one favours whoever follows a small model
     for _ in range(rounds):
-        for label, runner in runners.items():
+        shuffle(order)
+        for label, runner in order:
             start = time.perf_counter()
             runner(**sample)
             times[label].append((time.perf_counter() - start) * 1e3)

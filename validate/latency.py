@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -105,8 +106,8 @@ def measure_interleaved(
     clock: Callable[[], float] = time.perf_counter,
     threads: int | None = None,
 ) -> list[Latency]:
-    """Time several calls round by round (each call once per round, the order reversed every other round so
-    neither always runs first): load from other work lands on all of them alike. Rounds go on until every
+    """Time several calls round by round (each call once per round, in a new order each round so none always
+    runs first or after the same call): load from other work lands on all of them alike. Rounds go on until every
     call had `min_runs` and the rounds took `target_s` per call, at most `max_runs`. `labels[i]` names what
     call i was interleaved with (recorded in its Latency); by default the other calls are unnamed."""
     for call in calls:
@@ -115,13 +116,19 @@ def measure_interleaved(
     seconds: list[list[float]] = [[] for _ in calls]
     spent = 0.0
     order = list(range(len(calls)))
+    # Two calls: the order flips every round. More: a fresh (seeded) order every round, since a fixed or merely
+    # reversed order gives each call the same neighbours, and one that follows a large model starts with cold caches.
+    shuffle = random.Random(0).shuffle
     while len(seconds[0]) < max_runs and (len(seconds[0]) < min_runs or spent < target_s * len(calls)):
         for index in order:
             start = clock()
             calls[index]()
             seconds[index].append(clock() - start)
             spent += seconds[index][-1]
-        order.reverse()
+        if len(order) <= 2:
+            order.reverse()
+        else:
+            shuffle(order)
     host = host_description()
     labels = labels or [None] * len(calls)
     return [summarize(times, warmup, host, threads, label) for times, label in zip(seconds, labels)]

@@ -56,6 +56,17 @@ def test_interleaved_rounds_alternate_and_stop_together():
     assert first.method == "1 thread, warm, interleaved with b"
 
 
+def test_interleaved_rounds_of_several_calls_change_neighbours():
+    from edgeq.validate.latency import measure_interleaved
+
+    order = []
+    measure_interleaved([lambda name=name: order.append(name) for name in "abc"], warmup=0, clock=_fake_clock(0.1))
+    rounds = [tuple(order[i:i + 3]) for i in range(0, len(order), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # every call once a round
+    followers = {(r[i], r[i + 1]) for r in rounds for i in range(2)}
+    assert len(set(rounds)) > 2 and {("a", "b"), ("b", "a")} <= followers  # not one fixed or merely reversed order
+
+
 def test_speed_is_said_in_words():
     assert speed_summary(0.5) == "2.0x faster than FP32"
     assert speed_summary(1.4) == "0.7x: slower than FP32 on this machine"
