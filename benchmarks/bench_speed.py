@@ -216,6 +216,8 @@ def time_interleaved(rows: list[Row], runners: dict, sample: dict, rounds: int, 
             runners[row.label].run(sample)
     # A fresh order every round (seeded): in a fixed order each artifact always runs after the same neighbour, and
     # the one after a 90 MB FP32 model starts with cold caches (measured: 1.5% on TFLite int8 against AEQ's).
+    # validate/latency.py's measure_interleaved does the same; this loop is its own so that --files runs with
+    # numpy and the runtime alone, and keeps every time.
     shuffle = random.Random(0).shuffle
     order = list(rows)
     for _ in range(rounds):

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import random
-import statistics
 import sys
 import tempfile
 import time
@@ -104,20 +102,16 @@ def aeq(fp32: Path, recipe_name: str, calibration: list[dict], out: Path) -> Pat
 
 
 def time_interleaved(paths: dict[str, Path], sample: dict, rounds: int) -> dict[str, float]:
+    """Median ms of each file over `rounds` interleaved rounds (validate/latency.py's method: warm, a fresh order
+    each round)."""
+    from edgeq.validate.latency import measure_interleaved
+
+    if not paths:
+        return {}
     runners = {label: interpreter(p).get_signature_runner() for label, p in paths.items()}
-    times = {label: [] for label in paths}
-    for runner in runners.values():
-        for _ in range(5):
-            runner(**sample)
-    order = list(runners.items())
-    shuffle = random.Random(0).shuffle  # a fresh order each round: a fixed one favours whoever follows a small model
-    for _ in range(rounds):
-        shuffle(order)
-        for label, runner in order:
-            start = time.perf_counter()
-            runner(**sample)
-            times[label].append((time.perf_counter() - start) * 1e3)
-    return {label: statistics.median(t) for label, t in times.items()}
+    calls = [lambda runner=runner: runner(**sample) for runner in runners.values()]
+    latencies = measure_interleaved(calls, warmup=5, min_runs=rounds, max_runs=rounds, target_s=0)
+    return {label: latency.median_ms for label, latency in zip(runners, latencies)}
 
 
 def embeddings(path: Path, samples: list[dict]) -> np.ndarray:
@@ -299,16 +293,14 @@ def main() -> None:
         rng = np.random.default_rng(1)  # static AEQ models take int8/int16 inputs: any codes time the same
         it_samples[label] = {n: (rng.standard_normal(d["shape"]) * (1 if d["dtype"] == np.float32 else 40)).astype(d["dtype"])
                              for n, d in details.items()}
+    from edgeq.validate.latency import measure_interleaved
+
     runners = {label: interpreter(p).get_signature_runner() for label, p in kernels.items()}
-    times = {label: [] for label in kernels}
-    for _ in range(args.rounds * 5):
-        for label, runner in runners.items():
-            start = time.perf_counter()
-            runner(**it_samples[label])
-            times[label].append((time.perf_counter() - start) * 1e3)
+    calls = [lambda runner=runner, sample=it_samples[label]: runner(**sample) for label, runner in runners.items()]
+    latencies = measure_interleaved(calls, warmup=5, min_runs=args.rounds * 5, max_runs=args.rounds * 5, target_s=0)
     print(f"\n| kernel model (1 thread) | median ms |\n|---|---|")
-    for label, t in times.items():
-        print(f"| {label} | {statistics.median(t):.3f} |")
+    for label, latency in zip(runners, latencies):
+        print(f"| {label} | {latency.median_ms:.3f} |")
 
 
 if __name__ == "__main__":
