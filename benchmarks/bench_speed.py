@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -310,7 +311,7 @@ def _onnx_file_runner(path: Path):
     options.intra_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda sample: session.run(None, {i.name: sample[i.name] for i in session.get_inputs()})
+    return SimpleNamespace(run=lambda sample: session.run(None, {i.name: sample[i.name] for i in session.get_inputs()}))
 
 
 def _tflite_file_runner(path: Path):
@@ -328,7 +329,7 @@ def _tflite_file_runner(path: Path):
             interpreter.set_tensor(d["index"], sample[names[d["index"]]].astype(d["dtype"]))
         interpreter.invoke()
 
-    return run
+    return SimpleNamespace(run=run)
 
 
 def compare_files(paths: list[Path], rounds: int, runs: int) -> None:
@@ -343,8 +344,7 @@ def compare_files(paths: list[Path], rounds: int, runs: int) -> None:
     for path in paths:
         tflite = path.suffix == ".tflite"
         rows.append(Row(str(path), path, "tflite" if tflite else "onnx"))
-        runner = _tflite_file_runner(path) if tflite else _onnx_file_runner(path)
-        runners[str(path)] = type("Runner", (), {"run": lambda self, s, runner=runner: runner(s)})()
+        runners[str(path)] = _tflite_file_runner(path) if tflite else _onnx_file_runner(path)
         versions.add(f"ai-edge-litert {metadata.version('ai-edge-litert')}" if tflite else f"onnxruntime {metadata.version('onnxruntime')}")
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")

@@ -33,6 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edgeq.validate.latency import measure_interleaved  # noqa: E402  (numpy only: light)
+
 SENTENCES = [
     "A man is playing a guitar.", "The cat sits on the mat near the window.", "Stocks fell sharply on Monday.",
     "Two dogs run across a snowy field.", "She is reading a book about the history of Rome.",
@@ -104,10 +106,6 @@ def aeq(fp32: Path, recipe_name: str, calibration: list[dict], out: Path) -> Pat
 def time_interleaved(paths: dict[str, Path], sample: dict, rounds: int) -> dict[str, float]:
     """Median ms of each file over `rounds` interleaved rounds (validate/latency.py's method: warm, a fresh order
     each round)."""
-    from edgeq.validate.latency import measure_interleaved
-
-    if not paths:
-        return {}
     runners = {label: interpreter(p).get_signature_runner() for label, p in paths.items()}
     calls = [lambda runner=runner: runner(**sample) for runner in runners.values()]
     latencies = measure_interleaved(calls, warmup=5, min_runs=rounds, max_runs=rounds, target_s=0)
@@ -293,8 +291,6 @@ def main() -> None:
         rng = np.random.default_rng(1)  # static AEQ models take int8/int16 inputs: any codes time the same
         it_samples[label] = {n: (rng.standard_normal(d["shape"]) * (1 if d["dtype"] == np.float32 else 40)).astype(d["dtype"])
                              for n, d in details.items()}
-    from edgeq.validate.latency import measure_interleaved
-
     runners = {label: interpreter(p).get_signature_runner() for label, p in kernels.items()}
     calls = [lambda runner=runner, sample=it_samples[label]: runner(**sample) for label, runner in runners.items()]
     latencies = measure_interleaved(calls, warmup=5, min_runs=args.rounds * 5, max_runs=args.rounds * 5, target_s=0)

@@ -110,6 +110,8 @@ def measure_interleaved(
     runs first or after the same call): load from other work lands on all of them alike. Rounds go on until every
     call had `min_runs` and the rounds took `target_s` per call, at most `max_runs`. `labels[i]` names what
     call i was interleaved with (recorded in its Latency); by default the other calls are unnamed."""
+    if not calls:
+        return []
     for call in calls:
         for _ in range(warmup):
             call()
